@@ -1,0 +1,165 @@
+"""The `posttrain` command line: thin wrappers over importable functions.
+
+    posttrain <command> RECIPE.yaml [key.sub=value ...]
+
+User errors (`PosttrainError`) print as one paragraph and exit non-zero;
+`--debug` (or POSTTRAIN_DEBUG=1) shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from posttrain.errors import PosttrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training for open LLMs.")
+models_app = typer.Typer(no_args_is_help=True, help="Import and inspect models.")
+data_app = typer.Typer(no_args_is_help=True, help="Validate and preview data files.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+Recipe = Annotated[Path | None, typer.Argument(help="YAML recipe (keys mirror the typed config).")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4.")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    if debug:
+        os.environ["POSTTRAIN_DEBUG"] = "1"
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def pretrain(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Pretrain a tiny model from scratch on the task suite (the embedded default)."""
+    from posttrain.config import load_recipe
+    from posttrain.train.pretrain import PretrainRecipe, run_pretrain
+
+    run_pretrain(load_recipe(PretrainRecipe, recipe, overrides or []))
+
+
+@app.command()
+def sft(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Supervised fine-tuning (full, LoRA, QLoRA, BitFit, prefix/prompt tuning, IA3)."""
+    from posttrain.train.sft import sft_main
+
+    sft_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def run(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Run a multi-stage pipeline recipe (e.g. the quickstart: pretrain -> SFT -> eval)."""
+    from posttrain.config import load_recipe
+    from posttrain.pipelines.quickstart import QuickstartRecipe, run_quickstart
+
+    run_quickstart(load_recipe(QuickstartRecipe, recipe, overrides or []))
+
+
+@models_app.command("import-gguf")
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the fp32 Hugging Face folder.")],
+    check: Annotated[bool, typer.Option(help="Compare logits of the import with the GGUF model.")] = True,
+) -> None:
+    """Convert a GGUF file into a trainable fp32 Hugging Face folder."""
+    from posttrain.models.gguf import import_gguf as _import
+
+    typer.echo(str(_import(gguf_file, out_dir, check=check)))
+
+
+@models_app.command("inspect")
+def inspect_model(path: Annotated[str, typer.Argument(help="Model folder, or `default`.")]) -> None:
+    """Print architecture, parameter count, vocabulary and chat-template facts of a model."""
+    from posttrain.models.load import count_parameters, load_model, load_tokenizer
+    from posttrain.train.loop import resolve_model_path
+
+    path = resolve_model_path(path)
+    tok, model = load_tokenizer(path), load_model(path)
+    trainable, total = count_parameters(model)
+    info = {
+        "path": path,
+        "architecture": type(model).__name__,
+        "parameters": total,
+        "vocab": len(tok),
+        "eos": tok.eos_token,
+        "pad": tok.pad_token,
+        "chat_template": bool(tok.chat_template),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    typer.echo(json.dumps(info, indent=1))
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="JSONL / JSON / Parquet file or a saved HF dataset folder.")],
+    kind: Annotated[str | None, typer.Option(help="Expected record kind (default: detected).")] = None,
+) -> None:
+    """Check every record of a data file; report the first error with file:line."""
+    from collections import Counter
+
+    from posttrain.data.loaders import load_records
+
+    records = load_records(path, kind=kind)
+    kinds = Counter(r.kind for r in records)
+    typer.echo(f"{path}: {len(records)} valid records ({', '.join(f'{k}: {n}' for k, n in kinds.items())})")
+
+
+@data_app.command("preview")
+def data_preview(
+    path: Annotated[Path, typer.Argument(help="Data file.")],
+    model: Annotated[str, typer.Option(help="Model folder whose chat template renders the data.")] = "default",
+    n: Annotated[int, typer.Option(help="Samples to show.")] = 2,
+) -> None:
+    """Render the first samples with the model's chat template and show which tokens are trained."""
+    from posttrain.data.render import format_summary_table, summarize
+    from posttrain.data.sft_data import file_records, render_records
+    from posttrain.models.load import load_tokenizer
+    from posttrain.train.loop import resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path(model))
+    samples = render_records(tok, file_records(str(path), limit=n), "assistant")
+    for s in samples[:n]:
+        parts = []
+        for tid, lab in zip(s.input_ids, s.labels, strict=True):
+            text = tok.decode([tid])
+            parts.append(f"[{text}]" if lab != -100 else text)
+        typer.echo(f"--- {s.where} (trained tokens in [brackets])\n{''.join(parts)}\n")
+    typer.echo(format_summary_table(summarize(samples, tok)))
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one-paragraph messages."""
+    try:
+        app(standalone_mode=False)
+    except PosttrainError as exc:
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            raise
+        typer.secho(f"error: {exc.render()}", err=True, fg="red")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; the last complete checkpoint is intact", err=True)
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # click usage errors arrive as ClickException in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Recipes: one YAML file mapped onto typed dataclass configs.
+
+A recipe is a YAML mapping whose keys mirror a config dataclass; nested
+dataclasses are nested mappings. Overrides on the command line are dotted
+`key.sub=value` pairs whose values are parsed as YAML scalars. Unknown keys are
+errors with a did-you-mean; values are checked against the field's type
+(int, float, bool, str, Literal choices, lists, optional, nested dataclass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read `path` (YAML), apply dotted overrides, and build `cls` strictly."""
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}", fix="pass the path of a YAML recipe, e.g. recipes/sft_tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("a recipe must be a YAML mapping of keys to values", where=str(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(cls, raw, prefix="", source=source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as a YAML scalar/flow value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value", fix="write e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section", where=key)
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "", source: str = "recipe") -> T:
+    """Build dataclass `cls` from `raw`, rejecting unknown keys and ill-typed values."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping for section {prefix.rstrip('.') or '<root>'}", where=source)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown key '{prefix}{key}'", where=source, fix=hint)
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"section {prefix.rstrip('.') or '<root>'}: {exc}", where=source) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{key}.", source=source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError(f"{key}: {value!r} matches none of the allowed types", where=source, fix="; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{hint}", where=source, fix=f"set {key} to one of the listed values"
+            )
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}", where=source)
+        inner = args[0] if args else Any
+        return origin(_coerce(inner, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", where=source)
+        return dict(value)
+    return _coerce_scalar(tp, value, key, source)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str, source: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}", where=source)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}", where=source)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}", where=source)
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}", where=source)
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a config (for config.yaml and run metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,94 @@
+"""Causal-LM NLL on a batch, computing logits only where the loss looks.
+
+The backbone runs once; hidden states are gathered at the positions whose
+next-token label is trained, and the LM head + cross-entropy run fused and
+chunked on those rows only (`posttrain.algos.cross_entropy`). Prompt and
+padding positions never reach the (V,)-wide head. Models whose head does more
+than a matmul (logit soft-capping, logit scaling) and prompt-learning PEFT
+methods (which prepend virtual tokens) take the plain full-logits path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algos.aggregate import AggMode, token_weights
+from posttrain.algos.cross_entropy import fused_linear_cross_entropy
+
+IGNORE = -100
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal-LM under PEFT wrappers (LoRA layers stay injected)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports_fused_head(model: torch.nn.Module) -> bool:
+    peft_cfg = getattr(model, "peft_config", None)
+    if peft_cfg:
+        if any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
+            return False
+    cfg = _unwrap(model).config
+    if getattr(cfg, "final_logit_softcapping", None):
+        return False
+    for key in ("logit_scale", "logits_scaling"):
+        if getattr(cfg, key, 1.0) not in (None, 1, 1.0):
+            return False
+    # A LoRA-wrapped head is not a plain Linear: its weight alone is not the head.
+    return isinstance(_unwrap(model).get_output_embeddings(), torch.nn.Linear)
+
+
+def sequence_ids(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) id of the sample each position belongs to: rows for padded batches,
+    restarts of position_ids (== 0) for packed rows. Ids are unique across the batch."""
+    b, t = labels.shape
+    if position_ids is None:
+        return torch.arange(b, device=labels.device)[:, None].expand(b, t)
+    starts = (position_ids == 0).long()
+    starts[:, 0] = 1
+    return starts.flatten().cumsum(0).view(b, t) - 1
+
+
+def loss_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted targets: returns (mask (B, T-1) bool, targets (N,), seq ids (N,))."""
+    labels = batch["labels"]
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE
+    seq = sequence_ids(labels, batch.get("position_ids"))[:, 1:]
+    return mask, shifted[mask], seq[mask]
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    agg: AggMode = "token-mean",
+    *,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Masked next-token NLL of `batch` (input_ids, labels, attention_mask or position_ids; (B, T)).
+
+    Aggregation follows `agg`; num_tokens / num_seqs are the totals over the
+    whole accumulation step (so accumulated micro-batches give the full-batch
+    gradient). Returns (loss, {"nll_sum", "tokens"}) with detached metrics.
+    """
+    mask, targets, seq = loss_targets(batch)
+    weights = token_weights(seq, agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if supports_fused_head(model):
+        lm = _unwrap(model)
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        h = hidden[:, :-1][mask]
+        loss, nll = fused_linear_cross_entropy(h, lm.get_output_embeddings().weight, targets, weights, chunk_size)
+    else:
+        logits = model(**inputs, use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning prepends virtual tokens
+        nll = F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none")
+        loss = (nll * weights).sum()
+        nll = nll.detach()
+    return loss, {"nll_sum": nll.sum(), "tokens": targets.numel()}

@@ -1,0 +1,284 @@
+"""The supervised training loop shared by pretraining and SFT, and run set-up.
+
+One optimiser step = `grad_accum` micro-batches from a `BatchPlan`; the loss of
+each micro-batch is weighted by the token (or sequence) totals of the whole
+step, so accumulation gives exactly the gradient of the full batch. Before
+each optimiser step the loss and grad norm are checked: a NaN/inf stops the
+run with a checkpoint of the last good state (`TrainingAnomaly`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from posttrain.algos.aggregate import AggMode
+from posttrain.config import dump_yaml
+from posttrain.errors import ConfigError, TrainingAnomaly
+from posttrain.monitor.logger import RunLogger, check_finite, console, progress_bar
+from posttrain.train.faults import maybe_kill
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.lm_loss import causal_lm_loss, loss_targets
+from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_grads, optimizer_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to place it."""
+
+    path: str = "default"
+    """A Hugging Face model folder (or hub id where a network exists); `default` = the embedded tiny model."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager (flash_attention_2 where installed)."""
+
+
+@dataclass
+class LoopConfig:
+    """Steps, batches, precision, logging and checkpoint cadence."""
+
+    max_steps: int = 100
+    """Optimiser steps to run (0 = run `epochs` epochs)."""
+    epochs: float = 1.0
+    """Used when max_steps is 0."""
+    batch_size: int = 8
+    """Rows (packed) or samples (padded) per micro-batch."""
+    seq_len: int = 512
+    """Length of a packed row."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    loss_agg: AggMode = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; fp32 is fastest on CPUs without AMX/bf16 units."""
+    chunk_size: int = 1024
+    """Rows per chunk of the fused LM-head + cross-entropy."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    eval_every: int = 0
+    """Eval loss (and sample generations) every N steps; 0 = only at the end."""
+    save_every: int = 0
+    """Checkpoint every N steps; 0 = only at the end."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+    num_samples: int = 2
+    """Greedy sample generations logged at each eval."""
+    sample_max_new_tokens: int = 64
+    """Length cap of the logged sample generations."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events to OUTPUT_DIR/tb."""
+
+
+@dataclass
+class Run:
+    """A run directory with its model, tokenizer, logger and resume point."""
+
+    dir: Path
+    model: Any
+    tokenizer: Any
+    logger: RunLogger
+    resume_from: Path | None
+    device: torch.device
+
+    def print_data_table(self, name: str, stats: dict) -> None:
+        from posttrain.data.render import format_summary_table
+
+        console.print(f"[bold]{name} data[/bold]\n{format_summary_table(stats)}")
+        (self.dir / f"data_{name}.json").write_text(json.dumps(stats, indent=1, default=str))
+
+    def finish(self, final: Path) -> None:
+        self.logger.close()
+        console.print(f"[green]done[/green]: model saved to {final}")
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "default":
+        from posttrain.models.default import ensure_default_model
+
+        return str(ensure_default_model())
+    return path
+
+
+def prepare_run(
+    recipe: Any, output_dir: str, seed: int, model_cfg: ModelConfig | None, loop: LoopConfig, model=None, tokenizer=None
+) -> Run:
+    """Create the run dir, write config.yaml, seed, load (or take) model + tokenizer, find a checkpoint."""
+    from posttrain.models.load import load_model, load_tokenizer
+
+    if loop.threads > 0:
+        torch.set_num_threads(loop.threads)
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = latest_checkpoint(run_dir) if getattr(recipe, "resume", True) else None
+    (run_dir / "config.yaml").write_text(dump_yaml(recipe))
+    torch.manual_seed(seed)
+    path = "<built in memory>"
+    if model is None:
+        path = resolve_model_path(model_cfg.path)
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, dtype=model_cfg.dtype, device=model_cfg.device)
+    step = None
+    if resume_from is not None:
+        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        console.print(f"resuming from {resume_from}")
+    logger = RunLogger(run_dir, tensorboard=loop.tensorboard, resume_step=step)
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "model": path, "seed": seed}
+    (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
+    return Run(run_dir, model, tokenizer, logger, resume_from, next(model.parameters()).device)
+
+
+def total_steps(loop: LoopConfig, batches_per_epoch: int) -> int:
+    if loop.max_steps > 0:
+        return loop.max_steps
+    steps = int(loop.epochs * batches_per_epoch / loop.grad_accum)
+    if steps <= 0:
+        raise ConfigError("train.max_steps=0 and train.epochs give no steps", fix="set train.max_steps > 0")
+    return steps
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Loss tokens and sequences over all micro-batches of one optimiser step."""
+    tokens = seqs = 0
+    for b in micro:
+        mask, _, seq = loss_targets(b)
+        tokens += int(mask.sum())
+        seqs += int(torch.unique(seq).numel())
+    return float(max(tokens, 1)), float(max(seqs, 1))
+
+
+def train_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) -> dict[str, float]:
+    """Forward/backward over the micro-batches of one optimiser step (no optimiser step)."""
+    num_tokens, num_seqs = _step_totals(micro)
+    nll_sum = 0.0
+    loss_total = torch.zeros((), device=device)
+    for b in micro:
+        b = _to(b, device)
+        with _autocast(loop.precision, device):
+            loss, m = causal_lm_loss(
+                model, b, loop.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, chunk_size=loop.chunk_size
+            )
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += loss.detach()
+        nll_sum += float(m["nll_sum"])
+    return {"loss": float(loss_total), "nll_token_mean": nll_sum / num_tokens, "tokens": num_tokens}
+
+
+@torch.no_grad()
+def eval_loss(model, plan, loop: LoopConfig, device) -> float:
+    model.eval()
+    nll = tokens = 0.0
+    for b in plan.epoch(0):
+        b = _to(b, device)
+        _, m = causal_lm_loss(model, b, "token-mean", chunk_size=loop.chunk_size)
+        nll += float(m["nll_sum"])
+        tokens += m["tokens"]
+    model.train()
+    return nll / max(tokens, 1)
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, samples, max_new_tokens: int, device) -> list[dict[str, str]]:
+    """Greedy continuations of the prompts of a few eval samples (prompt = tokens before the first label)."""
+    model.eval()
+    out = []
+    for s in samples:
+        first = next((i for i, lab in enumerate(s.labels) if lab != -100), len(s.labels))
+        ids = torch.tensor([s.input_ids[:first]], device=device)
+        gen = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        out.append({"prompt": tokenizer.decode(ids[0]), "completion": tokenizer.decode(gen[0, first:])})
+    model.train()
+    return out
+
+
+def run_loop(run: Run, model, plan, optim_cfg: OptimConfig, loop: LoopConfig, eval_plan=None, sample_prompts=()):
+    """Train `model` over `plan` for the configured steps; checkpoints, logs, returns the model."""
+    device = run.device
+    steps = total_steps(loop, len(plan))
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, steps)
+    scaler = torch.amp.GradScaler(device.type) if loop.precision == "fp16" else None
+    state = {"epoch": 0, "index": 0}
+    step = 0
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler)
+        step = state["step"]
+    model.train()
+    ckpt = lambda s: save_checkpoint(run.dir, s, model, optimizer, scheduler, state, loop.keep_last)  # noqa: E731
+    with progress_bar(steps, "train") as bar:
+        task = bar.add_task("train", total=steps, completed=step, stats="")
+        while step < steps:
+            t0 = time.perf_counter()
+            micro = []
+            while len(micro) < loop.grad_accum:
+                batches = plan.epoch(state["epoch"])
+                if state["index"] >= len(batches):
+                    state = {"epoch": state["epoch"] + 1, "index": 0}
+                    continue
+                micro.append(batches[state["index"]])
+                state = {"epoch": state["epoch"], "index": state["index"] + 1}
+            metrics = train_step(model, micro, loop, device, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["grad_norm"] = clip_grads(model, optim_cfg.max_grad_norm)
+            try:
+                check_finite(metrics["loss"], "loss", step + 1)
+                if scaler is None:  # with fp16 the scaler skips inf steps itself
+                    check_finite(metrics["grad_norm"], "grad norm", step + 1)
+            except TrainingAnomaly as exc:
+                optimizer.zero_grad(set_to_none=True)
+                exc.message += f"; the last good state is checkpoint {ckpt(step)}"
+                raise
+            optimizer_step(optimizer, scheduler, scaler)
+            step += 1
+            maybe_kill("after-step", step)
+            dt = time.perf_counter() - t0
+            metrics.update(tokens_per_s=sum(int(b["input_ids"].numel()) for b in micro) / dt, step_time_s=dt)
+            metrics["epoch"] = state["epoch"]
+            if step % loop.log_every == 0 or step == steps:
+                run.logger.log(step, metrics)
+            bar.update(task, completed=step, stats=f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s")
+            if eval_plan is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
+                _evaluate(run, model, eval_plan, sample_prompts, loop, step)
+            if (loop.save_every and step % loop.save_every == 0) or step == steps:
+                ckpt(step)
+    return model
+
+
+def _evaluate(run: Run, model, eval_plan, sample_prompts, loop: LoopConfig, step: int) -> None:
+    metrics = {"loss": eval_loss(model, eval_plan, loop, run.device)}
+    run.logger.log(step, metrics, prefix="eval/")
+    if sample_prompts:
+        gens = sample_generations(model, run.tokenizer, sample_prompts, loop.sample_max_new_tokens, run.device)
+        with open(run.dir / "samples.jsonl", "a") as f:
+            for g in gens:
+                f.write(json.dumps({"step": step, **g}) + "\n")

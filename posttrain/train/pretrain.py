@@ -1,0 +1,181 @@
+"""Pretraining a tiny model from scratch on the task suite: the embedded default.
+
+No model hub is reachable, so the project makes its own default model: a
+corpus of worked problems from the task suite (plain text, no chat markup:
+`question \\n <think>steps</think>\\nAnswer: x`), exact-deduplicated and mixed
+across tasks by configured ratios; a byte-level BPE tokenizer trained on it
+(digits single tokens, chat and think markers single tokens); a Qwen2- or
+Llama-architecture model built from a transformers config; next-token
+training on packed rows. Deterministic by seed. The result is cached by a
+hash of its recipe, so later runs (and `model.path: default`) reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from posttrain.config import dump_yaml
+from posttrain.data.render import Sample
+from posttrain.data.sft_data import BatchPlan
+from posttrain.errors import ConfigError
+from posttrain.monitor.logger import console
+from posttrain.train.loop import LoopConfig, prepare_run, run_loop
+from posttrain.train.optim import OptimConfig
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the model built from scratch."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    """Model family of the config (Qwen2 has q/k/v biases, so BitFit works on it)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 1024
+    vocab_size: int = 1024
+    """Target vocabulary size of the tokenizer trained on the corpus."""
+    tie_embeddings: bool = True
+
+
+@dataclass
+class CorpusConfig:
+    """The pretraining corpus generated from the task suite."""
+
+    tasks: list[str] = field(default_factory=lambda: ["arith", "countdown", "sort"])
+    """Task sources."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Sampling ratio per task (missing tasks get 1.0); documents are drawn to these proportions."""
+    n_docs: int = 24000
+    """Documents after mixing."""
+    levels: list[int] | None = None
+    """Difficulty levels to draw from (null = all)."""
+
+
+@dataclass
+class PretrainRecipe:
+    """`posttrain pretrain RECIPE.yaml`: every key of a pretraining recipe."""
+
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=30, min_lr_ratio=0.1)
+    )
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=400, batch_size=16, seq_len=256))
+    output_dir: str = "default"
+    """Run directory; `default` = the embedded-default cache (~/.cache/posttrain or $POSTTRAIN_CACHE)."""
+    seed: int = 0
+    resume: bool = True
+    force: bool = False
+    """Retrain even if a finished run with the same recipe exists."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def recipe_key(cfg: PretrainRecipe) -> str:
+    body = dump_yaml(PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True}))
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+def resolve_output_dir(cfg: PretrainRecipe) -> Path:
+    if cfg.output_dir == "default":
+        return cache_root() / f"default-{recipe_key(cfg)}"
+    return Path(cfg.output_dir)
+
+
+def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list[str]:
+    """Documents drawn from each task in proportion to `mix`, exact-deduplicated, shuffled."""
+    from posttrain.data.tasks import get_task
+
+    unknown = set(cfg.mix) - set(cfg.tasks)
+    if unknown:
+        raise ConfigError(f"corpus.mix names tasks not in corpus.tasks: {sorted(unknown)}", where="corpus.mix")
+    rng = random.Random(seed)
+    weights = [cfg.mix.get(t, 1.0) for t in cfg.tasks]
+    quota = {t: round(cfg.n_docs * w / sum(weights)) for t, w in zip(cfg.tasks, weights, strict=True)}
+    docs: list[str] = []
+    for name, n in quota.items():
+        task = get_task(name)
+        levels = [lv for lv in task.levels if cfg.levels is None or lv in cfg.levels]
+        seen: set[str] = set()
+        for _ in range(n * 20):  # bounded: tiny levels have few distinct problems
+            if len(seen) >= n:
+                break
+            p = task.generate(rng, rng.choice(levels))
+            doc = f"{p.question}\n{p.response(step_sep=step_sep)}"
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+    rng.shuffle(docs)
+    return docs
+
+
+def build_model(cfg: TinyModelConfig, tokenizer) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Qwen2Config(**common) if cfg.arch == "qwen2" else LlamaConfig(**common)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def run_pretrain(cfg: PretrainRecipe) -> Path:
+    """Train (or reuse) the model; returns its `final/` HF folder."""
+    from posttrain.models.load import save_hf_folder
+    from posttrain.models.tokenizer import EOS_TOKEN, train_default_tokenizer
+
+    out = resolve_output_dir(cfg)
+    final = out / "final"
+    if (final / "config.json").is_file() and not cfg.force:
+        console.print(f"reusing pretrained model {final} (set force=true to retrain)")
+        return final
+    cfg.output_dir = str(out)
+    docs = build_corpus(cfg.corpus, cfg.seed)
+    tokenizer = train_default_tokenizer(docs, vocab_size=cfg.model.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer)
+    run = prepare_run(cfg, str(out), cfg.seed, None, cfg.train, model=model, tokenizer=tokenizer)
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    samples = []
+    for i, doc in enumerate(docs):
+        ids = (tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos])[: cfg.train.seq_len]
+        samples.append(Sample(input_ids=ids, labels=list(ids), where=f"corpus:{i}"))
+    n_tok = sum(len(s.input_ids) for s in samples)
+    console.print(f"pretraining corpus: {len(samples)} documents, {n_tok} tokens, vocab {len(tokenizer)}")
+    plan = BatchPlan(samples, cfg.train.batch_size, cfg.train.seq_len, True, tokenizer.pad_token_id, cfg.seed)
+    model = run_loop(run, model, plan, cfg.optim, cfg.train)
+    save_hf_folder(model, tokenizer, final, generation_config={"do_sample": False, "eos_token_id": eos})
+    run.finish(final)
+    return final
+
+
+def ensure_default_model() -> Path:
+    """The embedded default model's folder, pretraining it on first use (a few minutes, once)."""
+    cfg = PretrainRecipe()
+    final = resolve_output_dir(cfg) / "final"
+    if not (final / "config.json").is_file():
+        console.print("[bold]building the embedded default model[/bold] (once; cached in " f"{final.parent})")
+        run_pretrain(cfg)
+    return final

@@ -1,0 +1,70 @@
+"""Supervised fine-tuning: a plain loop over library calls.
+
+loss = aggregated masked NLL on trained (assistant) tokens
+(`posttrain.train.lm_loss.causal_lm_loss`), AdamW + warm-up/cosine,
+gradient accumulation and clipping, periodic eval loss and sample
+generations, atomic checkpoints with exact resume, and a plain Hugging Face
+folder in `final/` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
+from posttrain.models.peft import PeftConfig, apply_peft, export_model
+from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run, run_loop
+from posttrain.train.optim import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTRecipe:
+    """`posttrain sft RECIPE.yaml`: every key of an SFT recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output_dir: str = "runs/sft"
+    """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/."""
+    seed: int = 0
+    """Seed for model init of new parameters, data order and sampling."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir if there is one."""
+
+
+def run_sft(cfg: SFTRecipe) -> Path:
+    """Train and export; returns the path of the exported `final/` folder."""
+    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train)
+    model, tokenizer = run.model, run.tokenizer
+    train_samples, stats = build_samples(tokenizer, cfg.data, "train")
+    run.print_data_table("train", stats)
+    eval_samples, _ = build_samples(tokenizer, cfg.data, "eval")
+    model = apply_peft(model, cfg.peft)
+    plan = BatchPlan(
+        train_samples, cfg.train.batch_size, cfg.train.seq_len, cfg.data.packing, tokenizer.pad_token_id, cfg.seed
+    )
+    eval_plan = (
+        BatchPlan(eval_samples, cfg.train.batch_size, cfg.train.seq_len, cfg.data.packing, tokenizer.pad_token_id, 0)
+        if eval_samples
+        else None
+    )
+    sample_prompts = [s for s in eval_samples[: cfg.train.num_samples]] if eval_samples else []
+    model = run_loop(run, model, plan, cfg.optim, cfg.train, eval_plan=eval_plan, sample_prompts=sample_prompts)
+    final = export_model(model, tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
+    run.finish(final)
+    return final
+
+
+def sft_main(recipe_path: str | None, overrides: list[str]) -> Path:
+    from posttrain.config import load_recipe
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return run_sft(load_recipe(SFTRecipe, recipe_path, overrides))

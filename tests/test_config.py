@@ -1,0 +1,63 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from posttrain.config import apply_override, from_dict, load_recipe
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    steps: int = 10
+    path: str | None = None
+    flag: bool = False
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("steps: 5\ninner:\n  lr: 0.5\n")
+    cfg = load_recipe(Outer, p, ["inner.mode=b", "inner.lr=1e-4", "flag=true", "inner.names=[x, y]"])
+    assert cfg.steps == 5 and cfg.inner.lr == 1e-4 and cfg.inner.mode == "b" and cfg.flag is True
+    assert cfg.inner.names == ["x", "y"]
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, {"inner": {"lrr": 1}}, source="r.yaml")
+    assert "inner.lrr" in e.value.message and "inner.lr" in e.value.render() and e.value.where == "r.yaml"
+
+
+def test_type_and_choice_errors():
+    with pytest.raises(ConfigError, match="expected an integer"):
+        from_dict(Outer, {"steps": "ten"})
+    with pytest.raises(ConfigError, match="not one of"):
+        from_dict(Outer, {"inner": {"mode": "c"}})
+    with pytest.raises(ConfigError, match="true/false"):
+        from_dict(Outer, {"flag": "yes please"})
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("steps: 1\ninner: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(Outer, p)
+    assert e.value.where.startswith(str(p) + ":")
+
+
+def test_override_needs_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "steps")
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(Outer, tmp_path / "nope.yaml")
