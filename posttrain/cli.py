@@ -25,6 +25,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Validate and preview data fil
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
+
+def _mount_subapps() -> None:
+    from posttrain.cli_templates import templates_app
+
+    app.add_typer(templates_app, name="templates", help="Lint chat templates, add think tokens, export per-turn samples.")
+
+
+_mount_subapps()
+
 Recipe = Annotated[Path | None, typer.Argument(help="YAML recipe (keys mirror the typed config).")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4.")]
 
@@ -36,6 +45,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars drown the run's own progress bar
 
 
 @app.command()

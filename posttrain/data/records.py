@@ -86,8 +86,15 @@ def _message(msg: Any, field: str, where: str) -> dict:
     if role not in ROLES:
         raise _fail(where, f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
     out = {k: v for k, v in msg.items() if v is not None}
-    content = out.get("content", "")
     has_tool_calls = bool(out.get("tool_calls"))
+    if "content" not in out and role != "assistant":
+        raise _fail(
+            where,
+            f"{field}.content",
+            "missing required field",
+            fix=f"give every {role} message a content string",
+        )
+    content = out.get("content", "")
     if not isinstance(content, str):
         raise _fail(where, f"{field}.content", f"expected a string, got {_type_name(content)}")
     out["content"] = content

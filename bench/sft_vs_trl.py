@@ -1,0 +1,331 @@
+"""SFT training speed, posttrain vs TRL's SFTTrainer, side by side on the same model and data.
+
+    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults]
+
+Every system trains the same model (fp32 weights, 2 threads) on the same
+prompt-completion chats (the task suite's chain-of-thought problems, written
+to one JSONL file), in packed rows of 8 x 256 tokens, loss on completion
+tokens only, AdamW, grad-norm clipping at 1.0. Each system runs in its own
+subprocess (isolated warm-up and peak RSS); the first `--warmup` steps are
+dropped for everyone and tokens/s = all tokens in the step's rows (padding
+included) / step time.
+
+- posttrain: `posttrain.train.sft.run_sft`, step times read from metrics.jsonl.
+- trl-fastest: SFTTrainer with bf16=False, gradient_checkpointing=False,
+  packing=True, packing_strategy="wrapped" (its fastest CPU setting).
+- trl-defaults: the same but SFTConfig's defaults for bf16 (True: autocast)
+  and gradient_checkpointing (True), what users get out of the box.
+- bare: `model(input_ids, labels=input_ids)` + backward + AdamW, no trainer.
+
+Work differs slightly: posttrain packs best-fit-decreasing (rows may end in
+padding, counted as tokens; the real-token fill is printed) and keeps
+attention inside each sample (block-diagonal mask); TRL's wrapped packing
+cuts samples at row ends and lets packed samples attend to each other.
+
+FLOPs per step = 6 * P * T + 6 * d * V * R, where P = parameters outside the
+embedding / LM-head matrices, T = tokens in the step, d = hidden size,
+V = vocabulary, R = rows that go through the LM head: posttrain only the
+trained positions, TRL on CPU every position but the last of each row (its
+fused head scores all positions off-GPU), bare all positions. Attention-score
+FLOPs and gradient-checkpointing recomputation are not counted. % of peak =
+FLOPs / step time / fp32 matmul peak (square n=2048 matmul, 2 threads, best
+of 5) measured in this script.
+
+The last line is `ratio posttrain/trl_fastest tokens/s: X.XXx` of the last model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+THREADS = 2
+BATCH, SEQ = 8, 256
+SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
+DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
+SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults", "bare")
+
+
+def model_path(name: str) -> Path:
+    if name == "tiny":
+        from posttrain.train.pretrain import ensure_default_model
+
+        return ensure_default_model()
+    if not (SMOLLM2 / "config.json").is_file():
+        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
+    return SMOLLM2
+
+
+def write_data(path: Path, n_per_level: int = 150) -> None:
+    """Conversational prompt-completion records: one file both systems read."""
+    from posttrain.data.tasks import make_split
+
+    with path.open("w") as f:
+        for task in ("arith", "countdown", "sort"):
+            for p in make_split(task, "train", n_per_level, seed=0):
+                prompt = [{"role": "user", "content": p.question}]
+                completion = [{"role": "assistant", "content": p.response("\n")}]
+                f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+# ---------------------------------------------------------------- workers (one per subprocess)
+
+
+def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
+    from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
+    from posttrain.models.load import load_tokenizer
+    from posttrain.train.loop import LoopConfig, ModelConfig
+    from posttrain.train.sft import SFTRecipe, run_sft
+
+    recipe = SFTRecipe(
+        model=ModelConfig(path=path, dtype="float32", device="cpu"),
+        data=DataConfig(train=data, eval=None, packing=True, max_len=SEQ),
+        train=LoopConfig(
+            max_steps=n_steps, batch_size=BATCH, seq_len=SEQ, threads=THREADS, tensorboard=False, save_every=0
+        ),
+        output_dir=str(out / "run"),
+        resume=False,
+    )
+    # Real-token fill of the rows the run will see (same plan as run_sft builds; not timed).
+    tok = load_tokenizer(path)
+    samples, _ = build_samples(tok, recipe.data, "train")
+    plan = BatchPlan(samples, BATCH, SEQ, True, tok.pad_token_id, recipe.seed)
+    batches = [plan.epoch(0)[i % len(plan)] for i in range(n_steps)]
+    real = sum(_real_tokens(b) for b in batches)
+    fill = real / sum(b["input_ids"].numel() for b in batches)
+    run_sft(recipe)
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
+    rows = [r for r in rows if "step_time_s" in r]
+    return {
+        "step_times": [r["step_time_s"] for r in rows],
+        "tokens": [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows],
+        "head_rows": [r["tokens"] for r in rows],
+        "note": f"BFD packing, {fill:.0%} real tokens, attention kept per sample",
+    }
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of real samples in a packed batch; a segment without trained labels is padding."""
+    n = 0
+    for pos, lab in zip(batch["position_ids"], batch["labels"], strict=True):
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+        n += sum(b - a for a, b in zip(starts, starts[1:], strict=False) if (lab[a:b] != -100).any())
+    return n
+
+
+def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    ends: list[float] = []
+    tokens: list[int] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    class CountingTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            tokens.append(int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    speed = {} if defaults else {"bf16": False, "gradient_checkpointing": False, "learning_rate": 1e-4}
+    args = SFTConfig(
+        output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=BATCH, max_length=SEQ,
+        packing=True, packing_strategy="wrapped", save_strategy="no", report_to="none",
+        logging_steps=n_steps, use_cpu=True, seed=0, **speed,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_dataset("json", data_files=data, split="train")
+    trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.add_callback(StepClock())
+    trainer.train()
+    labels = trainer.train_dataset["labels"]
+    trained = sum(sum(x != -100 for x in row) for row in labels) / sum(len(row) for row in labels)
+    return {
+        "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
+        "tokens": tokens,
+        "head_rows": [t - t // SEQ for t in tokens],  # every position but the last of each row
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim}, "
+        f"{trained:.0%} of tokens trained",
+    }
+
+
+def run_bare(path: str, data: str, out: Path, n_steps: int) -> dict:
+    """Plain fwd + bwd (HF loss on all tokens) + AdamW on rows of concatenated samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids: list[int] = []
+    for line in Path(data).read_text().splitlines():
+        r = json.loads(line)
+        ids += tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]
+    rows = torch.tensor(ids[: len(ids) // SEQ * SEQ]).view(-1, SEQ)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    times = []
+    for i in range(n_steps):
+        batch = rows[(i * BATCH) % (len(rows) - BATCH) :][:BATCH]
+        t0 = time.perf_counter()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"step_times": times, "tokens": [BATCH * SEQ] * n_steps, "head_rows": [BATCH * SEQ] * n_steps}
+
+
+def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
+    torch.set_num_threads(THREADS)
+    if system == "posttrain":
+        res = run_posttrain(path, data, out, n_steps)
+    elif system == "bare":
+        res = run_bare(path, data, out, n_steps)
+    else:
+        res = run_trl(path, data, out, n_steps, defaults=system == "trl-defaults")
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "result.json").write_text(json.dumps(res))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of a square n x n matmul on THREADS threads."""
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times[1:]) / 1e9
+
+
+def model_shape(path: Path) -> tuple[int, int, int, int]:
+    """(all params, params outside embedding / LM-head matrices, hidden size, vocab), without loading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    embed = {id(m.get_input_embeddings().weight), id(m.get_output_embeddings().weight)}
+    params = {id(p): p.numel() for p in m.parameters()}
+    body = sum(n for k, n in params.items() if k not in embed)
+    return sum(params.values()), body, cfg.hidden_size, m.get_input_embeddings().num_embeddings
+
+
+def busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
+    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
+
+
+def wait_idle(max_wait: float, limit: float = 0.3) -> None:
+    """Wait up to max_wait s until other processes use < limit cores (over 5 s): the machine may be shared."""
+    deadline = time.time() + max_wait
+    while True:
+        busy0, _ = busy_cpu_s()
+        time.sleep(5)
+        load = (busy_cpu_s()[0] - busy0) / 5
+        if load < limit:
+            return
+        if time.time() > deadline:
+            print(f"warning: other processes use {load:.1f} cores; timings will be disturbed", flush=True)
+            return
+
+
+def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wait: float) -> dict | None:
+    wait_idle(max_wait)
+    out = tmp / system
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
+    cmd += ["--out", str(out), "--steps", str(n_steps)]
+    t0, (busy0, ours0) = time.perf_counter(), busy_cpu_s()
+    with (out / "log.txt").open("w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    (busy1, ours1), wall = busy_cpu_s(), time.perf_counter() - t0
+    if rc != 0 or not (out / "result.json").is_file():
+        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
+        return None
+    res = json.loads((out / "result.json").read_text())
+    # Other processes' CPU use during the run, in cores: above ~0.2 the timings are disturbed.
+    res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    return res
+
+
+def bench_model(
+    name: str, n_meas: int, n_warm: int, systems: list[str], peak: float, max_wait: float
+) -> None:
+    path = model_path(name)
+    total, body, d, vocab = model_shape(path)
+    print(f"\n== {name}: {path}\n{total / 1e6:.2f}M params ({body / 1e6:.2f}M outside embeddings), "
+          f"d={d}, V={vocab}; {BATCH} x {SEQ} packed, fp32 weights, {THREADS} threads; "
+          f"{n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-sft-{name}-"))
+    try:
+        write_data(tmp / "data.jsonl")
+        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm, max_wait) for s in systems}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    head = f"{'system':<13}{'s/step':>7}{'tokens/s':>9}{'%peak':>7}{'RSS MB':>7}{'wall s':>7}{'others':>7}"
+    print(head + "  notes")
+    tps: dict[str, float] = {}
+    for system, r in ((s, r) for s, r in results.items() if r is not None):
+        times = r["step_times"][n_warm:]
+        t, tok, rows = sum(times), sum(r["tokens"][n_warm:]), sum(r["head_rows"][n_warm:])
+        tps[system] = tok / t
+        pct = 100 * (6 * body * tok + 6 * d * vocab * rows) / t / 1e9 / peak
+        print(f"{system:<13}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{r['rss_mb']:>7.0f}"
+              f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r.get('note', '')}",
+              flush=True)  # fmt: skip
+    for peer in ("bare", "trl-defaults", "trl-fastest"):
+        if "posttrain" in tps and peer in tps:
+            print(f"ratio posttrain/{peer.replace('-', '_')} tokens/s: {tps['posttrain'] / tps[peer]:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    ap.add_argument("--steps", type=int, help="measured steps (default: tiny 20, smollm2 4)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
+    ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
+    ap.add_argument(
+        "--max-wait", type=float, default=600, help="s to wait for an idle machine before each run"
+    )
+    for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
+    systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
+    wait_idle(a.max_wait)
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {peak:.0f} GFLOP/s", flush=True)
+    for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
+        n_meas, n_warm = DEFAULT_STEPS[name]
+        n_warm = n_warm if a.warmup is None else a.warmup
+        bench_model(name, a.steps or n_meas, n_warm, systems, peak, a.max_wait)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""``posttrain sandbox ...``: thin CLI wrappers over `posttrain.rewards.sandbox`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+sandbox_app = typer.Typer(no_args_is_help=True, help="Run untrusted Python code against tests in the sandbox.")
+
+
+@sandbox_app.command("check")
+def check(
+    file: Annotated[Path, typer.Argument(help='JSONL: {"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?} per line.')],
+    workers: Annotated[int, typer.Option(help="Programs run at once.")] = 4,
+    timeout_s: Annotated[float, typer.Option(help="Default wall-clock limit per program.")] = 10.0,
+    mem_mb: Annotated[int, typer.Option(help="Default address-space limit per process, MiB.")] = 512,
+    detail: Annotated[bool, typer.Option(help="Add a 'detail' field to each result.")] = False,
+    allow_unsafe: Annotated[
+        bool, typer.Option(help="Run without namespaces where they are unavailable (trusted code only!).")
+    ] = False,
+) -> None:
+    """Run each program against its tests; print one {"passed", "total", "reason"} line per input line."""
+    from posttrain.rewards.sandbox import SandboxConfig, check_file
+
+    config = SandboxConfig(workers=workers, timeout_s=timeout_s, mem_mb=mem_mb, allow_unsafe=allow_unsafe)
+    for row in check_file(file, config, detail=detail):
+        typer.echo(json.dumps(row))
