@@ -28,14 +28,22 @@ app.add_typer(data_app, name="data")
 
 def _mount_subapps() -> None:
     from posttrain.cli_templates import templates_app
+    from posttrain.rewards.cli import sandbox_app
 
-    app.add_typer(templates_app, name="templates", help="Lint chat templates, add think tokens, export per-turn samples.")
+    app.add_typer(
+        templates_app,
+        name="templates",
+        help="Lint chat templates, add think tokens, export per-turn samples.",
+    )
+    app.add_typer(sandbox_app, name="sandbox", help="Run model-written code against tests in a sandbox.")
 
 
 _mount_subapps()
 
 Recipe = Annotated[Path | None, typer.Argument(help="YAML recipe (keys mirror the typed config).")]
-Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4.")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4.")
+]
 
 
 @app.callback()
@@ -128,7 +136,9 @@ def data_validate(
 @data_app.command("preview")
 def data_preview(
     path: Annotated[Path, typer.Argument(help="Data file.")],
-    model: Annotated[str, typer.Option(help="Model folder whose chat template renders the data.")] = "default",
+    model: Annotated[
+        str, typer.Option(help="Model folder whose chat template renders the data.")
+    ] = "default",
     n: Annotated[int, typer.Option(help="Samples to show.")] = 2,
 ) -> None:
     """Render the first samples with the model's chat template and show which tokens are trained."""

@@ -31,7 +31,10 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tu
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}", fix="pass the path of a YAML recipe, e.g. recipes/sft_tiny.yaml")
+            raise ConfigError(
+                f"recipe file not found: {path}",
+                fix="pass the path of a YAML recipe, e.g. recipes/sft_tiny.yaml",
+            )
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -72,7 +75,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "", source: str =
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            hint = (
+                f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            )
             raise ConfigError(f"unknown key '{prefix}{key}'", where=source, fix=hint)
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
     try:
@@ -98,13 +103,17 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
                 return _coerce(arg, value, key, source)
             except ConfigError as exc:
                 errors.append(exc.message)
-        raise ConfigError(f"{key}: {value!r} matches none of the allowed types", where=source, fix="; ".join(errors))
+        raise ConfigError(
+            f"{key}: {value!r} matches none of the allowed types", where=source, fix="; ".join(errors)
+        )
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{hint}", where=source, fix=f"set {key} to one of the listed values"
+                f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{hint}",
+                where=source,
+                fix=f"set {key} to one of the listed values",
             )
         return value
     if origin in (list, tuple):

@@ -28,7 +28,12 @@ class AccuracyReport:
 
     def to_dict(self) -> dict:
         rows = {f"{t}/L{lv}": self.correct[(t, lv)] / self.total[(t, lv)] for t, lv in sorted(self.total)}
-        return {"overall": self.acc(), **rows, "generated_tokens": self.generated_tokens, "seconds": self.seconds}
+        return {
+            "overall": self.acc(),
+            **rows,
+            "generated_tokens": self.generated_tokens,
+            "seconds": self.seconds,
+        }
 
 
 @torch.no_grad()
@@ -42,7 +47,9 @@ def generate_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     model.eval()
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             gen = model.generate(
                 **enc,
@@ -67,7 +74,9 @@ def task_accuracy(
 
     Returns the report and one record per problem (question, completion, correct)."""
     t0 = time.perf_counter()
-    outs = generate_batch(model, tokenizer, [p.prompt_record()["prompt"] for p in problems], max_new_tokens, batch_size)
+    outs = generate_batch(
+        model, tokenizer, [p.prompt_record()["prompt"] for p in problems], max_new_tokens, batch_size
+    )
     report = AccuracyReport()
     correct, total = defaultdict(int), defaultdict(int)
     records = []
@@ -76,7 +85,9 @@ def task_accuracy(
         correct[(p.task, p.level)] += ok
         total[(p.task, p.level)] += 1
         report.generated_tokens += n
-        records.append({"task": p.task, "level": p.level, "question": p.question, "completion": text, "correct": ok})
+        records.append(
+            {"task": p.task, "level": p.level, "question": p.question, "completion": text, "correct": ok}
+        )
     report.correct, report.total = dict(correct), dict(total)
     report.seconds = time.perf_counter() - t0
     return report, records

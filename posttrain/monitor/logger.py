@@ -40,7 +40,11 @@ class RunLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        kept = [
+            ln
+            for ln in self.path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         tmp.replace(self.path)

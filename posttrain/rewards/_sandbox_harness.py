@@ -20,6 +20,7 @@ process and can forge its report; the sandbox protects the host, not the reward.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
 import signal
@@ -89,10 +90,8 @@ def read_capped(
 
 def kill_group(pgid: int) -> None:
     """SIGKILL a process group; a group that is already gone is fine."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def normalize_output(text: str) -> list[str]:
@@ -128,7 +127,7 @@ def describe(exc: BaseException) -> str:
     """``Type: message``, shortened; never raises."""
     try:
         text = f"{type(exc).__name__}: {exc}"
-    except BaseException:  # noqa: BLE001 - a hostile __str__
+    except BaseException:  # a hostile __str__
         text = type(exc).__name__
     return text[:DETAIL_CHARS]
 
@@ -147,17 +146,15 @@ class Reporter:
 
     def send(self, **obj: object) -> None:
         self.guard()
-        try:
+        with contextlib.suppress(OSError):
             os.write(self.fd, json_line(obj))
-        except OSError:
-            pass
 
 
 def _attempt(code: object, ns: dict, report: Reporter, writable: tuple[str, ...]) -> tuple[str, str] | None:
     """exec ``code`` in ``ns``: None when it raised nothing, else (reason, detail)."""
     try:
         exec(code, ns)
-    except BaseException as exc:  # noqa: BLE001 - the program may raise anything, SystemExit included
+    except BaseException as exc:  # the program may raise anything, SystemExit included
         report.guard()
         return classify(exc, writable), describe(exc)
     report.guard()
@@ -199,7 +196,9 @@ def _case_verdict(code: int, out: str, err: str, expected: str) -> tuple[str, st
             return "timeout", "CPU time limit"
         if last.startswith("MemoryError"):
             return "memory", last
-        forbidden = last.startswith("PermissionError") or any(f"[Errno {e}]" in last for e in FORBIDDEN_ERRNOS)
+        forbidden = last.startswith("PermissionError") or any(
+            f"[Errno {e}]" in last for e in FORBIDDEN_ERRNOS
+        )
         return ("forbidden" if forbidden else "crash"), last or f"exit status {code}"
     if normalize_output(out) == normalize_output(expected):
         return "ok", ""
@@ -209,6 +208,7 @@ def _case_verdict(code: int, out: str, err: str, expected: str) -> tuple[str, st
 def run_case(job: dict, case: dict, deadline: float) -> tuple[str, str]:
     """Run the program on one stdin/stdout case; (reason, detail)."""
     import subprocess
+
     with open(".stdin", "w", encoding="utf-8") as f:
         f.write(case["input"])
     with open(".stdin", "rb") as fin:
@@ -222,7 +222,9 @@ def run_case(job: dict, case: dict, deadline: float) -> tuple[str, str]:
             start_new_session=True,
         )
     cap = job["max_output_bytes"]
-    bufs, how = read_capped({"out": proc.stdout.fileno(), "err": proc.stderr.fileno()}, deadline, {"out": cap, "err": cap})
+    bufs, how = read_capped(
+        {"out": proc.stdout.fileno(), "err": proc.stderr.fileno()}, deadline, {"out": cap, "err": cap}
+    )
     if how == "eof":
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -269,9 +271,7 @@ def run(job: dict, report_fd: int) -> int:
     run_tests = run_io if job["kind"] == "io" else lambda j, r: run_asserts(code, j, r)
     passed, reason, detail = run_tests(job, report)
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(BaseException):  # the program may have closed or replaced it
             stream.flush()
-        except BaseException:  # noqa: BLE001 - the program may have closed or replaced it
-            pass
     report.send(event="end", passed=passed, total=total, reason=reason, detail=detail)
     return 0

@@ -1,7 +1,8 @@
 """The sandbox launcher: the trusted process tree between the caller and untrusted code.
 
-Run as ``python -I -S -B _sandbox_launch.py`` with one JSON job on stdin. It uses the
-standard library only, so it runs without the package or its virtual environment.
+Run as ``python -I -S -B _sandbox_launch.py [SCRATCH_DIR]`` with one marshal'd job on
+stdin (the argument only names the run in ``ps``). It uses the standard library only,
+so it runs without the package or its virtual environment.
 Report lines (JSON) go to its stdout; the program's own stdout and stderr go to its
 stderr. `posttrain.rewards.sandbox` builds the job and reads the results.
 
@@ -21,6 +22,7 @@ a new session, a cleared environment and the job's scratch directory, nothing mo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import marshal
 import os
@@ -37,9 +39,10 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 38, 47, 4
 SECBIT_NOROOT_AND_LOCK = 0b11  # execve never grants capabilities to uid 0, and that is locked
-SYSCALLS = {"x86_64": (155, 126), "aarch64": (41, 91)}  # (pivot_root, capset)
+SYSCALLS = {"x86_64": (155, 126), "aarch64": (41, 91), "riscv64": (41, 91)}  # (pivot_root, capset)
 SETUP_EXIT = 121
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
+NEW_ROOT = "/tmp"  # mounted over only inside the new mount namespace; any user can reach it
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _HARNESS: dict = {}  # the harness module's namespace, loaded by `main`
@@ -67,10 +70,10 @@ def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
 
 def _setup_failed(exc: BaseException, fd: int = 1) -> None:
     """Report a failure of the sandbox itself (not of the program) and exit."""
-    try:
-        os.write(fd, _HARNESS["json_line"]({"event": "setup_error", "detail": f"{type(exc).__name__}: {exc}"}))
-    except (OSError, KeyError):
-        pass
+    with contextlib.suppress(OSError, KeyError):
+        os.write(
+            fd, _HARNESS["json_line"]({"event": "setup_error", "detail": f"{type(exc).__name__}: {exc}"})
+        )
     os._exit(SETUP_EXIT)
 
 
@@ -94,15 +97,13 @@ def _reap_all(first: int) -> int:
             status = st
 
 
-def _kill_on_signal(pids: list[int], group: bool = False) -> None:
-    """On SIGTERM or SIGALRM, SIGKILL ``pids`` (their process groups if ``group``)."""
+def _kill_on_signal(pids: list[int]) -> None:
+    """On SIGTERM or SIGALRM, SIGKILL ``pids``."""
 
     def kill(*_: object) -> None:
         for pid in pids:
-            try:
-                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     for sig in (signal.SIGTERM, signal.SIGALRM):
         signal.signal(sig, kill)
@@ -200,9 +201,11 @@ def _process_c(job: dict, harness: dict) -> None:
         # pid 1 ignores signals it has no handler for; block the rest so D cannot stop it.
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         uid = job["inner_uid"] if _mapped(job["inner_uid"]) else 0
-        build_root(job["workdir"], job, uid)
-        enter_root(job["workdir"])
+        build_root(NEW_ROOT, job, uid)
+        enter_root(NEW_ROOT)
         write_files("/box", job["files"], uid)
+        for fd in job["ro_fds"]:
+            os.close(fd)
     except OSError as exc:
         _setup_failed(exc)
     d = os.fork()
@@ -220,7 +223,10 @@ def _mapped(uid: int) -> bool:
 
 
 def build_root(root: str, job: dict, owner: int) -> None:
-    """Mount a tmpfs at ``root`` and fill it: read-only binds, symlinks, /dev, /proc, /box, /tmp."""
+    """Mount a tmpfs at ``root`` and fill it: read-only binds, symlinks, /dev, /proc, /box, /tmp.
+
+    The binds' sources are O_PATH descriptors opened before this tmpfs hid anything.
+    """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
     for path, fd in zip(job["ro_paths"], job["ro_fds"], strict=True):
@@ -232,18 +238,24 @@ def build_root(root: str, job: dict, owner: int) -> None:
     for node in DEV_NODES:
         open(f"{root}/dev/{node}", "w").close()
         _mount(f"/dev/{node}", f"{root}/dev/{node}", None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+    ):
         os.symlink(target, f"{root}/dev/{name}")
     os.symlink("/proc/self/fd/2", f"{root}/dev/stderr")
     size = f"size={job['disk_mb']}m"
-    for path, opts in (("/box", f"mode=0700,uid={owner},gid={owner}"), ("/tmp", "mode=1777"), ("/dev/shm", "mode=1777")):
+    for path, opts in (
+        ("/box", f"mode=0700,uid={owner},gid={owner}"),
+        ("/tmp", "mode=1777"),
+        ("/dev/shm", "mode=1777"),
+    ):
         os.makedirs(root + path, exist_ok=True)
         _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},{opts}")
     os.makedirs(root + "/proc", exist_ok=True)
-    try:  # refused where the host masks parts of /proc (some container runtimes): no /proc then
+    with contextlib.suppress(OSError):  # refused where the host masks parts of /proc: no /proc then
         _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except OSError:
-        pass
 
 
 def bind_readonly(src: str, dst: str) -> None:
@@ -296,9 +308,9 @@ def drop_privileges(uid: int) -> None:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    capset = SYSCALLS.get(os.uname().machine, (0, 0))[1]
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    _libc.syscall(capset, header, (ctypes.c_uint32 * 6)())
+    if os.uname().machine in SYSCALLS:  # capset(v3, all sets empty)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        _check(_libc.syscall(SYSCALLS[os.uname().machine][1], header, (ctypes.c_uint32 * 6)()), "capset")
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
 
 
@@ -338,13 +350,25 @@ def _process_d(job: dict, harness: dict, box: str, uid: int) -> None:
             drop_privileges(job["unsafe_uid"])
         _prctl(PR_SET_DUMPABLE, 0)  # same-uid children cannot read the harness's memory
         code = harness["run"](job, 3)
-    except BaseException as exc:  # noqa: BLE001 - the last resort must report anything
+    except BaseException as exc:  # the last resort must report anything
         _setup_failed(exc, fd=3)
     os._exit(code)
 
 
+def _kill_descendants(group: int) -> None:
+    """SIGKILL process group ``group`` and every current child of this (subreaper) process."""
+    pids = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    for kill, target in [(os.killpg, group)] + [(os.kill, pid) for pid in pids]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, signal.SIGKILL)
+
+
 def run_unsafe(job: dict, harness: dict) -> int:
-    """Process A without namespaces: fork D in the job's scratch directory and reap."""
+    """Process A without namespaces: fork D in the job's scratch directory; once D is done
+    (or on SIGTERM/alarm) kill D's group and any orphan that came to us, and reap."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     box = os.path.join(job["workdir"], "box")
     owner = os.getuid() if job["unsafe_uid"] is None else job["unsafe_uid"]
@@ -354,7 +378,8 @@ def run_unsafe(job: dict, harness: dict) -> int:
     d = os.fork()
     if d == 0:
         _process_d(job, harness, box, job["unsafe_uid"])
-    _kill_on_signal([d], group=True)
+    for sig in (signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, lambda *_: _kill_descendants(d))
     signal.alarm(int(job["hard_timeout_s"]))
     status = None
     while True:
@@ -364,10 +389,8 @@ def run_unsafe(job: dict, harness: dict) -> int:
             return _exit_code(status)
         if pid == d:
             status = st
-            try:
-                os.killpg(d, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if status is not None:
+            _kill_descendants(d)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ Metadata each one reads (a missing field is a `DataError` naming the row):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import DataError
 from posttrain.rewards.registry import RewardFn, RewardResult
@@ -27,6 +27,9 @@ from posttrain.rewards.verifiers import (
     overlong_penalty,
     verify_task,
 )
+
+if TYPE_CHECKING:
+    from posttrain.rewards.sandbox import SandboxConfig
 
 
 def _require(meta: dict, key: str, i: int, kinds: type | tuple[type, ...] = str) -> Any:
@@ -46,7 +49,10 @@ def math_reward(prompts: list, completions: list[str], metadata: list[dict]) -> 
         golds.append(extract_boxed(gold) or gold)
     preds = [extract_math_answer(c) for c in completions]
     verdicts = math_equal_batch(golds, preds)
-    return [RewardResult(float(ok), {"why": why, "answer": p}) for (ok, why), p in zip(verdicts, preds, strict=True)]
+    return [
+        RewardResult(float(ok), {"why": why, "answer": p})
+        for (ok, why), p in zip(verdicts, preds, strict=True)
+    ]
 
 
 def task_reward(prompts: list, completions: list[str], metadata: list[dict]) -> list[RewardResult]:
@@ -91,7 +97,7 @@ def _merge_tests(meta: dict, i: int) -> Any:
     raise DataError("public_tests and tests must have the same form", where=f"metadata[{i}].public_tests")
 
 
-def make_code_reward(config: Any = None, partial: bool = False) -> RewardFn:
+def make_code_reward(config: SandboxConfig | None = None, partial: bool = False) -> RewardFn:
     """A code reward running in the sandbox with ``config`` (a `SandboxConfig`; default limits).
 
     Score: 1.0 only if every test passes (``partial``: the fraction passed). A completion
@@ -107,13 +113,19 @@ def make_code_reward(config: Any = None, partial: bool = False) -> RewardFn:
             tests = _merge_tests(meta, i)
             if code.strip():
                 rows.append(i)
-                programs.append(Program(code, tests, meta.get("entry_point"), meta.get("timeout_s"), meta.get("mem_mb")))
+                programs.append(
+                    Program(code, tests, meta.get("entry_point"), meta.get("timeout_s"), meta.get("mem_mb"))
+                )
         out = [RewardResult(0.0, {"why": "no code", "reason": "syntax_error"})] * len(completions)
         for i, res in zip(rows, run_programs(programs, config), strict=True):
             full = res.passed == res.total and res.reason == "ok"
             score = res.passed / res.total if partial else float(full)
-            why = f"{res.reason}: {res.passed}/{res.total} passed" + (f" ({res.detail})" if res.detail else "")
-            out[i] = RewardResult(score, {"why": why, "reason": res.reason, "passed": res.passed, "total": res.total})
+            why = f"{res.reason}: {res.passed}/{res.total} passed" + (
+                f" ({res.detail})" if res.detail else ""
+            )
+            out[i] = RewardResult(
+                score, {"why": why, "reason": res.reason, "passed": res.passed, "total": res.total}
+            )
         return out
 
     return code_reward

@@ -8,12 +8,22 @@ from typing import Annotated
 
 import typer
 
-sandbox_app = typer.Typer(no_args_is_help=True, help="Run untrusted Python code against tests in the sandbox.")
+sandbox_app = typer.Typer(
+    no_args_is_help=True, help="Run untrusted Python code against tests in the sandbox."
+)
+
+
+@sandbox_app.callback()
+def _sandbox() -> None:
+    """Run untrusted Python code against tests in the sandbox (a group even with one command)."""
 
 
 @sandbox_app.command("check")
 def check(
-    file: Annotated[Path, typer.Argument(help='JSONL: {"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?} per line.')],
+    file: Annotated[
+        Path,
+        typer.Argument(help='JSONL: {"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?} per line.'),
+    ],
     workers: Annotated[int, typer.Option(help="Programs run at once.")] = 4,
     timeout_s: Annotated[float, typer.Option(help="Default wall-clock limit per program.")] = 10.0,
     mem_mb: Annotated[int, typer.Option(help="Default address-space limit per process, MiB.")] = 512,

@@ -76,9 +76,7 @@ def simple_equal(gold: str, pred: str) -> bool:
     if g == p:
         return True
     if "," in g or "," in p:
-        items = [
-            {_canonical(x) for x in s.strip("{}[]()").split(",") if x} for s in (g, p)
-        ]
+        items = [{_canonical(x) for x in s.strip("{}[]()").split(",") if x} for s in (g, p)]
         return items[0] == items[1]
     return _canonical(g) == _canonical(p)
 
@@ -145,7 +143,10 @@ class MathVerifier:
         if msg.get("ready"):
             worker.ready = True
         elif msg.get("i") == worker.item:
-            results[worker.item] = (bool(msg["ok"]), msg["error"] or ("equivalent" if msg["ok"] else "not equivalent"))
+            results[worker.item] = (
+                bool(msg["ok"]),
+                msg["error"] or ("equivalent" if msg["ok"] else "not equivalent"),
+            )
             worker.item = None
 
     def _read(self, worker: _Worker, results: list) -> None:
@@ -218,13 +219,20 @@ def default_verifier() -> MathVerifier:
         return _default
 
 
-def math_equal_batch(golds: Sequence[str], preds: Sequence[str | None], backend: str = "auto") -> list[tuple[bool, str]]:
+def math_equal_batch(
+    golds: Sequence[str], preds: Sequence[str | None], backend: str = "auto"
+) -> list[tuple[bool, str]]:
     """Equivalence of each (gold, pred) pair by ``backend``: ``math_verify``, ``simple`` or ``auto``."""
     if backend not in ("auto", "math_verify", "simple"):
-        raise ConfigError(f"unknown math backend {backend!r}", where="backend", fix="auto, math_verify or simple")
+        raise ConfigError(
+            f"unknown math backend {backend!r}", where="backend", fix="auto, math_verify or simple"
+        )
     if backend == "simple" or (backend == "auto" and not math_verify_installed()):
         if backend == "auto" and not _warned:
             _warned.append(True)
             log.warning("math-verify is not installed; using the simple numeric comparison (%s)", MISSING_FIX)
-        return [(False, "no answer") if p is None else (simple_equal(g, p), "simple") for g, p in zip(golds, preds, strict=True)]
+        return [
+            (False, "no answer") if p is None else (simple_equal(g, p), "simple")
+            for g, p in zip(golds, preds, strict=True)
+        ]
     return default_verifier().equal_batch(golds, preds)

@@ -47,7 +47,9 @@ def register_reward(name: str, *, replace: bool = False) -> Callable[[RewardFn],
         _load_builtins()
         if name in REWARDS and not replace and REWARDS[name] is not fn:
             raise ConfigError(
-                f"reward {name!r} is already registered", where="rewards", fix="pick another name or pass replace=True"
+                f"reward {name!r} is already registered",
+                where="rewards",
+                fix="pick another name or pass replace=True",
             )
         REWARDS[name] = fn
         return fn
@@ -79,7 +81,9 @@ def get_reward(name: str) -> RewardFn:
     valid = sorted(REWARDS) + sorted(TASKS)
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"unknown reward {name!r}", where="scorer", fix=f"{hint}valid rewards: {', '.join(valid)}")
+    raise ConfigError(
+        f"unknown reward {name!r}", where="scorer", fix=f"{hint}valid rewards: {', '.join(valid)}"
+    )
 
 
 def as_results(values: Sequence[RewardResult | float], n: int, name: str) -> list[RewardResult]:
@@ -94,7 +98,9 @@ def as_results(values: Sequence[RewardResult | float], n: int, name: str) -> lis
         elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             out.append(RewardResult(float(v), {"why": ""}))
         else:
-            raise ConfigError(f"reward {name!r} returned {v!r}; expected RewardResult or a finite number", where=name)
+            raise ConfigError(
+                f"reward {name!r} returned {v!r}; expected RewardResult or a finite number", where=name
+            )
     return out
 
 
@@ -107,12 +113,16 @@ def score_batch(
     come back in row order with ``info["scorer"]`` set.
     """
     if not len(prompts) == len(completions) == len(metadata):
-        raise DataError(f"{len(prompts)} prompts, {len(completions)} completions, {len(metadata)} metadata rows")
+        raise DataError(
+            f"{len(prompts)} prompts, {len(completions)} completions, {len(metadata)} metadata rows"
+        )
     groups: dict[str, list[int]] = {}
     for i, meta in enumerate(metadata):
         scorer = meta.get("scorer", default) if isinstance(meta, dict) else None
         if not isinstance(scorer, str):
-            raise DataError("row has no scorer", where=f"metadata[{i}]", fix="set metadata.scorer or pass default=")
+            raise DataError(
+                "row has no scorer", where=f"metadata[{i}]", fix="set metadata.scorer or pass default="
+            )
         groups.setdefault(scorer, []).append(i)
     results: list[RewardResult | None] = [None] * len(metadata)
     for scorer, rows in groups.items():
@@ -133,10 +143,15 @@ def combine(weights: dict[str, float]) -> RewardFn:
     fns = {name: get_reward(name) for name in weights}
     for name, w in weights.items():
         if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
-            raise ConfigError(f"weight of {name!r} must be a finite number, got {w!r}", where=f"weights.{name}")
+            raise ConfigError(
+                f"weight of {name!r} must be a finite number, got {w!r}", where=f"weights.{name}"
+            )
 
     def combined(prompts: list, completions: list[str], metadata: list[dict]) -> list[RewardResult]:
-        parts = {name: as_results(fn(prompts, completions, metadata), len(completions), name) for name, fn in fns.items()}
+        parts = {
+            name: as_results(fn(prompts, completions, metadata), len(completions), name)
+            for name, fn in fns.items()
+        }
         out = []
         for i in range(len(completions)):
             scores = {name: parts[name][i].score for name in fns}

@@ -54,7 +54,9 @@ class Rubric:
         if not criteria:
             raise ConfigError("a rubric needs at least one criterion", where="criteria")
         if aggregate not in ("weighted_sum", "mean"):
-            raise ConfigError(f"unknown aggregate {aggregate!r}", where="aggregate", fix="weighted_sum or mean")
+            raise ConfigError(
+                f"unknown aggregate {aggregate!r}", where="aggregate", fix="weighted_sum or mean"
+            )
         names = [c.name for c in criteria]
         if len(set(names)) != len(names):
             raise ConfigError(f"criterion names repeat: {names}", where="criteria")
@@ -67,7 +69,9 @@ class Rubric:
         self.judge = judge
         self._patterns = {c.name: re.compile(c.pattern) for c in criteria if c.pattern is not None}
 
-    def _scores(self, c: Criterion, prompts: list, completions: list[str], metadata: list[dict]) -> list[float]:
+    def _scores(
+        self, c: Criterion, prompts: list, completions: list[str], metadata: list[dict]
+    ) -> list[float]:
         if c.reward is not None:
             out = get_reward(c.reward)(prompts, completions, metadata)
             return [r.score for r in as_results(out, len(completions), c.reward)]
@@ -76,7 +80,9 @@ class Rubric:
             return [float(f != c.negate) for f in found]
         scores = [float(s) for s in self.judge(prompts, completions, c.question)]  # type: ignore[misc]
         if len(scores) != len(completions):
-            raise ConfigError(f"judge returned {len(scores)} scores for {len(completions)} rows", where=c.name)
+            raise ConfigError(
+                f"judge returned {len(scores)} scores for {len(completions)} rows", where=c.name
+            )
         return scores
 
     def score(self, prompts: list, completions: list[str], metadata: list[dict]) -> list[RewardResult]:
@@ -100,7 +106,8 @@ def _check_criterion(c: Criterion, judge: Judge | None) -> None:
     sources = [s for s in (c.reward, c.pattern, c.question) if s is not None]
     if len(sources) != 1:
         raise ConfigError(
-            f"criterion {c.name!r} needs exactly one of reward, pattern or question", where=f"criteria.{c.name}"
+            f"criterion {c.name!r} needs exactly one of reward, pattern or question",
+            where=f"criteria.{c.name}",
         )
     if not isinstance(c.weight, int | float) or isinstance(c.weight, bool) or not math.isfinite(c.weight):
         raise ConfigError(f"criterion {c.name!r} has weight {c.weight!r}", where=f"criteria.{c.name}.weight")
@@ -110,7 +117,9 @@ def _check_criterion(c: Criterion, judge: Judge | None) -> None:
         try:
             re.compile(c.pattern)
         except re.error as exc:
-            raise ConfigError(f"criterion {c.name!r}: bad regex ({exc})", where=f"criteria.{c.name}.pattern") from exc
+            raise ConfigError(
+                f"criterion {c.name!r}: bad regex ({exc})", where=f"criteria.{c.name}.pattern"
+            ) from exc
     if c.question is not None and judge is None:
         raise ConfigError(
             f"criterion {c.name!r} asks a judge question but the rubric has no judge",

@@ -1,12 +1,11 @@
 """Run untrusted Python programs against tests in a local sandbox.
 
-A `Program` is code plus tests: assert snippets (a list of strings, or one string whose
-top-level ``assert`` statements are the tests and whose other statements are setup; a
-HumanEval-style ``def check(candidate)`` with an ``entry_point`` becomes one test), or
-stdin/stdout cases (a list of ``{"input", "output"}``). `run_program` returns a
-`SandboxResult` (passed, total, reason, detail); `run_programs` runs a batch on a small
-thread pool, each thread driving one launcher subprocess (``_sandbox_launch.py``; the
-test harness is ``_sandbox_harness.py``).
+A `Program` is code plus tests: assert snippets or stdin/stdout cases (formats in
+`posttrain.rewards.code_tests`). `run_program` returns a `SandboxResult` (passed, total,
+reason, detail); `run_programs` runs a batch on a small thread pool, each thread driving
+one launcher subprocess (``_sandbox_launch.py``; the harness is ``_sandbox_harness.py``,
+whose docstring tells how tests run and how a failure's reason is chosen). The program
+runs on the caller's interpreter with ``-I -S``: the standard library only.
 
 What the sandbox contains (``isolation="namespaces"``, the default):
 
@@ -56,7 +55,7 @@ files, use the network, write world-writable places and signal its own uid's pro
 
 from __future__ import annotations
 
-import ast
+import contextlib
 import functools
 import json
 import logging
@@ -81,6 +80,17 @@ from typing import Any, Literal
 from posttrain.errors import BackendUnavailable, ConfigError, DataError
 from posttrain.rewards import _sandbox_harness
 from posttrain.rewards._sandbox_harness import read_capped
+from posttrain.rewards.code_tests import Program, parse_tests, program_from_record
+
+__all__ = [
+    "Program",
+    "SandboxConfig",
+    "SandboxResult",
+    "check_file",
+    "parse_tests",
+    "run_program",
+    "run_programs",
+]
 
 Reason = Literal["ok", "timeout", "memory", "crash", "wrong_answer", "syntax_error", "forbidden"]
 REASONS: tuple[str, ...] = ("ok", "timeout", "memory", "crash", "wrong_answer", "syntax_error", "forbidden")
@@ -126,16 +136,13 @@ class SandboxConfig:
     tmp_dir: str | None = None
     """Where the per-run scratch directories go (default: the system temp dir)."""
 
-
-@dataclass(frozen=True)
-class Program:
-    """Code and its tests; ``timeout_s``/``mem_mb`` override the config's."""
-
-    code: str
-    tests: Any
-    entry_point: str | None = None
-    timeout_s: float | None = None
-    mem_mb: int | None = None
+    def __post_init__(self) -> None:
+        minimum = {"timeout_s": 0.01, "mem_mb": 32, "max_procs": 2, "max_open_files": 8, "max_file_mb": 1}
+        minimum |= {"disk_mb": 1, "max_output_bytes": 1, "workers": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be a number >= {low}, got {value!r}", where=f"sandbox.{name}")
 
 
 @dataclass(frozen=True)
@@ -147,50 +154,6 @@ class SandboxResult:
     reason: Reason
     detail: str = ""
     output: str = ""
-
-
-def parse_tests(tests: Any, entry_point: str | None = None) -> tuple[str, str, list]:
-    """``(kind, setup, cases)`` from a tests field; malformed tests are a `DataError`.
-
-    kind ``assert``: cases are snippets run after ``setup``; kind ``io``: cases are
-    ``{"input", "output"}`` dicts.
-    """
-    if isinstance(tests, str):
-        return _split_assert_source(tests, entry_point)
-    if isinstance(tests, list) and tests and all(isinstance(t, dict) for t in tests):
-        for t in tests:
-            if not (isinstance(t.get("input"), str) and isinstance(t.get("output"), str)):
-                raise DataError("each stdin/stdout test needs string 'input' and 'output'", where="tests")
-        return "io", "", [{"input": t["input"], "output": t["output"]} for t in tests]
-    if isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests):
-        for i, t in enumerate(tests):
-            try:
-                compile(t, f"test_{i}", "exec")
-            except SyntaxError as exc:
-                raise DataError(f"test {i} is not valid Python: {exc.msg}", where=f"tests[{i}]") from exc
-        return "assert", "", list(tests)
-    raise DataError(
-        "tests must be a non-empty list of assert strings, a string of asserts, or a list of {input, output}",
-        where="tests",
-    )
-
-
-def _split_assert_source(source: str, entry_point: str | None) -> tuple[str, str, list]:
-    """Top-level asserts become cases, every other line setup; ``check(entry_point)`` if none."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise DataError(f"tests are not valid Python: {exc.msg}", where="tests") from exc
-    lines = source.splitlines()
-    spans = [(n.lineno, n.end_lineno or n.lineno) for n in tree.body if isinstance(n, ast.Assert)]
-    cases = ["\n".join(lines[a - 1 : b]) for a, b in spans]
-    inside = {i for a, b in spans for i in range(a, b + 1)}
-    setup = "\n".join(line for i, line in enumerate(lines, 1) if i not in inside)
-    if not cases and entry_point and any(isinstance(n, ast.FunctionDef) and n.name == "check" for n in tree.body):
-        cases = [f"check({entry_point})"]
-    if not cases:
-        raise DataError("the tests string has no top-level assert (and no check() with an entry_point)", where="tests")
-    return "assert", setup, cases
 
 
 def sandbox_paths(extra: Iterable[str] = ()) -> tuple[list[str], list[list[str]]]:
@@ -215,10 +178,10 @@ def _world_usable(path: str) -> bool:
     return all(os.stat(os.path.join(*parts[:i])).st_mode & stat.S_IXOTH for i in range(1, len(parts)))
 
 
-def _unsafe_uid() -> int | None:
+def _unsafe_uid(workdir: str) -> int | None:
     """The uid for isolation="none": "nobody" when the caller is root and "nobody" can use
-    the interpreter, else None (the caller's own uid)."""
-    if os.geteuid() != 0 or not _world_usable(sys.base_prefix):
+    the interpreter and the scratch directory, else None (the caller's own uid)."""
+    if os.geteuid() != 0 or not (_world_usable(sys.base_prefix) and _world_usable(workdir)):
         return None
     return UNSAFE_UID
 
@@ -254,7 +217,7 @@ def build_job(program: Program, config: SandboxConfig, isolation: str, workdir: 
         "workdir": workdir,
         "host_id_base": HOST_ID_BASE,
         "inner_uid": INNER_UID,
-        "unsafe_uid": _unsafe_uid(),
+        "unsafe_uid": _unsafe_uid(workdir) if isolation == "none" else None,
         "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"},
         "harness_code": _harness_code(),
     }
@@ -273,10 +236,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
 
 
@@ -309,11 +270,11 @@ def _launch(job: dict[str, Any], config: SandboxConfig) -> tuple[list[dict], str
         start_new_session=True,
     )
     try:
-        try:
+        with contextlib.suppress(BrokenPipeError):  # a launcher that died at start-up shows below
             proc.stdin.write(marshal.dumps(job))
+            proc.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
-        except BrokenPipeError:
-            pass
         fds = {"report": proc.stdout.fileno(), "output": proc.stderr.fileno()}
         clock = _Clock(job["timeout_s"])
         bufs, how = read_capped(fds, clock, {"report": REPORT_CAP, "output": config.max_output_bytes})
@@ -347,9 +308,13 @@ def _verdict(events: list[dict], output: str, how: str, code: int, job: dict[str
     if how == "timeout":
         return SandboxResult(passed, total, "timeout", f"wall-clock limit of {job['timeout_s']:g} s", output)
     if how == "overflow":
-        return SandboxResult(passed, total, "forbidden", f"output over {job['max_output_bytes']} bytes", output)
+        return SandboxResult(
+            passed, total, "forbidden", f"output over {job['max_output_bytes']} bytes", output
+        )
     if end is not None and end.get("reason") in REASONS and isinstance(end.get("passed"), int):
-        return SandboxResult(min(end["passed"], total), total, end["reason"], str(end.get("detail", "")), output)
+        return SandboxResult(
+            min(end["passed"], total), total, end["reason"], str(end.get("detail", "")), output
+        )
     setup = next((e for e in events if e.get("event") == "setup_error"), None)
     if setup is not None:
         return SandboxResult(passed, total, "crash", f"sandbox setup failed: {setup.get('detail')}", output)
@@ -365,7 +330,7 @@ def _run_one(program: Program, config: SandboxConfig, isolation: str) -> Sandbox
     """One program in a fresh scratch directory, removed afterwards."""
     workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-", dir=config.tmp_dir)
     try:
-        os.chmod(workdir, 0o711)  # the sandbox's (unprivileged) setup uid mounts on it
+        os.chmod(workdir, 0o711)  # isolation "none": uid "nobody" works in workdir/box
         job = build_job(program, config, isolation, workdir)
         events, output, how, code = _launch(job, config)
         return _verdict(events, output, how, code, job)
@@ -398,7 +363,11 @@ def choose_isolation(config: SandboxConfig) -> str:
             )
         return "none"
     if config.isolation not in ("auto", "namespaces"):
-        raise ConfigError(f"unknown isolation {config.isolation!r}", where="sandbox.isolation", fix="auto, namespaces or none")
+        raise ConfigError(
+            f"unknown isolation {config.isolation!r}",
+            where="sandbox.isolation",
+            fix="auto, namespaces or none",
+        )
     problem = namespace_problem(config)
     if problem is None:
         return "namespaces"
@@ -430,23 +399,9 @@ def run_programs(programs: Iterable[Program], config: SandboxConfig | None = Non
         return list(pool.map(lambda p: _run_one(p, config, isolation), programs))
 
 
-def program_from_record(record: Any, where: str = "record") -> Program:
-    """A `Program` from ``{"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?}``."""
-    if not isinstance(record, dict) or not isinstance(record.get("code"), str) or "tests" not in record:
-        raise DataError("a program record needs a string 'code' and 'tests'", where=where)
-    unknown = set(record) - {"code", "tests", "entry_point", "timeout_s", "mem_mb"}
-    if unknown:
-        raise DataError(f"unknown keys {sorted(unknown)}", where=where, fix="keys: code, tests, entry_point, timeout_s, mem_mb")
-    timeout, mem = record.get("timeout_s"), record.get("mem_mb")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise DataError("timeout_s must be a positive number", where=where)
-    if mem is not None and (not isinstance(mem, int) or mem < 32):
-        raise DataError("mem_mb must be an integer >= 32", where=where)
-    parse_tests(record["tests"], record.get("entry_point"))
-    return Program(record["code"], record["tests"], record.get("entry_point"), timeout, mem)
-
-
-def check_file(path: str | Path, config: SandboxConfig | None = None, detail: bool = False) -> Iterator[dict[str, Any]]:
+def check_file(
+    path: str | Path, config: SandboxConfig | None = None, detail: bool = False
+) -> Iterator[dict[str, Any]]:
     """Run every program of a JSONL file; yields ``{"passed", "total", "reason"}`` (plus
     ``detail`` if asked) per line, in order. The whole file is validated before any run."""
     config = config or SandboxConfig()

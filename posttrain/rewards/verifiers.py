@@ -101,7 +101,9 @@ def extract_math_answer(completion: str, order: Sequence[str] = EXTRACTORS) -> s
     """
     unknown = [name for name in order if name not in EXTRACTORS]
     if unknown:
-        raise ConfigError(f"unknown answer extractors {unknown}", where="order", fix=f"use some of {EXTRACTORS}")
+        raise ConfigError(
+            f"unknown answer extractors {unknown}", where="order", fix=f"use some of {EXTRACTORS}"
+        )
     text = answer_region(completion)
     if text is None:
         return None

@@ -98,7 +98,9 @@ def save_checkpoint(
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1, default=str))
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({"step": step, **trainer_state}, indent=1, default=str)
+    )
     (tmp / "COMPLETE").write_text("ok\n")
     _fsync_tree(tmp)
     maybe_kill("mid-save", step)
@@ -144,7 +146,8 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise PosttrainError(
-            f"checkpoint {path} is incomplete or missing", fix="resume from another checkpoint or start a new run"
+            f"checkpoint {path} is incomplete or missing",
+            fix="resume from another checkpoint or start a new run",
         )
     saved = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())

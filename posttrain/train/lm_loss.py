@@ -29,9 +29,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def supports_fused_head(model: torch.nn.Module) -> bool:
     peft_cfg = getattr(model, "peft_config", None)
-    if peft_cfg:
-        if any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
-            return False
+    if peft_cfg and any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
+        return False
     cfg = _unwrap(model).config
     if getattr(cfg, "final_logit_softcapping", None):
         return False
@@ -84,7 +83,9 @@ def causal_lm_loss(
         lm = _unwrap(model)
         hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
         h = hidden[:, :-1][mask]
-        loss, nll = fused_linear_cross_entropy(h, lm.get_output_embeddings().weight, targets, weights, chunk_size)
+        loss, nll = fused_linear_cross_entropy(
+            h, lm.get_output_embeddings().weight, targets, weights, chunk_size
+        )
     else:
         logits = model(**inputs, use_cache=False).logits
         logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning prepends virtual tokens

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ from posttrain.algos.aggregate import AggMode
 from posttrain.config import dump_yaml
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import RunLogger, check_finite, console, progress_bar
-from posttrain.train.faults import maybe_kill
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.faults import maybe_kill
 from posttrain.train.lm_loss import causal_lm_loss, loss_targets
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_grads, optimizer_step
 
@@ -42,8 +43,6 @@ class ModelConfig:
     """auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    attn_implementation: str = "sdpa"
-    """sdpa | eager (flash_attention_2 where installed)."""
 
 
 @dataclass
@@ -115,10 +114,21 @@ def resolve_model_path(path: str) -> str:
 
 
 def prepare_run(
-    recipe: Any, output_dir: str, seed: int, model_cfg: ModelConfig | None, loop: LoopConfig, model=None, tokenizer=None
+    recipe: Any,
+    output_dir: str,
+    seed: int,
+    model_cfg: ModelConfig | None,
+    loop: LoopConfig,
+    model=None,
+    tokenizer=None,
+    peft_cfg=None,
 ) -> Run:
-    """Create the run dir, write config.yaml, seed, load (or take) model + tokenizer, find a checkpoint."""
+    """Create the run dir, write config.yaml, seed, load (or take) model + tokenizer, find a checkpoint.
+
+    With `peft_cfg` the model comes back wrapped for training (LoRA, QLoRA's 4-bit base, BitFit, ...).
+    """
     from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.models.peft import check_qlora_backend, load_peft_model
 
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
@@ -130,8 +140,13 @@ def prepare_run(
     path = "<built in memory>"
     if model is None:
         path = resolve_model_path(model_cfg.path)
+        if peft_cfg is not None and peft_cfg.method == "qlora":
+            check_qlora_backend()  # before any loading: fail fast without CUDA/bitsandbytes
         tokenizer = load_tokenizer(path)
-        model = load_model(path, dtype=model_cfg.dtype, device=model_cfg.device)
+        if peft_cfg is not None:
+            model = load_peft_model(path, peft_cfg, dtype=model_cfg.dtype, device=model_cfg.device)
+        else:
+            model = load_model(path, dtype=model_cfg.dtype, device=model_cfg.device)
     step = None
     if resume_from is not None:
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
@@ -211,16 +226,41 @@ def sample_generations(model, tokenizer, samples, max_new_tokens: int, device) -
         first = next((i for i, lab in enumerate(s.labels) if lab != -100), len(s.labels))
         ids = torch.tensor([s.input_ids[:first]], device=device)
         gen = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         out.append({"prompt": tokenizer.decode(ids[0]), "completion": tokenizer.decode(gen[0, first:])})
     model.train()
     return out
 
 
-def run_loop(run: Run, model, plan, optim_cfg: OptimConfig, loop: LoopConfig, eval_plan=None, sample_prompts=()):
-    """Train `model` over `plan` for the configured steps; checkpoints, logs, returns the model."""
+StepFn = Callable[..., dict[str, float]]
+EvalFn = Callable[[Any, int], None]
+
+
+def run_loop(
+    run: Run,
+    model,
+    plan,
+    optim_cfg: OptimConfig,
+    loop: LoopConfig,
+    *,
+    step_fn: StepFn | None = None,
+    evaluate: EvalFn | None = None,
+):
+    """Train `model` over `plan` for the configured steps; checkpoints, logs, returns the model.
+
+    plan: has `epoch(e) -> list[batch]` (deterministic in e) and `len()`.
+    step_fn(model, micro_batches, loop, device, scaler) -> metrics with "loss": forward and
+        backward of one optimiser step (default: masked causal-LM NLL, `train_step`); trainers
+        with other losses (preference, reward model) pass theirs.
+    evaluate(model, step): called every `loop.eval_every` steps and at the end.
+    """
+    step_fn = step_fn or train_step
     device = run.device
     steps = total_steps(loop, len(plan))
     optimizer = build_optimizer(model, optim_cfg)
@@ -245,7 +285,7 @@ def run_loop(run: Run, model, plan, optim_cfg: OptimConfig, loop: LoopConfig, ev
                     continue
                 micro.append(batches[state["index"]])
                 state = {"epoch": state["epoch"], "index": state["index"] + 1}
-            metrics = train_step(model, micro, loop, device, scaler)
+            metrics = step_fn(model, micro, loop, device, scaler)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             metrics["lr"] = scheduler.get_last_lr()[0]
@@ -266,19 +306,28 @@ def run_loop(run: Run, model, plan, optim_cfg: OptimConfig, loop: LoopConfig, ev
             metrics["epoch"] = state["epoch"]
             if step % loop.log_every == 0 or step == steps:
                 run.logger.log(step, metrics)
-            bar.update(task, completed=step, stats=f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s")
-            if eval_plan is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
-                _evaluate(run, model, eval_plan, sample_prompts, loop, step)
+            bar.update(
+                task, completed=step, stats=f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s"
+            )
+            if evaluate is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
+                evaluate(model, step)
             if (loop.save_every and step % loop.save_every == 0) or step == steps:
                 ckpt(step)
     return model
+
+
+def sft_evaluator(run: Run, eval_plan, sample_prompts, loop: LoopConfig) -> EvalFn:
+    """Eval loss on `eval_plan` plus a few greedy sample generations (to samples.jsonl)."""
+    return lambda model, step: _evaluate(run, model, eval_plan, sample_prompts, loop, step)
 
 
 def _evaluate(run: Run, model, eval_plan, sample_prompts, loop: LoopConfig, step: int) -> None:
     metrics = {"loss": eval_loss(model, eval_plan, loop, run.device)}
     run.logger.log(step, metrics, prefix="eval/")
     if sample_prompts:
-        gens = sample_generations(model, run.tokenizer, sample_prompts, loop.sample_max_new_tokens, run.device)
+        gens = sample_generations(
+            model, run.tokenizer, sample_prompts, loop.sample_max_new_tokens, run.device
+        )
         with open(run.dir / "samples.jsonl", "a") as f:
             for g in gens:
                 f.write(json.dumps({"step": step, **g}) + "\n")

@@ -84,7 +84,9 @@ def cache_root() -> Path:
 
 
 def recipe_key(cfg: PretrainRecipe) -> str:
-    body = dump_yaml(PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True}))
+    body = dump_yaml(
+        PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True})
+    )
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -100,7 +102,9 @@ def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list
 
     unknown = set(cfg.mix) - set(cfg.tasks)
     if unknown:
-        raise ConfigError(f"corpus.mix names tasks not in corpus.tasks: {sorted(unknown)}", where="corpus.mix")
+        raise ConfigError(
+            f"corpus.mix names tasks not in corpus.tasks: {sorted(unknown)}", where="corpus.mix"
+        )
     rng = random.Random(seed)
     weights = [cfg.mix.get(t, 1.0) for t in cfg.tasks]
     quota = {t: round(cfg.n_docs * w / sum(weights)) for t, w in zip(cfg.tasks, weights, strict=True)}
@@ -176,6 +180,6 @@ def ensure_default_model() -> Path:
     cfg = PretrainRecipe()
     final = resolve_output_dir(cfg) / "final"
     if not (final / "config.json").is_file():
-        console.print("[bold]building the embedded default model[/bold] (once; cached in " f"{final.parent})")
+        console.print(f"[bold]building the embedded default model[/bold] (once; cached in {final.parent})")
         run_pretrain(cfg)
     return final

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from posttrain.data.collate import verify_packed_attention
 from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
-from posttrain.models.peft import PeftConfig, apply_peft, export_model
-from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run, run_loop
+from posttrain.errors import ConfigError
+from posttrain.models.peft import PeftConfig, export_model
+from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run, run_loop, sft_evaluator
 from posttrain.train.optim import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -42,22 +44,37 @@ class SFTRecipe:
 
 def run_sft(cfg: SFTRecipe) -> Path:
     """Train and export; returns the path of the exported `final/` folder."""
-    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train)
+    if cfg.data.packing and cfg.peft.method in ("prefix", "prompt"):
+        raise ConfigError(
+            f"peft.method={cfg.peft.method} prepends virtual tokens once per row, so it cannot train packed rows",
+            where="data.packing",
+            fix="set data.packing=false",
+        )
+    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tokenizer = run.model, run.tokenizer
+    if cfg.data.packing:
+        verify_packed_attention(model)
     train_samples, stats = build_samples(tokenizer, cfg.data, "train")
     run.print_data_table("train", stats)
     eval_samples, _ = build_samples(tokenizer, cfg.data, "eval")
-    model = apply_peft(model, cfg.peft)
     plan = BatchPlan(
-        train_samples, cfg.train.batch_size, cfg.train.seq_len, cfg.data.packing, tokenizer.pad_token_id, cfg.seed
+        train_samples,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        cfg.data.packing,
+        tokenizer.pad_token_id,
+        cfg.seed,
     )
     eval_plan = (
-        BatchPlan(eval_samples, cfg.train.batch_size, cfg.train.seq_len, cfg.data.packing, tokenizer.pad_token_id, 0)
+        BatchPlan(
+            eval_samples, cfg.train.batch_size, cfg.train.seq_len, cfg.data.packing, tokenizer.pad_token_id, 0
+        )
         if eval_samples
         else None
     )
     sample_prompts = [s for s in eval_samples[: cfg.train.num_samples]] if eval_samples else []
-    model = run_loop(run, model, plan, cfg.optim, cfg.train, eval_plan=eval_plan, sample_prompts=sample_prompts)
+    evaluate = sft_evaluator(run, eval_plan, sample_prompts, cfg.train) if eval_plan is not None else None
+    model = run_loop(run, model, plan, cfg.optim, cfg.train, evaluate=evaluate)
     final = export_model(model, tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
     run.finish(final)
     return final

@@ -12,7 +12,9 @@ def test_token_weights_match_aggregate_loss_on_hand_values():
     flat = torch.tensor([1.0, 2.0, 3.0, 10.0])
     assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(16 / 4)
     assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 10) / 2)
-    assert aggregate_loss(loss, mask, "seq-mean-token-sum", norm=4).item() == pytest.approx((6 / 4 + 10 / 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum", norm=4).item() == pytest.approx(
+        (6 / 4 + 10 / 4) / 2
+    )
     for mode, norm in (("token-mean", 1.0), ("seq-mean-token-mean", 1.0), ("seq-mean-token-sum", 4.0)):
         w = token_weights(seq, mode, norm=norm)
         assert (w * flat).sum().item() == pytest.approx(aggregate_loss(loss, mask, mode, norm=norm).item())

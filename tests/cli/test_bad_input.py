@@ -30,7 +30,9 @@ def _recipe(tmp_path: Path, model: Path | str, train: Path | str, extra: str = "
 
 
 def _chat(content: str = "hi") -> str:
-    return json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]})
+    return json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
+    )
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, monkeypatch, capsys, tiny_model_dir):
@@ -42,7 +44,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, monkeypatch, capsys, tiny
 
 def test_missing_field_and_empty_assistant_turn(tmp_path, monkeypatch, capsys, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text(_chat() + "\n" + json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    data.write_text(
+        _chat()
+        + "\n"
+        + json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]})
+        + "\n"
+    )
     code, err = _run(monkeypatch, capsys, "sft", str(_recipe(tmp_path, tiny_model_dir, data)))
     assert code != 0 and f"{data}:2" in err and "content" in err
     data.write_text(_chat("") + "\n")
@@ -83,3 +90,15 @@ def test_debug_flag_shows_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["posttrain", "--debug", "sft", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError):
         main()
+
+
+def test_qlora_without_cuda_fails_before_loading(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    recipe = _recipe(tmp_path, tiny_model_dir, "tasks", extra="peft: {method: qlora}\n")
+    code, err = _run(monkeypatch, capsys, "sft", str(recipe))
+    assert code != 0 and "qlora" in err and "[gpu]" in err and "Traceback" not in err
+
+
+def test_prompt_tuning_with_packing_is_a_config_error(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    recipe = _recipe(tmp_path, tiny_model_dir, "tasks", extra="peft: {method: prompt}\n")
+    code, err = _run(monkeypatch, capsys, "sft", str(recipe))
+    assert code != 0 and "data.packing" in err

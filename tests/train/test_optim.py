@@ -11,7 +11,9 @@ def test_warmup_then_cosine_hand_values():
     assert lr_lambda(9, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
     assert lr_lambda(10, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
     mid = 10 + 45
-    assert lr_lambda(mid, 100, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_lambda(mid, 100, 10, "cosine", 0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    )
     assert lr_lambda(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_lambda(55, 100, 10, "linear", 0.0) == pytest.approx(0.5)
 

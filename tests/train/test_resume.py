@@ -67,7 +67,9 @@ def test_sigkill_after_step_then_resume_is_bit_identical(reference_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr
     _assert_identical(ref, out)
-    steps = [int(ln.split('"step": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        int(ln.split('"step": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps)), "metrics.jsonl holds a step twice after resume"
 
 

@@ -46,7 +46,14 @@ def test_mixed_rows_are_grouped_by_scorer_and_keep_their_order(calls):
     prompts, completions, metadata = map(list, zip(*rows, strict=True))
     out = score_batch(prompts, completions, metadata, default="const")
     assert [r.score for r in out] == [3.0, 1.0, 0.5, 5.0, 0.0, 0.5]
-    assert [r.info["scorer"] for r in out] == ["length_chars", "format", "const", "length_chars", "format", "const"]
+    assert [r.info["scorer"] for r in out] == [
+        "length_chars",
+        "format",
+        "const",
+        "length_chars",
+        "format",
+        "const",
+    ]
     assert out[4].why == "needs exactly one <think> and one </think>"
     # one batched call per scorer
     assert sorted(calls) == [("const", 2), ("length_chars", 2)]
@@ -98,16 +105,26 @@ def test_combine_is_a_weighted_sum_of_parts(calls):
 
 
 def test_builtin_overlong_and_math_rewards():
-    over = get_reward("overlong")(["p"] * 2, ["a", "b"], [
-        {"completion_tokens": 90, "max_tokens": 100, "overlong_buffer": 20},
-        {"completion_tokens": 50, "max_tokens": 100},
-    ])
+    over = get_reward("overlong")(
+        ["p"] * 2,
+        ["a", "b"],
+        [
+            {"completion_tokens": 90, "max_tokens": 100, "overlong_buffer": 20},
+            {"completion_tokens": 50, "max_tokens": 100},
+        ],
+    )
     assert [r.score for r in over] == [-0.5, 0.0]
     with pytest.raises(DataError, match="completion_tokens"):
         get_reward("overlong")(["p"], ["a"], [{"max_tokens": 3}])
     pytest.importorskip("math_verify")
-    out = get_reward("math")(["p"] * 3, [r"so \boxed{\frac{1}{2}}", "Answer: 0.4", "thinking..."], [
-        {"ground_truth": "0.5"}, {"ground_truth": r"\boxed{2/5}"}, {"ground_truth": "1"},
-    ])
+    out = get_reward("math")(
+        ["p"] * 3,
+        [r"so \boxed{\frac{1}{2}}", "Answer: 0.4", "thinking..."],
+        [
+            {"ground_truth": "0.5"},
+            {"ground_truth": r"\boxed{2/5}"},
+            {"ground_truth": "1"},
+        ],
+    )
     assert [r.score for r in out] == [1.0, 1.0, 0.0]
     assert out[0].info["answer"] == r"\frac{1}{2}"
