@@ -40,6 +40,21 @@ def _mount_subapps() -> None:
 
 _mount_subapps()
 
+# Which typed recipe each command reads (module:class), so tools and tests can check any recipe file.
+RECIPE_TYPES: dict[str, str] = {
+    "pretrain": "posttrain.train.pretrain:PretrainRecipe",
+    "sft": "posttrain.train.sft:SFTRecipe",
+    "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
+}
+
+
+def recipe_type(command: str) -> type:
+    import importlib
+
+    module, name = RECIPE_TYPES[command].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 Recipe = Annotated[Path | None, typer.Argument(help="YAML recipe (keys mirror the typed config).")]
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4.")
@@ -142,13 +157,13 @@ def data_preview(
     n: Annotated[int, typer.Option(help="Samples to show.")] = 2,
 ) -> None:
     """Render the first samples with the model's chat template and show which tokens are trained."""
-    from posttrain.data.render import format_summary_table, summarize
-    from posttrain.data.sft_data import file_records, render_records
+    from posttrain.data.loaders import load_records
+    from posttrain.data.render import format_summary_table, render_records, summarize
     from posttrain.models.load import load_tokenizer
     from posttrain.train.loop import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(model))
-    samples = render_records(tok, file_records(str(path), limit=n), "assistant")
+    samples = render_records(tok, load_records(path, limit=n))
     for s in samples[:n]:
         parts = []
         for tid, lab in zip(s.input_ids, s.labels, strict=True):

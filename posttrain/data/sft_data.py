@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 
 from posttrain.data.collate import bucket_batches, pack, packed_collate, pad_collate
-from posttrain.data.loaders import load_records
-from posttrain.data.render import Sample, render_chat, render_prompt_completion, summarize, truncate
+from posttrain.data.loaders import Record, load_records
+from posttrain.data.render import Sample, render_records, summarize, truncate
 from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,36 +56,15 @@ def resolve_step_sep(tokenizer, step_sep: str) -> str:
     return "<step>" if "<step>" in vocab else "\n"
 
 
-def task_records(cfg: DataConfig, split: str, n_per_level: int, step_sep: str) -> list[tuple[dict, str]]:
+def task_records(cfg: DataConfig, split: str, n_per_level: int, step_sep: str) -> list[Record]:
+    """Chat records of the task suite: question -> reasoning + answer."""
     from posttrain.data.tasks import make_split
 
-    records = []
-    for name in cfg.tasks:
-        for p in make_split(name, split, n_per_level, seed=cfg.seed, levels=cfg.levels):
-            records.append(
-                ({"messages": p.messages(step_sep=step_sep)}, f"task:{name}/{split}/level{p.level}")
-            )
-    return records
-
-
-def file_records(path: str, limit: int | None) -> list[tuple[dict, str]]:
-    return [(r.data, r.where) for r in load_records(path, limit=limit)]
-
-
-def render_records(tokenizer, records: list[tuple[dict, str]], train_on: str) -> list[Sample]:
-    samples: list[Sample] = []
-    for row, where in records:
-        if "messages" in row:
-            samples.extend(render_chat(tokenizer, row["messages"], train_on=train_on, where=where))
-        elif "prompt" in row and "completion" in row:
-            samples.append(render_prompt_completion(tokenizer, row["prompt"], row["completion"], where=where))
-        else:
-            raise DataError(
-                f"SFT needs chat records (messages) or prompt/completion records; got keys {sorted(row)}",
-                where=where,
-                fix="convert the file to {'messages': [...]} or {'prompt': ..., 'completion': ...} lines",
-            )
-    return samples
+    return [
+        Record({"messages": p.messages(step_sep=step_sep)}, f"task:{name}/{split}/level{p.level}", "chat")
+        for name in cfg.tasks
+        for p in make_split(name, split, n_per_level, seed=cfg.seed, levels=cfg.levels)
+    ]
 
 
 def build_samples(tokenizer, cfg: DataConfig, split: Literal["train", "eval"]) -> tuple[list[Sample], dict]:
@@ -98,10 +77,10 @@ def build_samples(tokenizer, cfg: DataConfig, split: Literal["train", "eval"]) -
         n = cfg.n_per_level if split == "train" else cfg.eval_n_per_level
         records = task_records(cfg, "train" if split == "train" else "test", n, step_sep)
     else:
-        records = file_records(source, cfg.limit)
+        records = load_records(source, limit=cfg.limit)
     if not records:
         raise DataError(f"no records in {source}", fix="point data.train at a non-empty file")
-    samples = render_records(tokenizer, records, cfg.train_on)
+    samples = render_records(tokenizer, records, train_on=cfg.train_on)
     samples, trunc_stats = truncate(samples, cfg.max_len, cfg.truncation)
     if not samples:
         raise DataError(

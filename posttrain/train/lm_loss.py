@@ -93,3 +93,63 @@ def causal_lm_loss(
         loss = (nll * weights).sum()
         nll = nll.detach()
     return loss, {"nll_sum": nll.sum(), "tokens": targets.numel()}
+
+
+def selected_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Backbone hidden states at the positions whose next token is labelled.
+
+    Returns (h (N, H), targets (N,), seq ids (N,), head weight (V, H)); requires
+    `supports_fused_head(model)`.
+    """
+    mask, targets, seq = loss_targets(batch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    lm = _unwrap(model)
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return hidden[:, :-1][mask], targets, seq, lm.get_output_embeddings().weight
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """log pi(y_t | y_<t) at every labelled position, differentiable.
+
+    batch: input_ids, labels (-100 = not scored), attention_mask or position_ids; (B, T).
+    Logits are divided by `temperature` (match the sampler's). Returns
+    (logp (N,), entropy (N,) or None, seq ids (N,)) in the row-major order of
+    the labelled positions; `seq` says which sample each value belongs to
+    (rows when padded, packed samples when position_ids restart).
+    Only labelled positions go through the LM head, chunk by chunk.
+    """
+    if supports_fused_head(model):
+        h, targets, seq, weight = selected_hidden(model, batch)
+        logits_of = lambda s, e: (h[s:e] @ weight.t()).float()  # noqa: E731
+    else:
+        mask, targets, seq = loss_targets(batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        full = model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1] :]
+        sel = full[:, :-1][mask]
+        logits_of = lambda s, e: sel[s:e].float()  # noqa: E731
+    logps, ents = [], []
+    for s in range(0, targets.numel(), chunk_size):
+        logits = logits_of(s, s + chunk_size) / temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logps.append(logp_all.gather(1, targets[s : s + chunk_size, None]).squeeze(1))
+        if with_entropy:
+            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    empty = torch.zeros(0, device=targets.device)
+    logp = torch.cat(logps) if logps else empty
+    entropy = (torch.cat(ents) if ents else empty) if with_entropy else None
+    return logp, entropy, seq
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token log-probs per sample and its token count: ((S,), (S,)), samples in order of first appearance."""
+    logp, _, seq = token_logprobs(model, batch, **kw)
+    _, inverse, counts = torch.unique_consecutive(seq, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=logp.dtype, device=logp.device).index_add(0, inverse, logp)
+    return sums, counts

@@ -53,7 +53,7 @@ class CorpusConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["arith", "countdown", "sort"])
     """Task sources."""
-    mix: dict[str, float] = field(default_factory=dict)
+    mix: dict[str, float] = field(default_factory=lambda: {"arith": 2.0})
     """Sampling ratio per task (missing tasks get 1.0); documents are drawn to these proportions."""
     n_docs: int = 24000
     """Documents after mixing."""
@@ -70,7 +70,7 @@ class PretrainRecipe:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=30, min_lr_ratio=0.1)
     )
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=400, batch_size=16, seq_len=256))
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=700, batch_size=8, seq_len=256))
     output_dir: str = "default"
     """Run directory; `default` = the embedded-default cache (~/.cache/posttrain or $POSTTRAIN_CACHE)."""
     seed: int = 0

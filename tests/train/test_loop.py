@@ -94,3 +94,22 @@ def test_nan_loss_stops_with_checkpoint_and_unchanged_weights(tmp_path, tiny_mod
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert load_checkpoint(latest_checkpoint(tmp_path), model)["step"] == 0
+
+
+def test_token_logprobs_match_full_logits_and_sum_per_sample(tiny_model_dir):
+    from posttrain.train.lm_loss import sequence_logprobs, token_logprobs
+
+    model = _model(tiny_model_dir)
+    samples = _samples(3)
+    batch = pad_collate(samples, 0)
+    logp, ent, seq = token_logprobs(model, batch, with_entropy=True, temperature=0.7, chunk_size=5)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] / 0.7
+    full = torch.log_softmax(logits, -1)
+    mask = batch["labels"][:, 1:] != -100
+    ref = full.gather(2, batch["labels"][:, 1:].clamp(min=0)[..., None]).squeeze(-1)[mask]
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1)[mask], atol=1e-5, rtol=1e-5)
+    sums, counts = sequence_logprobs(model, batch, temperature=0.7)
+    for i, s in enumerate(samples):
+        assert counts[i] == sum(1 for lab in s.labels[1:] if lab != -100)
+        assert sums[i].item() == pytest.approx(ref[seq == i].sum().item(), rel=1e-5)
