@@ -51,7 +51,9 @@ class PreferenceLoss:
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 
 
-def register_preference_loss(name: str, *, reference: bool = True, average: bool = False, paired: bool = True):
+def register_preference_loss(
+    name: str, *, reference: bool = True, average: bool = False, paired: bool = True
+):
     """Decorator: add a loss under ``name`` (see the module docstring for the call convention)."""
 
     def wrap(fn):

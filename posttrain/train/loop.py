@@ -135,7 +135,15 @@ def prepare_run(
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if getattr(recipe, "resume", True) else None
-    (run_dir / "config.yaml").write_text(dump_yaml(recipe))
+    config_text = dump_yaml(recipe)
+    previous = run_dir / "config.yaml"
+    if resume_from is not None and previous.is_file() and previous.read_text() != config_text:
+        console.print(
+            f"[yellow]warning[/yellow]: resuming {run_dir} with a recipe that differs from its config.yaml; "
+            "the result will not equal an uninterrupted run (old config kept as config.previous.yaml)"
+        )
+        previous.replace(run_dir / "config.previous.yaml")
+    (run_dir / "config.yaml").write_text(config_text)
     torch.manual_seed(seed)
     path = "<built in memory>"
     if model is None:
@@ -153,6 +161,13 @@ def prepare_run(
         console.print(f"resuming from {resume_from}")
     logger = RunLogger(run_dir, tensorboard=loop.tensorboard, resume_step=step)
     meta = {"python": platform.python_version(), "torch": torch.__version__, "model": path, "seed": seed}
+    if Path(path).is_dir():  # record the sampling settings used for evaluation and for rollouts
+        from posttrain.rollout.sampling import eval_defaults, rollout_defaults
+
+        meta["sampling"] = {
+            "eval": eval_defaults(path).to_metadata(),
+            "rollout": rollout_defaults().to_metadata(),
+        }
     (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
     return Run(run_dir, model, tokenizer, logger, resume_from, next(model.parameters()).device)
 

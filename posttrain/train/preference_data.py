@@ -134,7 +134,8 @@ def file_raw_examples(path: str, limit: int | None, ranking_pairs: str) -> list[
         else:
             raise DataError(
                 f"preference training needs preference, ranking, or labelled prompt-completion records; "
-                f"got a {rec.kind} record" + (" without a boolean `label`" if rec.kind == "prompt_completion" else ""),
+                f"got a {rec.kind} record"
+                + (" without a boolean `label`" if rec.kind == "prompt_completion" else ""),
                 where=rec.where,
                 fix='write {"prompt", "chosen", "rejected"} records (or {"prompt", "completion", "label": true|false} for KTO)',
             )
@@ -195,7 +196,9 @@ def render_examples(
     for r in raw:
         samples, reason = [], None
         for resp in r.responses:
-            s, reason = _fit(render_prompt_completion(tokenizer, r.prompt, resp, where=r.where), max_len, truncation)
+            s, reason = _fit(
+                render_prompt_completion(tokenizer, r.prompt, resp, where=r.where), max_len, truncation
+            )
             if s is None:
                 break
             samples.append(s)
@@ -296,7 +299,9 @@ def collate_blocks(blocks: list[Block], pad_id: int, seq_len: int, packing: bool
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same_branch = (br[:, None, :] == -1) | (br[:, :, None] == br[:, None, :])
     mask = (blk[:, :, None] == blk[:, None, :]) & same_branch & causal
-    sample_pieces = torch.tensor([[base[i], base[i] + 1 + k] for i, b in enumerate(blocks) for k in range(b.n_samples)])
+    sample_pieces = torch.tensor(
+        [[base[i], base[i] + 1 + k] for i, b in enumerate(blocks) for k in range(b.n_samples)]
+    )
     return {
         "input_ids": ids,
         "labels": labels,
@@ -327,7 +332,13 @@ class ExamplePlan:
         shuffle: bool = True,
     ):
         self.examples, self.indices, self.batch_size = examples, list(indices), batch_size
-        self.seq_len, self.packing, self.pad_id, self.seed, self.shuffle = seq_len, packing, pad_id, seed, shuffle
+        self.seq_len, self.packing, self.pad_id, self.seed, self.shuffle = (
+            seq_len,
+            packing,
+            pad_id,
+            seed,
+            shuffle,
+        )
         self.blocks = {i: layout_example(examples[i].samples, share) for i in self.indices}
         longest = max((len(b.input_ids) for b in self.blocks.values()), default=0)
         if packing and longest > seq_len:
@@ -367,14 +378,18 @@ def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
         return mask
     if impl == "eager":
         dtype = next(model.parameters()).dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
     raise ModelError(
         f"preference batches need a custom 4D attention mask, which attn_implementation={impl!r} does not take",
         fix="load the model with attn_implementation='sdpa' (the default) or 'eager'",
     )
 
 
-def example_logprobs(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def example_logprobs(
+    model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts per sample ((S,), (S,)), differentiable.
 
     Samples are ordered example-major (example 0's samples, then example 1's, ...).

@@ -1,0 +1,216 @@
+"""The reference rollout backend: a transformers causal LM driven by our own decode loop.
+
+Why not ``model.generate``: RL rollouts sample n completions of each prompt and need the
+log-prob of every sampled token. The loop here
+
+1. prefills each distinct prompt once (a left-padded batch; position ids from the
+   attention-mask cumsum, so padding does not shift positions), keeping only the last
+   position's logits;
+2. expands the KV cache n times along the batch (prefix sharing: the prompt is encoded once
+   per group, not n times, as ``num_return_sequences`` does);
+3. decodes all rows together, sampling with temperature / top-k / top-p from a
+   ``torch.Generator`` seeded by ``SamplingParams.seed``; the log-prob of each sampled token
+   is log softmax(logits / T) (T = 1 when greedy), untruncated by top-k / top-p -- the
+   policy's own probability, which `token_logprobs(..., temperature=T)` recomputes;
+4. drops a row from the batch (and its KV cache) as soon as it finishes, so finished rows
+   stop costing compute. A row finishes on eos (tokenizer and generation config), a
+   ``stop_token_ids`` id, a ``stop`` string (looked for in the decoded tail of the
+   completion) or ``max_new_tokens``.
+
+Works with any model whose cache is a transformers ``Cache`` with ``batch_select_indices``
+(all standard decoder-only attention models, PEFT-wrapped included).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from posttrain.errors import ModelError
+from posttrain.rollout.engine import Completion, Prompt, encode_prompt
+from posttrain.rollout.sampling import SamplingParams
+
+_STOP_WINDOW_SLACK = 8  # extra tail tokens decoded for stop strings (tokens that decode to "")
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits`` (R, V); returns (tokens (R,), log-probs (R,)).
+
+    The log-prob is taken from log softmax(logits / T) before top-k / top-p filtering (the
+    policy's probability of the token); greedy (T = 0) takes the argmax and T = 1.
+    """
+    if params.greedy:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+    scaled = logits / params.temperature
+    logp = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # mass before this token already covers top_p
+        drop[:, 0] = False
+        filtered = filtered.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    tok = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos])
+    return sorted(int(i) for i in ids if i is not None)
+
+
+class HFEngine:
+    """Rollouts with a transformers model (see the module docstring for the algorithm).
+
+    ``model``: a loaded causal LM (e.g. the trainer's policy, shared: then ``update_weights``
+    is a no-op) or a model folder to load (``dtype`` / ``device`` apply then). ``tokenizer`` is
+    required with a module. ``max_batch_rows`` bounds prompts x n rows decoded together.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str | os.PathLike,
+        tokenizer: Any = None,
+        *,
+        max_batch_rows: int = 256,
+        dtype: str = "auto",
+        device: str = "auto",
+    ):
+        if isinstance(model, str | os.PathLike):
+            from posttrain.models.load import load_model, load_tokenizer
+
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+        if tokenizer is None:
+            raise ModelError("HFEngine needs the tokenizer with a model object", where="HFEngine(tokenizer=)")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_rows = max(1, max_batch_rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def update_weights(self, weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Load new weights: a no-op when ``weights`` is the engine's own module (shared with the
+        trainer); otherwise a module's or a state dict's tensors are copied in. A partial state
+        dict updates only its keys; a key the model does not have is a ModelError."""
+        if weights is self.model:
+            return
+        state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
+        result = self.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ModelError(
+                f"{len(result.unexpected_keys)} weights do not belong to the rollout model, "
+                f"e.g. {result.unexpected_keys[:3]}",
+                where="update_weights",
+                fix="pass the policy's state dict (merge LoRA adapters first) or the policy module itself",
+            )
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions of each prompt, ordered by (prompt_index, sample_index)."""
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        gen = torch.Generator(self.device)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+        gen.manual_seed(seed)
+        per_chunk = max(1, self.max_batch_rows // params.n)
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Completion] = []
+        try:
+            for start in range(0, len(encoded), per_chunk):
+                out += self._generate_chunk(encoded[start : start + per_chunk], start, params, gen)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_chunk(
+        self, encoded: list[list[int]], offset: int, params: SamplingParams, gen: torch.Generator
+    ) -> list[Completion]:
+        distinct: dict[tuple[int, ...], int] = {}
+        for ids in encoded:
+            distinct.setdefault(tuple(ids), len(distinct))
+        row_of = [distinct[tuple(ids)] for ids in encoded for _ in range(params.n)]
+        expand = torch.tensor(row_of, device=self.device)
+        tokens, logps, lengths, stopped = self._decode([list(k) for k in distinct], expand, params, gen)
+        seqs = [tokens[r, : lengths[r]].tolist() for r in range(len(row_of))]
+        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        return [
+            Completion(
+                prompt_index=offset + r // params.n,
+                sample_index=r % params.n,
+                prompt_ids=list(encoded[r // params.n]),
+                token_ids=seqs[r],
+                text=texts[r],
+                logprobs=logps[r, : lengths[r]].tolist(),
+                finish_reason="stop" if stopped[r] else "length",
+            )
+            for r in range(len(row_of))
+        ]
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Encode the distinct prompts once: (last-position logits (U, V), cache, attention mask (U, P))."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[i, width - len(p) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values, attn
+
+    @torch.inference_mode()
+    def _decode(
+        self, prompts: list[list[int]], expand: torch.Tensor, params: SamplingParams, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
+        """Decode rows = distinct prompts[expand]; returns (tokens (R, L), log-probs (R, L), lengths, stopped)."""
+        logits, cache, attn = self._prefill(prompts)
+        logits, attn = logits[expand], attn[expand]
+        cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
+        rows, steps, dev = expand.numel(), params.max_new_tokens, self.device
+        tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=dev)
+        logps = torch.zeros((rows, steps), device=dev)
+        lengths, stopped = [steps] * rows, [False] * rows
+        stop_ids = torch.tensor(self.eos_ids + list(params.stop_token_ids), dtype=torch.long, device=dev)
+        active, pos = torch.arange(rows, device=dev), attn.sum(-1)
+        for t in range(steps):
+            tok, lp = sample_next(logits, params, gen)
+            tokens[active, t], logps[active, t] = tok, lp
+            done = torch.isin(tok, stop_ids)
+            if params.stop:
+                window = max(len(s) for s in params.stop) + _STOP_WINDOW_SLACK
+                done |= self._stop_string_hit(tokens[active, max(0, t + 1 - window) : t + 1], params.stop)
+            for r in active[done].tolist():
+                lengths[r], stopped[r] = t + 1, True
+            if t == steps - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows: they stop costing compute
+                keep = (~done).nonzero().squeeze(1)
+                active, tok, attn, pos = active[keep], tok[keep], attn[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = self.model(
+                input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], past_key_values=cache, use_cache=True
+            )
+            logits, pos = out.logits[:, -1].float(), pos + 1
+        return tokens, logps, lengths, stopped
+
+    def _stop_string_hit(self, generated: torch.Tensor, stop: Sequence[str]) -> torch.Tensor:
+        """(R,) bool: the decoded tail (R, W) of each row's completion contains a stop string."""
+        tails = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in stop) for text in tails], device=generated.device)

@@ -1,0 +1,584 @@
+"""Offline preference optimisation (DPO and its variants, SimPO, ORPO, KTO): a plain loop over library calls.
+
+One optimiser step: every example of the micro-batches goes through ONE
+forward (chosen and rejected share their prompt, `preference_data`), the
+registered loss (`posttrain.algos.preference_losses`) gets summed or
+per-token-mean log-probs as it asks, optionally plus ``nll_weight`` times the
+chosen NLL, and the loop of `posttrain.train.loop` does accumulation, clipping,
+checkpoints and logging.
+
+The reference policy pi_ref never lives in memory as a second model:
+- ``adapter``: with a LoRA / IA3 adapter, pi_ref is the same model with the
+  adapter disabled (a no-grad forward per step);
+- ``precompute``: one no-grad pass over the data before training stores every
+  response's pi_ref log-prob in RUN_DIR/reference/{train,eval}.pt (keyed by
+  example index, guarded by a hash of the tokens, reused on resume);
+- ``auto`` picks the cheaper: precompute for full fine-tuning, when the
+  perplexity filter runs (its pass already scores every response under pi_ref),
+  or when training sees every example at least once; otherwise adapter.
+
+The perplexity filter (seed 001 2.2.2) drops examples whose chosen (or either)
+response has perplexity under pi_ref above ``max_ppl`` or above the
+``percentile``-th percentile, and writes RUN_DIR/filter/{kept,dropped}.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from posttrain.algos.preference_losses import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    chosen_nll,
+    get_preference_loss,
+)
+from posttrain.errors import ConfigError
+from posttrain.models.peft import PeftConfig, export_model
+from posttrain.monitor.logger import console
+from posttrain.train.loop import (
+    LoopConfig,
+    ModelConfig,
+    Run,
+    _autocast,
+    _to,
+    prepare_run,
+    run_loop,
+    total_steps,
+)
+from posttrain.train.optim import OptimConfig
+from posttrain.train.preference_data import (
+    Example,
+    ExamplePlan,
+    PreferenceDataConfig,
+    add_kl_partners,
+    example_logprobs,
+    file_raw_examples,
+    fingerprint,
+    render_examples,
+    resolve_step_sep,
+    task_raw_examples,
+    to_unpaired,
+)
+
+log = logging.getLogger(__name__)
+ADAPTER_METHODS = ("lora", "qlora", "ia3")
+
+
+@dataclass
+class PreferenceLossConfig:
+    """Which registered preference loss, and its hyper-parameters (null = the loss's paper default)."""
+
+    name: str = "sigmoid"
+    """sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | kto, or a name added with register_preference_loss."""
+    beta: float | None = None
+    """Inverse temperature of the implicit reward (DPO family, SimPO, KTO); IPO's tau; ORPO's lambda."""
+    label_smoothing: float | None = None
+    """Assumed label-flip rate eps (cdpo, robust)."""
+    target_margin: float | None = None
+    """SimPO's target reward margin gamma."""
+    desirable_weight: float | None = None
+    """KTO's lambda_D."""
+    undesirable_weight: float | None = None
+    """KTO's lambda_U."""
+    nll_weight: float = 0.0
+    """Weight of an extra per-token NLL term on the chosen (desirable) responses (RPO); 0 = off."""
+
+    def validate(self) -> None:
+        if self.name not in PREFERENCE_LOSSES:
+            raise ConfigError(
+                f"unknown preference loss {self.name!r}",
+                where="loss.name",
+                fix=f"use one of: {', '.join(sorted(PREFERENCE_LOSSES))}",
+            )
+        params = get_preference_loss(self.name).params
+        for key in ("beta", "label_smoothing", "target_margin", "desirable_weight", "undesirable_weight"):
+            if getattr(self, key) is not None and key not in params:
+                raise ConfigError(
+                    f"loss {self.name!r} does not use {key}",
+                    where=f"loss.{key}",
+                    fix=f"remove it; {self.name} reads: {', '.join(params) or 'nothing'}",
+                )
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}", where="loss.beta")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing is a label-flip rate in [0, 0.5), got {self.label_smoothing}",
+                where="loss.label_smoothing",
+            )
+        if self.nll_weight < 0:
+            raise ConfigError("nll_weight must be >= 0", where="loss.nll_weight")
+
+    def kwargs(self) -> dict[str, float]:
+        """The keyword arguments for the loss function: set values, else the loss's defaults."""
+        params = get_preference_loss(self.name).params
+        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in params.items()}
+
+
+@dataclass
+class ReferenceConfig:
+    """Where pi_ref log-probs come from (see the module docstring)."""
+
+    mode: Literal["auto", "adapter", "precompute"] = "auto"
+    """auto | adapter (LoRA/IA3: the model with its adapter disabled) | precompute (one cached pass)."""
+    batch_size: int = 32
+    """Examples per batch of the precompute and eval passes."""
+
+
+@dataclass
+class PerplexityFilterConfig:
+    """Drop examples whose responses pi_ref finds implausible (off unless a threshold is set)."""
+
+    max_ppl: float | None = None
+    """Drop when a checked response's perplexity under pi_ref is above this."""
+    percentile: float | None = None
+    """Drop when a checked response's perplexity is above this percentile (0-100) of all checked ones."""
+    on: Literal["chosen", "either"] = "chosen"
+    """Check the chosen (desirable) response only, or every response."""
+
+    def validate(self) -> None:
+        if self.percentile is not None and not 0 < self.percentile < 100:
+            raise ConfigError(
+                f"percentile must be in (0, 100), got {self.percentile}", where="filter.percentile"
+            )
+        if self.max_ppl is not None and self.max_ppl <= 1:
+            raise ConfigError(f"max_ppl must be > 1, got {self.max_ppl}", where="filter.max_ppl")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_ppl is not None or self.percentile is not None
+
+
+@dataclass
+class PreferenceEvalConfig:
+    """Held-out evaluation: preference accuracy on eval pairs and task accuracy of the policy."""
+
+    task_accuracy_n: int = 25
+    """Held-out problems per task and level for greedy task accuracy (data.eval=tasks only; 0 = off)."""
+    max_new_tokens: int = 128
+    """Generation budget of the task-accuracy eval."""
+    before: bool = True
+    """Also evaluate the starting model (step 0) so the report shows before and after."""
+
+
+@dataclass
+class PreferenceRecipe:
+    """`posttrain preference RECIPE.yaml`: every key of a preference-optimisation recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    filter: PerplexityFilterConfig = field(default_factory=PerplexityFilterConfig)
+    eval: PreferenceEvalConfig = field(default_factory=PreferenceEvalConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output_dir: str = "runs/preference"
+    """Run directory: config.yaml, metrics.jsonl, reference/, filter/, checkpoints/, final/."""
+    seed: int = 0
+    """Seed for data order and initialisation of new parameters."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir if there is one."""
+
+    def validate(self) -> None:
+        if self.peft.method in ("prefix", "prompt"):
+            raise ConfigError(
+                f"peft.method={self.peft.method} prepends virtual tokens, which the shared-prompt layout cannot mask",
+                where="peft.method",
+                fix="use lora, ia3, bitfit or full",
+            )
+        if self.reference.mode == "adapter" and self.peft.method not in ADAPTER_METHODS:
+            raise ConfigError(
+                f"reference.mode=adapter needs an adapter to disable; peft.method={self.peft.method} has none",
+                where="reference.mode",
+                fix="use reference.mode=precompute (no second model either) or peft.method=lora",
+            )
+
+
+# ---------------------------------------------------------------- reference log-probs and the filter
+
+
+def reference_context(model):
+    """pi_ref for PEFT adapters: the same weights with the adapter switched off."""
+    is_peft = hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+    return model.disable_adapter() if is_peft else nullcontext()
+
+
+@torch.no_grad()
+def score_examples(
+    model, examples: list[Example], batch_size: int, seq_len: int, share: bool, pad_id: int, chunk_size: int
+):
+    """pi_ref summed log-probs and token counts of every response, ((N, k), (N, k)), examples in order."""
+    plan = ExamplePlan(
+        examples, list(range(len(examples))), batch_size, seq_len, True, share, pad_id, 0, shuffle=False
+    )
+    device = next(model.parameters()).device
+    k = len(examples[0].samples)
+    sums, counts = torch.zeros(len(examples), k), torch.zeros(len(examples), k, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with reference_context(model):
+        for b in plan.epoch(0):
+            s, c = example_logprobs(model, _to(b, device), chunk_size)
+            sums[b["example_index"]] = s.float().cpu().view(-1, k)
+            counts[b["example_index"]] = c.cpu().view(-1, k)
+    model.train(was_training)
+    return sums, counts
+
+
+def cached_reference(run: Run, name: str, examples: list[Example], cfg: PreferenceRecipe):
+    """Reference log-probs from RUN_DIR/reference/NAME.pt, computed (and written atomically) if missing or stale."""
+    path = run.dir / "reference" / f"{name}.pt"
+    key = fingerprint(examples)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["fingerprint"] == key:
+            console.print(f"reference log-probs: reusing {path}")
+            return saved["sums"], saved["counts"]
+        log.warning("%s was computed for other data; recomputing", path)
+    seq_len = max(cfg.train.seq_len, 2 * cfg.data.max_len)
+    sums, counts = score_examples(
+        run.model, examples, cfg.reference.batch_size, seq_len, cfg.data.share_prompt,
+        run.tokenizer.pad_token_id, cfg.train.chunk_size,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save({"fingerprint": key, "sums": sums, "counts": counts}, tmp)
+    os.replace(tmp, path)
+    return sums, counts
+
+
+def perplexity_keep(
+    ppl: torch.Tensor, checked: torch.Tensor, max_ppl: float | None, percentile: float | None
+) -> tuple[torch.Tensor, float]:
+    """Which examples to keep: none of their checked responses above the threshold.
+
+    ppl, checked: (N, k) perplexities and which of them are checked (bool).
+    threshold = min(max_ppl, the `percentile`-th percentile of the checked perplexities).
+    Returns (keep (N,) bool, threshold).
+    """
+    threshold = float("inf") if max_ppl is None else float(max_ppl)
+    if percentile is not None and checked.any():
+        threshold = min(threshold, float(torch.quantile(ppl[checked].double(), percentile / 100)))
+    return ~((ppl > threshold) & checked).any(dim=1), threshold
+
+
+def apply_filter(run: Run, examples: list[Example], sums, counts, cfg: PerplexityFilterConfig) -> list[int]:
+    """Indices of the examples that pass the perplexity filter; writes RUN_DIR/filter/{kept,dropped}.jsonl."""
+    ppl = torch.exp(-sums / counts.clamp(min=1))
+    checked = torch.zeros_like(ppl, dtype=torch.bool)
+    unpaired = examples[0].label is not None
+    checked[:, 0] = torch.tensor([e.label is not False for e in examples]) if cfg.on == "chosen" else True
+    if not unpaired and cfg.on == "either":
+        checked[:, 1] = True
+    keep, threshold = perplexity_keep(ppl, checked, cfg.max_ppl, cfg.percentile)
+    names = ["completion", "kl"] if unpaired else ["chosen", "rejected"]
+    rows = {True: [], False: []}
+    for i, e in enumerate(examples):
+        over = [names[j] for j in range(ppl.shape[1]) if checked[i, j] and ppl[i, j] > threshold]
+        row = {"index": i, "where": e.where, "ppl": [round(float(p), 4) for p in ppl[i]]}
+        rows[bool(keep[i])].append(
+            row if keep[i] else {**row, "reason": f"{'+'.join(over)} ppl > {threshold:.3g}"}
+        )
+    out = run.dir / "filter"
+    out.mkdir(exist_ok=True)
+    for name, kept in (("kept", True), ("dropped", False)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[kept]))
+    reasons = defaultdict(int)
+    for r in rows[False]:
+        reasons[r["reason"].split(" ")[0]] += 1
+    console.print(
+        f"perplexity filter (threshold {threshold:.3g}, on {cfg.on}): dropped {len(rows[False])} of {len(examples)}"
+        + "".join(f"; {n} for {k} ppl" for k, n in sorted(reasons.items()))
+        + f"; lists in {out}"
+    )
+    return [r["index"] for r in rows[True]]
+
+
+# ---------------------------------------------------------------- the loss on a batch
+
+
+def batch_loss(
+    model, batch, spec: PreferenceLoss, kwargs: dict, nll_weight: float, reference, chunk_size: int
+):
+    """Loss and metrics of one batch of examples.
+
+    reference: (sums (N, k), counts (N, k)) cached for all examples, "adapter" (score the batch
+    with the adapter disabled) or None (reference-free loss).
+    """
+    sums, counts = example_logprobs(model, batch, chunk_size)
+    e = batch["example_index"].numel()
+    sums, counts = sums.view(e, -1), counts.view(e, -1).clamp(min=1)
+    ref = None
+    if reference == "adapter":
+        with torch.no_grad(), reference_context(model):
+            ref = example_logprobs(model, batch, chunk_size)[0].view(e, -1)
+    elif reference is not None:
+        ref = reference[0][batch["example_index"].cpu()].to(sums.device)
+    values = sums / counts if spec.average else sums
+    ref_values = None if ref is None else (ref / counts if spec.average else ref)
+    pick = (lambda t, j: None) if ref_values is None else (lambda t, j: t[:, j])  # noqa: E731
+    if spec.paired:
+        loss, m = spec.fn(values[:, 0], values[:, 1], pick(ref_values, 0), pick(ref_values, 1), **kwargs)
+        m.update({"logps/chosen": sums[:, 0].detach(), "logps/rejected": sums[:, 1].detach()})
+    else:
+        desirable = batch["desirable"]
+        loss, m = spec.fn(
+            values[:, 0], ref_values[:, 0], values[:, 1].detach(), ref_values[:, 1], desirable, **kwargs
+        )
+        m["logps/completion"] = sums[:, 0].detach()
+    if ref is not None:
+        real = sums[:, :2] if spec.paired else sums[:, :1]
+        m["kl/implicit"] = (real - ref[:, : real.shape[1]]).detach().mean()
+    if nll_weight > 0:
+        rows = torch.ones(e, dtype=torch.bool, device=sums.device) if spec.paired else batch["desirable"]
+        nll = chosen_nll(sums[rows, 0], counts[rows, 0]) if bool(rows.any()) else loss * 0
+        loss = loss + nll_weight * nll
+        m["nll"] = nll.detach()
+    return loss, m
+
+
+def summarise(parts: list[tuple[int, dict]]) -> dict[str, float]:
+    """Metrics of one step from per-micro-batch metrics: (E,) tensors pooled, scalars example-weighted."""
+    out = {}
+    for key in parts[0][1]:
+        vals = [(n, m[key]) for n, m in parts if key in m]
+        if vals[0][1].dim() > 0:
+            out[key] = float(torch.cat([v.float().flatten() for _, v in vals]).nanmean())
+        else:
+            vals = [(n, float(v)) for n, v in vals if not torch.isnan(v)]
+            weight = sum(n for n, _ in vals)
+            out[key] = sum(n * v for n, v in vals) / weight if weight else float("nan")
+    if "rewards/chosen" in parts[0][1]:
+        rc = torch.cat([m["rewards/chosen"].float() for _, m in parts])
+        rr = torch.cat([m["rewards/rejected"].float() for _, m in parts])
+        out["rewards/margins"], out["rewards/accuracy"] = (
+            float((rc - rr).mean()),
+            float((rc > rr).float().mean()),
+        )
+    return out
+
+
+def make_step_fn(spec: PreferenceLoss, kwargs: dict, nll_weight: float, reference):
+    """step_fn for `run_loop`: forward + backward of one optimiser step's micro-batches."""
+
+    def step(model, micro, loop: LoopConfig, device, scaler=None) -> dict[str, float]:
+        total = sum(b["example_index"].numel() for b in micro)
+        parts, loss_sum = [], 0.0
+        for b in micro:
+            b = _to(b, device)
+            with _autocast(loop.precision, device):
+                loss, m = batch_loss(model, b, spec, kwargs, nll_weight, reference, loop.chunk_size)
+            n = b["example_index"].numel()
+            scaled = loss * (n / total)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += float(scaled.detach())
+            parts.append((n, m))
+        return {"loss": loss_sum, **summarise(parts), "examples": total}
+
+    return step
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def preference_eval(
+    model, plan: ExamplePlan, spec: PreferenceLoss, kwargs: dict, reference, chunk_size: int
+) -> dict:
+    """Held-out pairs: loss (pairwise losses), preference accuracy, margins and log-probs.
+
+    The accuracy compares the loss's own implicit reward: beta-free log-ratios to pi_ref
+    (summed, or per-token for losses that average), or per-token log-probs for
+    reference-free losses.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    for b in plan.epoch(0):
+        b = _to(b, device)
+        sums, counts = example_logprobs(model, b, chunk_size)
+        e = b["example_index"].numel()
+        sums, counts = sums.view(e, 2), counts.view(e, 2).clamp(min=1)
+        norm = counts if spec.average or not spec.reference else torch.ones_like(counts)
+        r = sums / norm
+        if spec.reference:
+            r = r - reference[0][b["example_index"].cpu()].to(device) / norm
+        m = {
+            "rewards/chosen": r[:, 0],
+            "rewards/rejected": r[:, 1],
+            "logps/chosen": sums[:, 0],
+            "logps/rejected": sums[:, 1],
+        }
+        if spec.paired:
+            ref = reference[0][b["example_index"].cpu()].to(device) if spec.reference else None
+            values = sums / counts if spec.average else sums
+            ref_v = None if ref is None else (ref / counts if spec.average else ref)
+            m["loss"] = spec.fn(
+                values[:, 0], values[:, 1], *(ref_v.unbind(1) if ref_v is not None else ()), **kwargs
+            )[0]
+        parts.append((e, m))
+    model.train(was_training)
+    return summarise(parts)
+
+
+def eval_problems(cfg: PreferenceRecipe) -> list:
+    from posttrain.data.tasks import make_split
+
+    if cfg.data.eval != "tasks" or cfg.eval.task_accuracy_n <= 0:
+        return []
+    return [
+        p
+        for t in cfg.data.tasks
+        for p in make_split(t, "test", cfg.eval.task_accuracy_n, cfg.data.seed, cfg.data.levels)
+    ]
+
+
+def make_evaluator(run: Run, cfg: PreferenceRecipe, spec, kwargs, plan, reference, problems, results: dict):
+    """evaluate(model, step): eval/ metrics to the run log; the latest are kept in `results`."""
+    from posttrain.eval.accuracy import task_accuracy
+
+    def evaluate(model, step: int) -> None:
+        metrics = preference_eval(model, plan, spec, kwargs, reference, cfg.train.chunk_size) if plan else {}
+        if problems:
+            report, records = task_accuracy(model, run.tokenizer, problems, cfg.eval.max_new_tokens)
+            metrics.update({f"task_accuracy/{k}": v for k, v in report.to_dict().items() if k != "seconds"})
+            with open(run.dir / "eval_generations.jsonl", "a") as f:
+                f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records[:20])
+        run.logger.log(step, metrics, prefix="eval/")
+        results[step] = metrics
+        shown = {k: metrics[k] for k in ("rewards/accuracy", "task_accuracy/overall", "loss") if k in metrics}
+        console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_examples(
+    cfg: PreferenceRecipe, tokenizer, split: str, unpaired: bool
+) -> tuple[list[Example], dict]:
+    """Load / generate, render and budget one split; drops are counted and listed in the run dir."""
+    source = cfg.data.train if split == "train" else cfg.data.eval
+    step_sep = resolve_step_sep(tokenizer, cfg.data.step_sep)
+    if source == "tasks":
+        n = cfg.data.n_per_level if split == "train" else cfg.data.eval_n_per_level
+        raw = task_raw_examples(cfg.data, "train" if split == "train" else "test", n, step_sep)
+    else:
+        raw = file_raw_examples(source, cfg.data.limit, cfg.data.ranking_pairs)
+    if split == "eval" and any(r.label is not None for r in raw):
+        raise ConfigError("data.eval must hold preference pairs (for preference accuracy)", where="data.eval")
+    if unpaired:
+        raw = add_kl_partners(to_unpaired(raw))
+    elif any(r.label is not None for r in raw):
+        raise ConfigError(
+            f"loss {cfg.loss.name!r} needs chosen/rejected pairs but {source} holds unpaired labelled examples",
+            where="loss.name",
+            fix="use loss.name=kto, or preference records",
+        )
+    examples, stats, dropped = render_examples(tokenizer, raw, cfg.data.max_len, cfg.data.truncation)
+    if not examples:
+        raise ConfigError(
+            f"every example of {source} was dropped: {stats['dropped']}", fix="raise data.max_len"
+        )
+    return examples, {**stats, "dropped_list": dropped}
+
+
+def choose_reference(cfg: PreferenceRecipe, spec: PreferenceLoss, n_examples: int, steps: int) -> str | None:
+    """ "adapter", "precompute" or None (reference-free loss); see the module docstring for auto."""
+    if not spec.reference:
+        return None
+    if cfg.reference.mode != "auto":
+        return cfg.reference.mode
+    if cfg.peft.method not in ADAPTER_METHODS or cfg.filter.enabled:
+        return "precompute"
+    seen = steps * cfg.train.batch_size * cfg.train.grad_accum
+    return "precompute" if n_examples <= seen else "adapter"
+
+
+def report_data(run: Run, name: str, stats: dict) -> None:
+    dropped = stats.pop("dropped_list")
+    (run.dir / f"data_{name}.json").write_text(json.dumps(stats, indent=1))
+    if dropped:
+        (run.dir / f"data_{name}_dropped.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dropped))
+    drops = ", ".join(f"{n} {k}" for k, n in stats["dropped"].items()) or "none"
+    console.print(
+        f"[bold]{name} data[/bold]: {stats['examples']} of {stats['examples_in']} examples kept "
+        f"(dropped: {drops}); mean length {stats['mean_len']:.1f}, max {stats['max_len']} tokens"
+    )
+
+
+def run_preference(cfg: PreferenceRecipe) -> Path:
+    """Train and export; returns the path of the exported `final/` folder."""
+    spec = get_preference_loss(cfg.loss.name)
+    kwargs = cfg.loss.kwargs()
+    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
+    model, tok = run.model, run.tokenizer
+    examples, stats = build_examples(cfg, tok, "train", unpaired=not spec.paired)
+    report_data(run, "train", stats)
+    steps = total_steps(cfg.train, -(-len(examples) // cfg.train.batch_size))
+    mode = choose_reference(cfg, spec, len(examples), steps)
+    console.print(f"loss {spec.name} {kwargs}; reference: {mode or 'none (reference-free loss)'}")
+    indices, reference = list(range(len(examples))), mode
+    if mode == "precompute" or cfg.filter.enabled:
+        cached = cached_reference(run, "train", examples, cfg)
+        reference = cached if mode == "precompute" else mode
+        if cfg.filter.enabled:
+            indices = apply_filter(run, examples, *cached, cfg.filter)
+    pad = tok.pad_token_id
+    plan = ExamplePlan(
+        examples,
+        indices,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        cfg.data.packing,
+        cfg.data.share_prompt,
+        pad,
+        cfg.seed,
+    )
+    eval_plan, eval_ref = None, None
+    if cfg.data.eval is not None:
+        eval_examples, eval_stats = build_examples(cfg, tok, "eval", unpaired=False)
+        report_data(run, "eval", eval_stats)
+        eval_ref = cached_reference(run, "eval", eval_examples, cfg) if spec.reference else None
+        seq = max(cfg.train.seq_len, 2 * cfg.data.max_len)
+        eval_plan = ExamplePlan(
+            eval_examples,
+            list(range(len(eval_examples))),
+            cfg.reference.batch_size,
+            seq,
+            True,
+            cfg.data.share_prompt,
+            pad,
+            0,
+            shuffle=False,
+        )
+    results: dict[int, dict] = {}
+    problems = eval_problems(cfg)
+    evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)
+    if cfg.eval.before and run.resume_from is None and (eval_plan is not None or problems):
+        evaluate(model, 0)
+    step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference)
+    model = run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate)
+    (run.dir / "eval_summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    final = export_model(model, tok, Path(cfg.output_dir) / "final", cfg.peft)
+    run.finish(final)
+    return final
+
+
+def preference_main(recipe_path: str | None, overrides: list[str]) -> Path:
+    """CLI entry: `posttrain preference RECIPE.yaml [key=value ...]`."""
+    from posttrain.config import load_recipe
+
+    return run_preference(load_recipe(PreferenceRecipe, recipe_path, overrides))
