@@ -107,7 +107,7 @@ class Run:
 
 def resolve_model_path(path: str) -> str:
     if path == "default":
-        from posttrain.models.default import ensure_default_model
+        from posttrain.train.pretrain import ensure_default_model
 
         return str(ensure_default_model())
     return path
