@@ -261,3 +261,15 @@ def chain_from_steps(prompt: str, steps: list[str], step_sep: str = "", **meta: 
     if node.id:
         node.terminal = True
     return graph
+
+
+def path_steps(graph: SearchGraph, node: Node, step_sep: str) -> list[str]:
+    """The reasoning steps on the path to ``node``: node texts split on ``step_sep``, stripped.
+
+    A node holding several steps (a chain or rollout) contributes each; empty pieces go.
+    """
+    steps: list[str] = []
+    for n in graph.path(node):
+        pieces = n.text.split(step_sep) if step_sep else [n.text]
+        steps += [p.strip() for p in pieces if p.strip()]
+    return steps

@@ -235,6 +235,7 @@ def test_each_loss_learns_held_out_preferences(tiny_model_dir, tok, smoke_data, 
         held_out, list(range(len(held_out))), 12, 512, True, True, tok.pad_token_id, 0, False
     )
     result = pref.preference_eval(model, eval_plan, spec, spec.params, ref["eval"], 1024)
+    print("ACC", name, result["rewards/accuracy"])
     assert result["rewards/accuracy"] > 0.5, result
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
