@@ -2,36 +2,22 @@
 
     python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults]
 
-Every system trains the same model (fp32 weights, 2 threads) on the same
-prompt-completion chats (the task suite's chain-of-thought problems, written
-to one JSONL file), in packed rows of 8 x 256 tokens, loss on completion
-tokens only, AdamW, grad-norm clipping at 1.0. Each system runs in its own
-subprocess (isolated warm-up and peak RSS); the first `--warmup` steps are
-dropped for everyone and tokens/s = all tokens in the step's rows (padding
-included) / step time.
+Same model (fp32, 2 threads), same prompt-completion chats (one JSONL file),
+packed rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at 1.0:
+posttrain's `run_sft`; TRL's SFTTrainer in its fastest CPU setting (bf16=False,
+no gradient checkpointing, packing_strategy="wrapped") and with its defaults
+(bf16 autocast + gradient checkpointing); and a bare `model(..., labels=...)`
++ AdamW loop. Each runs in its own subprocess; the first `--warmup` steps are
+dropped for all; tokens/s = all tokens of the step's rows (padding included)
+/ step time. See bench/README.md for the differences in work between them.
 
-- posttrain: `posttrain.train.sft.run_sft`, step times read from metrics.jsonl.
-- trl-fastest: SFTTrainer with bf16=False, gradient_checkpointing=False,
-  packing=True, packing_strategy="wrapped" (its fastest CPU setting).
-- trl-defaults: the same but SFTConfig's defaults for bf16 (True: autocast)
-  and gradient_checkpointing (True), what users get out of the box.
-- bare: `model(input_ids, labels=input_ids)` + backward + AdamW, no trainer.
-
-Work differs slightly: posttrain packs best-fit-decreasing (rows may end in
-padding, counted as tokens; the real-token fill is printed) and keeps
-attention inside each sample (block-diagonal mask); TRL's wrapped packing
-cuts samples at row ends and lets packed samples attend to each other.
-
-FLOPs per step = 6 * P * T + 6 * d * V * R, where P = parameters outside the
-embedding / LM-head matrices, T = tokens in the step, d = hidden size,
-V = vocabulary, R = rows that go through the LM head: posttrain only the
-trained positions, TRL on CPU every position but the last of each row (its
-fused head scores all positions off-GPU), bare all positions. Attention-score
-FLOPs and gradient-checkpointing recomputation are not counted. % of peak =
-FLOPs / step time / fp32 matmul peak (square n=2048 matmul, 2 threads, best
-of 5) measured in this script.
-
-The last line is `ratio posttrain/trl_fastest tokens/s: X.XXx` of the last model.
+Model FLOPs per step = 6 * P * T + 6 * d * V * R: P parameters outside the
+embedding / LM-head matrices, T tokens, d hidden size, V vocabulary, R rows
+through the LM head (posttrain: trained positions; TRL on CPU: every position
+but each row's last; bare: all). Attention scores and recomputation are not
+counted. % peak = FLOPs / step time / the fp32 peak of a square n=2048 matmul
+on 2 threads, measured here. The last line is `ratio posttrain/trl_fastest
+tokens/s: X.XXx` for the last model.
 """
 
 from __future__ import annotations
@@ -79,7 +65,7 @@ def write_data(path: Path, n_per_level: int = 150) -> None:
                 f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
-# ---------------------------------------------------------------- workers (one per subprocess)
+# ---------------------------------------------------------------- workers (one subprocess each)
 
 
 def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
@@ -97,13 +83,11 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
         output_dir=str(out / "run"),
         resume=False,
     )
-    # Real-token fill of the rows the run will see (same plan as run_sft builds; not timed).
+    # Real-token fill of the packed rows over an epoch (the plan run_sft builds; not timed).
     tok = load_tokenizer(path)
     samples, _ = build_samples(tok, recipe.data, "train")
-    plan = BatchPlan(samples, BATCH, SEQ, True, tok.pad_token_id, recipe.seed)
-    batches = [plan.epoch(0)[i % len(plan)] for i in range(n_steps)]
-    real = sum(_real_tokens(b) for b in batches)
-    fill = real / sum(b["input_ids"].numel() for b in batches)
+    batches = BatchPlan(samples, BATCH, SEQ, True, tok.pad_token_id, recipe.seed).epoch(0)
+    fill = sum(len(s.input_ids) for s in samples) / sum(b["input_ids"].numel() for b in batches)
     run_sft(recipe)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
     rows = [r for r in rows if "step_time_s" in r]
@@ -115,21 +99,12 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
     }
 
 
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of real samples in a packed batch; a segment without trained labels is padding."""
-    n = 0
-    for pos, lab in zip(batch["position_ids"], batch["labels"], strict=True):
-        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
-        n += sum(b - a for a, b in zip(starts, starts[1:], strict=False) if (lab[a:b] != -100).any())
-    return n
-
-
 def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    ends: list[float] = []
+    ends: list[float] = []  # training start, then the end of every step
     tokens: list[int] = []
 
     class StepClock(TrainerCallback):
@@ -193,12 +168,10 @@ def run_bare(path: str, data: str, out: Path, n_steps: int) -> dict:
 
 def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     torch.set_num_threads(THREADS)
-    if system == "posttrain":
-        res = run_posttrain(path, data, out, n_steps)
-    elif system == "bare":
-        res = run_bare(path, data, out, n_steps)
-    else:
+    if system.startswith("trl"):
         res = run_trl(path, data, out, n_steps, defaults=system == "trl-defaults")
+    else:
+        res = (run_posttrain if system == "posttrain" else run_bare)(path, data, out, n_steps)
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(res))
 
@@ -206,7 +179,7 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     """Best fp32 GFLOP/s of a square n x n matmul on THREADS threads."""
     torch.set_num_threads(THREADS)
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -245,10 +218,9 @@ def wait_idle(max_wait: float, limit: float = 0.3) -> None:
         busy0, _ = busy_cpu_s()
         time.sleep(5)
         load = (busy_cpu_s()[0] - busy0) / 5
-        if load < limit:
-            return
-        if time.time() > deadline:
-            print(f"warning: other processes use {load:.1f} cores; timings will be disturbed", flush=True)
+        if load < limit or time.time() > deadline:
+            if load >= limit:
+                print(f"warning: other processes use {load:.1f} cores; timings will be disturbed", flush=True)
             return
 
 
@@ -273,9 +245,7 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wai
     return res
 
 
-def bench_model(
-    name: str, n_meas: int, n_warm: int, systems: list[str], peak: float, max_wait: float
-) -> None:
+def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peak: float, wait: float) -> None:
     path = model_path(name)
     total, body, d, vocab = model_shape(path)
     print(f"\n== {name}: {path}\n{total / 1e6:.2f}M params ({body / 1e6:.2f}M outside embeddings), "
@@ -284,7 +254,7 @@ def bench_model(
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-sft-{name}-"))
     try:
         write_data(tmp / "data.jsonl")
-        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm, max_wait) for s in systems}
+        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm, wait) for s in systems}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     head = f"{'system':<13}{'s/step':>7}{'tokens/s':>9}{'%peak':>7}{'RSS MB':>7}{'wall s':>7}{'others':>7}"
@@ -309,18 +279,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="measured steps (default: tiny 20, smollm2 4)")
     ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
     ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
-    ap.add_argument(
-        "--max-wait", type=float, default=600, help="s to wait for an idle machine before each run"
-    )
+    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for an idle CPU per run")
+    ap.add_argument("--nice", type=int, default=0, help="e.g. -20: priority over other jobs (root)")
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
     systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
+    if a.nice:  # inherited by the workers; Linux shares the CPU between sessions by autogroup
+        os.nice(a.nice)
+        if Path("/proc/self/autogroup").exists():
+            Path("/proc/self/autogroup").write_text(str(a.nice))
     wait_idle(a.max_wait)
     peak = matmul_peak()
-    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {peak:.0f} GFLOP/s", flush=True)
+    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 10): {peak:.0f} GFLOP/s", flush=True)
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup

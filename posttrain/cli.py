@@ -44,6 +44,8 @@ _mount_subapps()
 RECIPE_TYPES: dict[str, str] = {
     "pretrain": "posttrain.train.pretrain:PretrainRecipe",
     "sft": "posttrain.train.sft:SFTRecipe",
+    "rm": "posttrain.train.rm:RMRecipe",
+    "prm": "posttrain.train.prm:PRMRecipe",
     "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
 }
 
@@ -88,6 +90,22 @@ def sft(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.train.sft import sft_main
 
     sft_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def rm(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Outcome reward model: a scalar head trained on preference pairs or rankings (BT / PL)."""
+    from posttrain.train.rm import rm_main
+
+    rm_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def prm(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Process reward model: a per-step score at each step separator, trained on step labels."""
+    from posttrain.train.prm import prm_main
+
+    prm_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()

@@ -85,7 +85,11 @@ def _masked_mean_std(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 def _metrics(adv: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> Metrics:
     mean, std = _masked_mean_std(adv.detach(), mask)
-    return {"advantages/mean": mean, "advantages/std": std, "returns/mean": _masked_mean_std(returns, mask)[0]}
+    return {
+        "advantages/mean": mean,
+        "advantages/std": std,
+        "returns/mean": _masked_mean_std(returns, mask)[0],
+    }
 
 
 def _group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -113,7 +117,12 @@ def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float)
 
 @register_advantage("gae")
 def gae_advantages(
-    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16), for PPO with a critic.
 
@@ -139,7 +148,11 @@ def _outcome(
     """Broadcast (B,) advantages and returns over each row's completion tokens."""
     m = mask.to(scores.dtype)
     adv_t, ret_t = adv[:, None] * m, scores[:, None] * m
-    return adv_t, ret_t, {**_metrics(adv_t, ret_t, mask), "advantages/zero_frac": zero.float().mean(), **metrics}
+    return (
+        adv_t,
+        ret_t,
+        {**_metrics(adv_t, ret_t, mask), "advantages/zero_frac": zero.float().mean(), **metrics},
+    )
 
 
 @register_advantage("grpo")

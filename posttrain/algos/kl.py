@@ -31,7 +31,9 @@ KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
 Metrics = dict[str, torch.Tensor]
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", *, k3_max: float = 10.0) -> torch.Tensor:
+def kl_estimate(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", *, k3_max: float = 10.0
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) (B, T) from log-probs (B, T) of tokens sampled from pi.
 
     k3 is clamped to ``k3_max`` (as verl does) so a token the reference finds far more likely

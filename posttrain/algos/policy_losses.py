@@ -66,7 +66,7 @@ def ppo_clip_loss(
     eq. 5), for A_t < 0 only: l_t = min(l_t, -dual_clip * A_t), dual_clip > 1, bounding the loss
     of a token whose ratio exploded. Loss = aggregate(l, mask, agg, norm). Metrics: clip_frac
     (tokens where the clipped term is active), dual_clip_frac, ratio mean/max, approx_kl
-    (k3 of old vs new, Schulman's estimator), all over masked tokens.
+    (k3 estimate of KL(pi_old || pi_theta)), over masked tokens.
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -80,14 +80,13 @@ def ppo_clip_loss(
         loss_t = torch.where(dual, bound, loss_t)
     loss = aggregate_loss(loss_t, mask, agg, norm=norm)
     lr = log_ratio.detach()
-    metrics = {
+    return loss, {
         "pg/clip_frac": _mean((clipped > unclipped).float(), mask),
         "pg/dual_clip_frac": _mean(dual.float(), mask),
         "pg/ratio_mean": _mean(ratio, mask),
-        "pg/ratio_max": torch.where(mask.bool(), ratio.detach(), 0).max() if mask.any() else ratio.new_ones(()),
-        "pg/approx_kl": _mean(torch.expm1(-lr) + lr, mask),
+        "pg/ratio_max": (ratio.detach() * mask).max(),
+        "pg/approx_kl": _mean(torch.expm1(lr) - lr, mask),
     }
-    return loss, metrics
 
 
 @register_policy_loss("vanilla")

@@ -10,7 +10,7 @@ Process RM (one logit per reasoning step, read at the step-end token):
 - `prm_bce_loss`: binary cross-entropy with hard or soft labels, weighted per step.
 
 Metrics (detached tensors): `pairwise_accuracy`, `kendall_tau`, `step_metrics`
-(step accuracy, F1 of the wrong-step class, first-error-step accuracy).
+(step accuracy, F1 of the wrong-step class, first-error-step accuracy, `step_auc`).
 """
 
 from __future__ import annotations
@@ -113,8 +113,24 @@ def prm_bce_loss(
     return loss, {"bce_sum": bce.detach().sum(), "steps": torch.tensor(float(labels.numel()))}
 
 
+def step_auc(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve: P(p of a correct step > p of a wrong step), labels at 0.5.
+
+    Mann-Whitney form (AUC = (R+ - n+(n+ + 1)/2) / (n+ n-), R+ = rank sum of the correct
+    steps; ties broken by order). 0.5 = no separation; nan without both classes.
+    """
+    good = labels >= 0.5
+    ranks = torch.empty_like(probs).scatter_(
+        0,
+        probs.detach().argsort(),
+        torch.arange(1, probs.numel() + 1, dtype=probs.dtype, device=probs.device),
+    )
+    n_pos, n_neg = good.sum(), (~good).sum()
+    return (ranks[good].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def step_metrics(probs: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Step accuracy, F1 of the wrong-step class, and first-error-step accuracy.
+    """Step accuracy, F1 of the wrong-step class, first-error-step accuracy and step AUC.
 
     probs, labels: (N,) predicted P(correct) and labels (thresholded at 0.5), steps of each
     chain contiguous and in order; seq: (N,) chain id of each step. A chain's first error is
@@ -133,4 +149,9 @@ def step_metrics(probs: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor) -
         return none.scatter_reduce(0, inverse, torch.where(ok, none[inverse], index), "amin")
 
     first_acc = (first(pred_ok) == first(true_ok)).float().mean()
-    return {"step_acc": (pred_ok == true_ok).float().mean(), "step_f1": f1, "first_error_acc": first_acc}
+    return {
+        "step_acc": (pred_ok == true_ok).float().mean(),
+        "step_f1": f1,
+        "first_error_acc": first_acc,
+        "step_auc": step_auc(probs, labels),
+    }

@@ -93,7 +93,9 @@ def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return values.gather(1, last[:, None]).squeeze(1)
 
 
-def step_end_mask(input_ids: torch.Tensor, start: torch.Tensor, sep_id: int, end_id: int | None) -> torch.Tensor:
+def step_end_mask(
+    input_ids: torch.Tensor, start: torch.Tensor, sep_id: int, end_id: int | None
+) -> torch.Tensor:
     """(B, T) bool: where a process RM reads a step's score.
 
     In each row, from the response start `start` (B,) on: every `sep_id` token before the
@@ -152,7 +154,10 @@ def save_reward_model(
 
     out = export_model(model.backbone, tokenizer, out_dir, peft_cfg)
     head = model.head.linear
-    tensors = {"weight": head.weight.detach().float().cpu().contiguous(), "bias": head.bias.detach().float().cpu()}
+    tensors = {
+        "weight": head.weight.detach().float().cpu().contiguous(),
+        "bias": head.bias.detach().float().cpu(),
+    }
     save_file(tensors, str(out / HEAD_WEIGHTS))
     meta = {"format": HEAD_FORMAT, "hidden_size": head.in_features, **info}
     (out / HEAD_CONFIG).write_text(json.dumps(meta, indent=1))
@@ -171,7 +176,9 @@ def read_head_config(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(cfg.read_text())
 
 
-def load_reward_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto") -> tuple[RewardModel, Any]:
+def load_reward_model(
+    path: str | os.PathLike, dtype: str = "auto", device: str = "auto"
+) -> tuple[RewardModel, Any]:
     """Load a folder written by `save_reward_model`: returns (RewardModel in eval mode, tokenizer).
 
     ``model.info`` holds ``reward_head.json`` (``kind`` = "orm" or "prm", and for a PRM its

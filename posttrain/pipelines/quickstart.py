@@ -39,7 +39,7 @@ class EvalConfig:
 def _default_sft() -> SFTRecipe:
     return SFTRecipe(
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1),
-        train=LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=100),
+        train=LoopConfig(max_steps=500, batch_size=8, seq_len=256, eval_every=250),
         output_dir="runs/quickstart/sft",
     )
 

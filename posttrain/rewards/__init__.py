@@ -6,6 +6,8 @@
 - `math_verify`: math equivalence by math-verify in worker processes with timeouts.
 - `sandbox` (+ `code_tests`): untrusted code against tests in namespaces; `cli`: its CLI.
 - `rubric`: weighted criteria (rewards, regexes, judge questions).
+- `models`: trained outcome / process reward models as rewards (``rm``, ``prm``).
+- `judge`: an LLM judge scoring against a written constitution (RLAIF; ``judge``).
 
 Nothing is imported here: import the module you need.
 """

@@ -11,6 +11,10 @@ Metadata each one reads (a missing field is a `DataError` naming the row):
 - ``code``: ``tests`` (and optionally ``public_tests``, same form, run too),
   ``entry_point``, ``timeout_s``, ``mem_mb``; the last fenced code block of the completion
   runs in the sandbox. 1 if every test passes, else 0. ``code_partial``: passed / total.
+- ``rm`` / ``prm``: ``reward_model`` (a folder from `posttrain rm` / `posttrain prm`), for
+  ``prm`` optionally ``prm_agg`` (min | last | mean | product); see `posttrain.rewards.models`.
+- ``judge``: ``judge_model`` (any model folder) and optionally ``constitution``; see
+  `posttrain.rewards.judge`.
 """
 
 from __future__ import annotations
@@ -131,6 +135,18 @@ def make_code_reward(config: SandboxConfig | None = None, partial: bool = False)
     return code_reward
 
 
+def _model_reward(module: str, name: str) -> RewardFn:
+    """A model-based reward (`posttrain.rewards.models` / `.judge`), imported on its first call."""
+
+    def model_reward(prompts: list, completions: list[str], metadata: list[dict]) -> list[RewardResult]:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(prompts, completions, metadata)
+
+    model_reward.__doc__ = f"`{module}.{name}` (loads the model named in the row's metadata)."
+    return model_reward
+
+
 BUILTINS: dict[str, RewardFn] = {
     "math": math_reward,
     "task": task_reward,
@@ -138,4 +154,7 @@ BUILTINS: dict[str, RewardFn] = {
     "overlong": overlong_reward,
     "code": make_code_reward(),
     "code_partial": make_code_reward(partial=True),
+    "rm": _model_reward("posttrain.rewards.models", "rm_reward"),
+    "prm": _model_reward("posttrain.rewards.models", "prm_reward"),
+    "judge": _model_reward("posttrain.rewards.judge", "judge_reward"),
 }

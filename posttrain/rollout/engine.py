@@ -89,7 +89,9 @@ def get_engine(name: str, **kwargs: Any) -> RolloutEngine:
     """Build the backend ``name`` ("hf" | "vllm" | registered); an unknown name lists the valid ones."""
     if name not in ENGINES:
         raise ConfigError(
-            f"unknown rollout backend {name!r}", where="rollout.backend", fix=f"valid: {', '.join(sorted(ENGINES))}"
+            f"unknown rollout backend {name!r}",
+            where="rollout.backend",
+            fix=f"valid: {', '.join(sorted(ENGINES))}",
         )
     return ENGINES[name](**kwargs)
 
@@ -97,6 +99,13 @@ def get_engine(name: str, **kwargs: Any) -> RolloutEngine:
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of one prompt: chat messages get the chat template plus the generation prompt,
     strings are tokenized as ``tokenizer(text)`` would (special tokens such as BOS included)."""
+    ids = _encode(tokenizer, prompt)
+    if not ids:
+        raise DataError("a prompt encodes to no tokens", where=f"prompt {str(prompt)[:80]!r}")
+    return ids
+
+
+def _encode(tokenizer: Any, prompt: Prompt) -> list[int]:
     if isinstance(prompt, Mapping):
         if "prompt" not in prompt:
             raise DataError("a prompt record needs a 'prompt' key", where=f"prompt keys {sorted(prompt)}")

@@ -17,8 +17,14 @@ log-prob of every sampled token. The loop here
    ``stop_token_ids`` id, a ``stop`` string (looked for in the decoded tail of the
    completion) or ``max_new_tokens``.
 
+CPU costs that ``generate`` pays and this loop avoids: n prefills of the same prompt, decode
+steps of finished rows, re-concatenating the whole KV cache every step (here each layer's
+buffers are reserved for prompt + max_new_tokens and written in place), per-step logits
+processors, and ``torch.multinomial`` (replaced by inverse-CDF sampling, same distribution).
+
 Works with any model whose cache is a transformers ``Cache`` with ``batch_select_indices``
-(all standard decoder-only attention models, PEFT-wrapped included).
+(all standard decoder-only attention models, PEFT-wrapped included); models with sliding
+windows or other layer types keep their own cache layers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from posttrain.errors import ModelError
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
@@ -59,8 +66,60 @@ def sample_next(
         drop = probs.cumsum(-1) - probs > params.top_p  # mass before this token already covers top_p
         drop[:, 0] = False
         filtered = filtered.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(1)
+    tok = draw(torch.softmax(filtered, -1), generator)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs`` (R, V) by inverse-CDF sampling: one uniform per row,
+    searched in the row's cumulative sum. Same distribution as ``torch.multinomial`` (up to
+    fp32 rounding of the cumsum), 4-10x faster on CPU for V from 300 to 50k."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+class _ReservedLayer(DynamicLayer):
+    """A KV-cache layer whose buffers hold the whole generation: each decode step writes its
+    column in place instead of re-concatenating the cache (what ``DynamicLayer`` does)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+        end = self.length + key_states.shape[-2]
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = old.new_empty((indices.numel(), *old.shape[1:]))
+                torch.index_select(old[:, :, : self.length], 0, indices, out=new[:, :, : self.length])
+                setattr(self, name, new)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+def new_cache(model: Any, capacity: int) -> DynamicCache:
+    """A cache for ``capacity`` positions: reserved buffers when every layer is a plain
+    full-attention ``DynamicLayer``, else the model's default dynamic cache (sliding windows...)."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_ReservedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -161,8 +220,9 @@ class HFEngine:
             for r in range(len(row_of))
         ]
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """Encode the distinct prompts once: (last-position logits (U, V), cache, attention mask (U, P))."""
+    def _prefill(self, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Encode the distinct prompts once: (last-position logits (U, V), cache, attention mask
+        (U, P + steps), ones past the prompt)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -171,7 +231,16 @@ class HFEngine:
             attn[i, width - len(p) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = new_cache(self.model, width + steps)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        attn = torch.cat([attn, attn.new_ones((len(prompts), steps))], dim=1)
         return out.logits[:, -1].float(), out.past_key_values, attn
 
     @torch.inference_mode()
@@ -179,15 +248,15 @@ class HFEngine:
         self, prompts: list[list[int]], expand: torch.Tensor, params: SamplingParams, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
         """Decode rows = distinct prompts[expand]; returns (tokens (R, L), log-probs (R, L), lengths, stopped)."""
-        logits, cache, attn = self._prefill(prompts)
-        logits, attn = logits[expand], attn[expand]
-        cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
         rows, steps, dev = expand.numel(), params.max_new_tokens, self.device
+        logits, cache, attn = self._prefill(prompts, steps)
+        logits, attn, width = logits[expand], attn[expand], attn.shape[1] - steps
+        cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
         tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros((rows, steps), device=dev)
         lengths, stopped = [steps] * rows, [False] * rows
         stop_ids = torch.tensor(self.eos_ids + list(params.stop_token_ids), dtype=torch.long, device=dev)
-        active, pos = torch.arange(rows, device=dev), attn.sum(-1)
+        active, pos = torch.arange(rows, device=dev), attn[:, :width].sum(-1)
         for t in range(steps):
             tok, lp = sample_next(logits, params, gen)
             tokens[active, t], logps[active, t] = tok, lp
@@ -203,9 +272,12 @@ class HFEngine:
                 keep = (~done).nonzero().squeeze(1)
                 active, tok, attn, pos = active[keep], tok[keep], attn[keep], pos[keep]
                 cache.batch_select_indices(keep)
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = self.model(
-                input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], past_key_values=cache, use_cache=True
+                input_ids=tok[:, None],
+                attention_mask=attn[:, : width + t + 1],
+                position_ids=pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
             )
             logits, pos = out.logits[:, -1].float(), pos + 1
         return tokens, logps, lengths, stopped

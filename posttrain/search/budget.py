@@ -8,15 +8,15 @@ an estimated FLOP cost::
           + 2 * scorer_params * scored_tokens
 
 (the usual forward-pass estimate; ``*_params`` are the models' parameter counts, read
-from a ``num_parameters`` attribute on the policy / scorer, 0 when absent). Prompt tokens
+by `param_count`: a ``num_parameters`` attribute, else the ``.model``'s size, else 0). Prompt tokens
 are counted once per distinct prompt in a call, which is what a prefix-sharing engine
 prefills for n samples of one prompt.
 
 A `Budget` is a hard limit per prompt, enforced inside the search, not only reported:
 before each policy call `Budget.allowance` gives the most tokens each new sequence may
 generate so that no limit is crossed (the call's ``max_new_tokens`` is clamped to the
-smallest allowance among the prompts in it, and prompts with no allowance left drop
-out); `Budget.can_score` gates scorer calls. Prompt tokens of a request are known exactly
+smallest allowance among the prompts in it, and prompts left with less than
+``min(cap // 4, 16)`` tokens per sequence drop out); `Budget.can_score` gates scorer calls. Prompt tokens of a request are known exactly
 when the path is continued from token ids, otherwise estimated by the caller.
 """
 
@@ -77,7 +77,9 @@ class Budget:
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be >= 0 or null", where=f"budget.{key}")
 
-    def allowance(self, cost: Cost, prompt_tokens: int, n_sequences: int, policy_params: int = 0) -> int | None:
+    def allowance(
+        self, cost: Cost, prompt_tokens: int, n_sequences: int, policy_params: int = 0
+    ) -> int | None:
         """Most new tokens each of ``n_sequences`` may generate; None = unlimited, 0 = none.
 
         ``prompt_tokens`` are what this call will prefill for this prompt.
@@ -130,3 +132,17 @@ def total_cost(costs: list[Cost]) -> Cost:
     for c in costs:
         out = out.add(c)
     return out
+
+
+def param_count(model_like: Any) -> int:
+    """Parameters of a policy or scorer, for FLOP estimates: its ``num_parameters`` (an int or
+    a method, as on HF models), else the sum over its ``.model``'s parameters, else 0."""
+    n = getattr(model_like, "num_parameters", None)
+    if callable(n):
+        n = n()
+    if isinstance(n, int):
+        return n
+    model = getattr(model_like, "model", None)
+    if model is not None and hasattr(model, "parameters"):
+        return int(sum(p.numel() for p in model.parameters()))
+    return 0

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.sampling import SamplingParams
-from posttrain.search.budget import Budget, charge_generation, charge_scoring
+from posttrain.search.budget import Budget, charge_generation, charge_scoring, param_count
 from posttrain.search.protocols import CompletionLike, PolicyLike, Scorer, ScoreRequest
 from posttrain.search.structures import Granularity, Node, SearchGraph, StepConfig, path_steps
 
@@ -78,8 +78,9 @@ def _admit(
 ) -> tuple[list[int], int]:
     """Indices of requests whose prompt still has budget, and the call's token cap.
 
-    A prompt whose allowance is below a quarter of ``cap`` stops (so one nearly spent
-    prompt does not shrink everyone's steps); the others share the smallest allowance.
+    A prompt whose allowance is below ``min(cap // 4, 16)`` tokens per sequence stops (so a
+    nearly spent prompt does not shrink everyone's nodes); the others share the smallest
+    allowance, so no prompt ever generates past its budget.
     """
     if budget is None:
         return list(range(len(requests))), cap
@@ -92,7 +93,7 @@ def _admit(
         n_seq = sum(requests[i].n for i in rows)
         allow = budget.allowance(g.cost, sum(est[i] for i in rows), n_seq, params)
         allow = cap if allow is None else allow
-        if allow >= max(1, cap // 4):
+        if allow >= max(1, min(cap // 4, 16)):
             keep += rows
             cap = min(cap, allow)
     return sorted(keep), cap
@@ -110,7 +111,7 @@ def generate_raw(
     unequal ones as repeated prompts with ``n = 1``. Charges each prompt's cost once.
     """
     prompts_est = [_prompt_of(r) for r in requests]
-    pp = int(getattr(policy, "num_parameters", 0) or 0)
+    pp = param_count(policy)
     keep, cap = _admit(requests, [e for _, e in prompts_est], params.max_new_tokens, budget, pp)
     out: list[list[CompletionLike] | None] = [None] * len(requests)
     if not keep:
@@ -191,7 +192,12 @@ def run_requests(
     for req, comps in zip(requests, raw, strict=True):
         g, nodes = req.graph, []
         for c in comps or []:
-            if req.prompt is None and req.parents[0].id == 0 and not g.prompt_ids and c.prompt_ids:
+            if (
+                req.prompt in (None, g.prompt)
+                and req.parents[0].id == 0
+                and not g.prompt_ids
+                and c.prompt_ids
+            ):
                 g.prompt_ids = list(c.prompt_ids)
             depth = max(p.depth for p in req.parents) + 1
             terminal, meta = _is_terminal(c, mode, step, depth)
@@ -218,7 +224,9 @@ def run_requests(
 
 def _as_text(req: GenRequest) -> GenRequest:
     g, parent = req.graph, req.parents[0]
-    return GenRequest(g, req.parents, req.n, g.prompt + g.path_text(parent), req.kind, False, req.op, req.info)
+    return GenRequest(
+        g, req.parents, req.n, g.prompt + g.path_text(parent), req.kind, False, req.op, req.info
+    )
 
 
 def expand(
@@ -252,12 +260,17 @@ def aggregate_requests(
     groups: Sequence[tuple[SearchGraph, list[Node]]], build_prompt: Callable[[SearchGraph, list[Node]], str]
 ) -> list[GenRequest]:
     """Aggregate requests: one new chain merging several nodes/paths (a node with several parents)."""
-    return [GenRequest(g, list(ns), 1, build_prompt(g, list(ns)), "aggregate", True, "aggregate") for g, ns in groups]
+    return [
+        GenRequest(g, list(ns), 1, build_prompt(g, list(ns)), "aggregate", True, "aggregate")
+        for g, ns in groups
+    ]
 
 
 def refine(policy, targets, critiques, build_prompt, params, step, budget=None) -> list[list[Node]]:
     """Refine: revise each target's answer from a critique (one call, chain granularity)."""
-    return run_requests(policy, refine_requests(targets, critiques, build_prompt), params, step, budget, "chain")
+    return run_requests(
+        policy, refine_requests(targets, critiques, build_prompt), params, step, budget, "chain"
+    )
 
 
 def aggregate(policy, groups, build_prompt, params, step, budget=None) -> list[list[Node]]:
@@ -315,7 +328,7 @@ def evaluate(
     last step / min / product / mean) into ``node.score`` -- or ``node.reward`` with
     ``into="reward"`` (an outcome verifier on terminal nodes).
     """
-    sp = int(getattr(scorer, "num_parameters", 0) or 0)
+    sp = param_count(scorer)
     keep = [i for i, (g, _) in enumerate(targets) if budget is None or budget.can_score(g.cost)]
     requests = []
     for i in keep:
@@ -327,7 +340,7 @@ def evaluate(
         raise ConfigError(f"scorer returned {len(scores)} results for {len(requests)} paths", where="scorer")
     out: list[float | None] = [None] * len(targets)
     tokens: dict[int, tuple[SearchGraph, int, int]] = {}
-    for i, req, got in zip(keep, requests, scores, strict=True):
+    for i, got in zip(keep, scores, strict=True):
         g, n = targets[i]
         per_step = [float(got)] if isinstance(got, int | float) else [float(x) for x in got]
         n.step_scores = per_step

@@ -1,14 +1,13 @@
 """The narrow interfaces search needs: a policy that generates, a scorer that scores steps.
 
-`PolicyLike` is the generation-engine protocol (``posttrain.rollout.engine`` implements
-it; `posttrain.search.hf_policy.HFPolicy` and `posttrain.search.scripted.ScriptedPolicy`
-too): one call takes every prompt of an expansion round, as text or token ids, and returns
+`PolicyLike` is the generation-engine protocol (``posttrain.rollout.engine``'s backends
+implement it, and so does `posttrain.search.scripted.ScriptedPolicy`): one call takes every prompt of an expansion round, as text or token ids, and returns
 ``len(prompts) * params.n`` completions tagged with ``prompt_index`` / ``sample_index``.
 
 `Scorer` is the evaluation protocol shared by value models, PRMs, ORMs, verifiers and AI
 judges: one call scores a batch of partial or finished paths and returns one score per
 step of each path (an ORM or verifier fills only the last entry with meaning). Parameter
-counts for FLOP estimates are read from an optional ``num_parameters`` attribute.
+counts for FLOP estimates come from `posttrain.search.budget.param_count`.
 """
 
 from __future__ import annotations
@@ -37,12 +36,14 @@ class CompletionLike(Protocol):
 class PolicyLike(Protocol):
     """A generation engine: ``generate(prompts, params) -> completions`` (one batched call)."""
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> Sequence[CompletionLike]: ...
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams
+    ) -> Sequence[CompletionLike]: ...
 
 
 @dataclass
 class SearchCompletion:
-    """A plain `CompletionLike` (used by the scripted and HF policies in this package)."""
+    """A plain `CompletionLike` (what the scripted policy returns)."""
 
     prompt_index: int
     sample_index: int

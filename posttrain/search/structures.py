@@ -263,13 +263,12 @@ def chain_from_steps(prompt: str, steps: list[str], step_sep: str = "", **meta: 
     return graph
 
 
-def path_steps(graph: SearchGraph, node: Node, step_sep: str) -> list[str]:
-    """The reasoning steps on the path to ``node``: node texts split on ``step_sep``, stripped.
+def text_steps(text: str, step_sep: str) -> list[str]:
+    """The steps of one node's text: split on ``step_sep``, stripped, empty pieces dropped."""
+    pieces = text.split(step_sep) if step_sep else [text]
+    return [p.strip() for p in pieces if p.strip()]
 
-    A node holding several steps (a chain or rollout) contributes each; empty pieces go.
-    """
-    steps: list[str] = []
-    for n in graph.path(node):
-        pieces = n.text.split(step_sep) if step_sep else [n.text]
-        steps += [p.strip() for p in pieces if p.strip()]
-    return steps
+
+def path_steps(graph: SearchGraph, node: Node, step_sep: str) -> list[str]:
+    """The reasoning steps on the path to ``node`` (a node holding a chain contributes each)."""
+    return [s for n in graph.path(node) for s in text_steps(n.text, step_sep)]

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,17 +54,13 @@ from posttrain.train.loop import (
 )
 from posttrain.train.optim import OptimConfig
 from posttrain.train.preference_data import (
-    Example,
     ExamplePlan,
     PreferenceDataConfig,
-    add_kl_partners,
+    build_examples,
+    cached_scores,
     example_logprobs,
-    file_raw_examples,
-    fingerprint,
-    render_examples,
-    resolve_step_sep,
-    task_raw_examples,
-    to_unpaired,
+    reference_context,
+    score_examples,
 )
 
 log = logging.getLogger(__name__)
@@ -207,56 +201,6 @@ class PreferenceRecipe:
 # ---------------------------------------------------------------- reference log-probs and the filter
 
 
-def reference_context(model):
-    """pi_ref for PEFT adapters: the same weights with the adapter switched off."""
-    is_peft = hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-    return model.disable_adapter() if is_peft else nullcontext()
-
-
-@torch.no_grad()
-def score_examples(
-    model, examples: list[Example], batch_size: int, seq_len: int, share: bool, pad_id: int, chunk_size: int
-):
-    """pi_ref summed log-probs and token counts of every response, ((N, k), (N, k)), examples in order."""
-    plan = ExamplePlan(
-        examples, list(range(len(examples))), batch_size, seq_len, True, share, pad_id, 0, shuffle=False
-    )
-    device = next(model.parameters()).device
-    k = len(examples[0].samples)
-    sums, counts = torch.zeros(len(examples), k), torch.zeros(len(examples), k, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    with reference_context(model):
-        for b in plan.epoch(0):
-            s, c = example_logprobs(model, _to(b, device), chunk_size)
-            sums[b["example_index"]] = s.float().cpu().view(-1, k)
-            counts[b["example_index"]] = c.cpu().view(-1, k)
-    model.train(was_training)
-    return sums, counts
-
-
-def cached_reference(run: Run, name: str, examples: list[Example], cfg: PreferenceRecipe):
-    """Reference log-probs from RUN_DIR/reference/NAME.pt, computed (and written atomically) if missing or stale."""
-    path = run.dir / "reference" / f"{name}.pt"
-    key = fingerprint(examples)
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved["fingerprint"] == key:
-            console.print(f"reference log-probs: reusing {path}")
-            return saved["sums"], saved["counts"]
-        log.warning("%s was computed for other data; recomputing", path)
-    seq_len = max(cfg.train.seq_len, 2 * cfg.data.max_len)
-    sums, counts = score_examples(
-        run.model, examples, cfg.reference.batch_size, seq_len, cfg.data.share_prompt,
-        run.tokenizer.pad_token_id, cfg.train.chunk_size,
-    )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save({"fingerprint": key, "sums": sums, "counts": counts}, tmp)
-    os.replace(tmp, path)
-    return sums, counts
-
-
 def perplexity_keep(
     ppl: torch.Tensor, checked: torch.Tensor, max_ppl: float | None, percentile: float | None
 ) -> tuple[torch.Tensor, float]:
@@ -272,34 +216,30 @@ def perplexity_keep(
     return ~((ppl > threshold) & checked).any(dim=1), threshold
 
 
-def apply_filter(run: Run, examples: list[Example], sums, counts, cfg: PerplexityFilterConfig) -> list[int]:
+def apply_filter(run_dir: Path, examples: list, sums, counts, cfg: PerplexityFilterConfig) -> list[int]:
     """Indices of the examples that pass the perplexity filter; writes RUN_DIR/filter/{kept,dropped}.jsonl."""
     ppl = torch.exp(-sums / counts.clamp(min=1))
     checked = torch.zeros_like(ppl, dtype=torch.bool)
     unpaired = examples[0].label is not None
     checked[:, 0] = torch.tensor([e.label is not False for e in examples]) if cfg.on == "chosen" else True
-    if not unpaired and cfg.on == "either":
-        checked[:, 1] = True
+    checked[:, 1] = cfg.on == "either" and not unpaired
     keep, threshold = perplexity_keep(ppl, checked, cfg.max_ppl, cfg.percentile)
     names = ["completion", "kl"] if unpaired else ["chosen", "rejected"]
-    rows = {True: [], False: []}
+    rows, reasons = {True: [], False: []}, defaultdict(int)
     for i, e in enumerate(examples):
-        over = [names[j] for j in range(ppl.shape[1]) if checked[i, j] and ppl[i, j] > threshold]
         row = {"index": i, "where": e.where, "ppl": [round(float(p), 4) for p in ppl[i]]}
-        rows[bool(keep[i])].append(
-            row if keep[i] else {**row, "reason": f"{'+'.join(over)} ppl > {threshold:.3g}"}
-        )
-    out = run.dir / "filter"
+        if not keep[i]:
+            over = "+".join(names[j] for j in range(2) if checked[i, j] and ppl[i, j] > threshold)
+            row["reason"], reasons[over] = f"{over} ppl > {threshold:.4g}", reasons[over] + 1
+        rows[bool(keep[i])].append(row)
+    out = run_dir / "filter"
     out.mkdir(exist_ok=True)
     for name, kept in (("kept", True), ("dropped", False)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[kept]))
-    reasons = defaultdict(int)
-    for r in rows[False]:
-        reasons[r["reason"].split(" ")[0]] += 1
+    why = "".join(f"; {n} for {k} perplexity" for k, n in sorted(reasons.items()))
     console.print(
-        f"perplexity filter (threshold {threshold:.3g}, on {cfg.on}): dropped {len(rows[False])} of {len(examples)}"
-        + "".join(f"; {n} for {k} ppl" for k, n in sorted(reasons.items()))
-        + f"; lists in {out}"
+        f"perplexity filter (on {cfg.on}, threshold {threshold:.4g}): dropped {len(rows[False])} of "
+        f"{len(examples)}{why}; lists in {out}"
     )
     return [r["index"] for r in rows[True]]
 
@@ -330,6 +270,7 @@ def batch_loss(
     if spec.paired:
         loss, m = spec.fn(values[:, 0], values[:, 1], pick(ref_values, 0), pick(ref_values, 1), **kwargs)
         m.update({"logps/chosen": sums[:, 0].detach(), "logps/rejected": sums[:, 1].detach()})
+        m["logps/accuracy"] = (sums[:, 0] / counts[:, 0] > sums[:, 1] / counts[:, 1]).float()
     else:
         desirable = batch["desirable"]
         loss, m = spec.fn(
@@ -395,39 +336,22 @@ def make_step_fn(spec: PreferenceLoss, kwargs: dict, nll_weight: float, referenc
 def preference_eval(
     model, plan: ExamplePlan, spec: PreferenceLoss, kwargs: dict, reference, chunk_size: int
 ) -> dict:
-    """Held-out pairs: loss (pairwise losses), preference accuracy, margins and log-probs.
+    """Held-out pairs: loss, preference accuracy (the loss's own implicit reward ranks chosen first),
+    margins, log-probs and `logps/accuracy` (chosen more likely per token than rejected).
 
-    The accuracy compares the loss's own implicit reward: beta-free log-ratios to pi_ref
-    (summed, or per-token for losses that average), or per-token log-probs for
-    reference-free losses.
+    KTO trains on unpaired examples; its pairs are scored with its implicit reward
+    beta * log(pi / pi_ref), which is DPO's, and no loss is reported.
     """
+    paired = spec.paired
+    eval_spec = spec if paired else get_preference_loss("sigmoid")
+    eval_kwargs = kwargs if paired else {"beta": kwargs["beta"]}
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     parts = []
     for b in plan.epoch(0):
-        b = _to(b, device)
-        sums, counts = example_logprobs(model, b, chunk_size)
-        e = b["example_index"].numel()
-        sums, counts = sums.view(e, 2), counts.view(e, 2).clamp(min=1)
-        norm = counts if spec.average or not spec.reference else torch.ones_like(counts)
-        r = sums / norm
-        if spec.reference:
-            r = r - reference[0][b["example_index"].cpu()].to(device) / norm
-        m = {
-            "rewards/chosen": r[:, 0],
-            "rewards/rejected": r[:, 1],
-            "logps/chosen": sums[:, 0],
-            "logps/rejected": sums[:, 1],
-        }
-        if spec.paired:
-            ref = reference[0][b["example_index"].cpu()].to(device) if spec.reference else None
-            values = sums / counts if spec.average else sums
-            ref_v = None if ref is None else (ref / counts if spec.average else ref)
-            m["loss"] = spec.fn(
-                values[:, 0], values[:, 1], *(ref_v.unbind(1) if ref_v is not None else ()), **kwargs
-            )[0]
-        parts.append((e, m))
+        b = _to(b, next(model.parameters()).device)
+        loss, m = batch_loss(model, b, eval_spec, eval_kwargs, 0.0, reference, chunk_size)
+        parts.append((b["example_index"].numel(), {**m, "loss": loss} if paired else m))
     model.train(was_training)
     return summarise(parts)
 
@@ -466,35 +390,6 @@ def make_evaluator(run: Run, cfg: PreferenceRecipe, spec, kwargs, plan, referenc
 # ---------------------------------------------------------------- the run
 
 
-def build_examples(
-    cfg: PreferenceRecipe, tokenizer, split: str, unpaired: bool
-) -> tuple[list[Example], dict]:
-    """Load / generate, render and budget one split; drops are counted and listed in the run dir."""
-    source = cfg.data.train if split == "train" else cfg.data.eval
-    step_sep = resolve_step_sep(tokenizer, cfg.data.step_sep)
-    if source == "tasks":
-        n = cfg.data.n_per_level if split == "train" else cfg.data.eval_n_per_level
-        raw = task_raw_examples(cfg.data, "train" if split == "train" else "test", n, step_sep)
-    else:
-        raw = file_raw_examples(source, cfg.data.limit, cfg.data.ranking_pairs)
-    if split == "eval" and any(r.label is not None for r in raw):
-        raise ConfigError("data.eval must hold preference pairs (for preference accuracy)", where="data.eval")
-    if unpaired:
-        raw = add_kl_partners(to_unpaired(raw))
-    elif any(r.label is not None for r in raw):
-        raise ConfigError(
-            f"loss {cfg.loss.name!r} needs chosen/rejected pairs but {source} holds unpaired labelled examples",
-            where="loss.name",
-            fix="use loss.name=kto, or preference records",
-        )
-    examples, stats, dropped = render_examples(tokenizer, raw, cfg.data.max_len, cfg.data.truncation)
-    if not examples:
-        raise ConfigError(
-            f"every example of {source} was dropped: {stats['dropped']}", fix="raise data.max_len"
-        )
-    return examples, {**stats, "dropped_list": dropped}
-
-
 def choose_reference(cfg: PreferenceRecipe, spec: PreferenceLoss, n_examples: int, steps: int) -> str | None:
     """ "adapter", "precompute" or None (reference-free loss); see the module docstring for auto."""
     if not spec.reference:
@@ -519,51 +414,52 @@ def report_data(run: Run, name: str, stats: dict) -> None:
     )
 
 
+def reference_scores(run: Run, cfg: PreferenceRecipe, name: str, examples: list, score: bool = True):
+    """An in-order plan over `examples` and, with `score`, the pi_ref log-probs of every response,
+    cached in RUN_DIR/reference/NAME.pt (see `cached_scores`)."""
+    seq_len = max(cfg.train.seq_len, 2 * cfg.data.max_len)
+    pad, n = run.tokenizer.pad_token_id, len(examples)
+    plan = ExamplePlan(
+        examples, range(n), cfg.reference.batch_size, seq_len, True, cfg.data.share_prompt, pad, 0, False
+    )
+    if not score:
+        return plan, None
+    compute = lambda: score_examples(run.model, plan, cfg.train.chunk_size)  # noqa: E731
+    return plan, cached_scores(run.dir / "reference" / f"{name}.pt", examples, compute)
+
+
 def run_preference(cfg: PreferenceRecipe) -> Path:
     """Train and export; returns the path of the exported `final/` folder."""
-    spec = get_preference_loss(cfg.loss.name)
-    kwargs = cfg.loss.kwargs()
+    spec, kwargs = get_preference_loss(cfg.loss.name), cfg.loss.kwargs()
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tok = run.model, run.tokenizer
-    examples, stats = build_examples(cfg, tok, "train", unpaired=not spec.paired)
+    examples, stats = build_examples(cfg.data, tok, "train", cfg.loss.name, unpaired=not spec.paired)
     report_data(run, "train", stats)
     steps = total_steps(cfg.train, -(-len(examples) // cfg.train.batch_size))
     mode = choose_reference(cfg, spec, len(examples), steps)
     console.print(f"loss {spec.name} {kwargs}; reference: {mode or 'none (reference-free loss)'}")
     indices, reference = list(range(len(examples))), mode
     if mode == "precompute" or cfg.filter.enabled:
-        cached = cached_reference(run, "train", examples, cfg)
+        _, cached = reference_scores(run, cfg, "train", examples)
         reference = cached if mode == "precompute" else mode
         if cfg.filter.enabled:
-            indices = apply_filter(run, examples, *cached, cfg.filter)
-    pad = tok.pad_token_id
+            indices = apply_filter(run.dir, examples, *cached, cfg.filter)
+    d = cfg.data
     plan = ExamplePlan(
         examples,
         indices,
         cfg.train.batch_size,
         cfg.train.seq_len,
-        cfg.data.packing,
-        cfg.data.share_prompt,
-        pad,
+        d.packing,
+        d.share_prompt,
+        tok.pad_token_id,
         cfg.seed,
     )
     eval_plan, eval_ref = None, None
-    if cfg.data.eval is not None:
-        eval_examples, eval_stats = build_examples(cfg, tok, "eval", unpaired=False)
+    if d.eval is not None:
+        eval_examples, eval_stats = build_examples(d, tok, "eval", cfg.loss.name, unpaired=False)
         report_data(run, "eval", eval_stats)
-        eval_ref = cached_reference(run, "eval", eval_examples, cfg) if spec.reference else None
-        seq = max(cfg.train.seq_len, 2 * cfg.data.max_len)
-        eval_plan = ExamplePlan(
-            eval_examples,
-            list(range(len(eval_examples))),
-            cfg.reference.batch_size,
-            seq,
-            True,
-            cfg.data.share_prompt,
-            pad,
-            0,
-            shuffle=False,
-        )
+        eval_plan, eval_ref = reference_scores(run, cfg, "eval", eval_examples, score=spec.reference)
     results: dict[int, dict] = {}
     problems = eval_problems(cfg)
     evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)

@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,6 +43,8 @@ from posttrain.data.loaders import load_records
 from posttrain.data.render import Sample, render_prompt_completion
 from posttrain.errors import ConfigError, DataError, ModelError
 from posttrain.train.lm_loss import token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -229,6 +235,36 @@ def fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
+def build_examples(cfg: PreferenceDataConfig, tokenizer, split: str, loss: str, unpaired: bool):
+    """Load or generate, render and budget one split: (examples, stats with the list of drops).
+
+    unpaired (KTO): pairs become a desirable and an undesirable example, each with a KL partner.
+    """
+    source = cfg.train if split == "train" else cfg.eval
+    if source == "tasks":
+        n = cfg.n_per_level if split == "train" else cfg.eval_n_per_level
+        step_sep = resolve_step_sep(tokenizer, cfg.step_sep)
+        raw = task_raw_examples(cfg, "train" if split == "train" else "test", n, step_sep)
+    else:
+        raw = file_raw_examples(source, cfg.limit, cfg.ranking_pairs)
+    labelled = any(r.label is not None for r in raw)
+    if labelled and (split == "eval" or not unpaired):
+        raise ConfigError(
+            f"loss {loss!r} needs chosen/rejected pairs but {source} holds unpaired labelled examples"
+            + (" (eval data must be pairs: preference accuracy compares the two)" if split == "eval" else ""),
+            where=f"data.{split}",
+            fix="use preference records" + ("" if split == "eval" else ", or loss.name=kto"),
+        )
+    if unpaired and split == "train":
+        raw = add_kl_partners(to_unpaired(raw))
+    examples, stats, dropped = render_examples(tokenizer, raw, cfg.max_len, cfg.truncation)
+    if not examples:
+        raise ConfigError(
+            f"every example of {source} was dropped: {stats['dropped']}", fix="raise data.max_len"
+        )
+    return examples, {**stats, "dropped_list": dropped}
+
+
 # ---------------------------------------------------------------- layout
 
 
@@ -407,3 +443,49 @@ def example_logprobs(
     sums = logp.new_zeros(n).index_add(0, piece, logp)
     counts = torch.bincount(piece, minlength=n)
     return sums[sp[:, 0]] + sums[sp[:, 1]], counts[sp[:, 0]] + counts[sp[:, 1]]
+
+
+# ---------------------------------------------------------------- reference log-probs
+
+
+def reference_context(model):
+    """pi_ref for PEFT adapters: the same weights with the adapter switched off."""
+    is_peft = hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+    return model.disable_adapter() if is_peft else nullcontext()
+
+
+@torch.no_grad()
+def score_examples(model, plan: ExamplePlan, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """pi_ref summed log-probs and token counts of every response of `plan`'s examples ((N, k), (N, k))."""
+    device = next(model.parameters()).device
+    n, k = len(plan.examples), len(plan.examples[0].samples)
+    sums, counts = torch.zeros(n, k), torch.zeros(n, k, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with reference_context(model):
+        for b in plan.epoch(0):
+            s, c = example_logprobs(model, {k_: v.to(device) for k_, v in b.items()}, chunk_size)
+            sums[b["example_index"]], counts[b["example_index"]] = (
+                s.float().cpu().view(-1, k),
+                c.cpu().view(-1, k),
+            )
+    model.train(was_training)
+    return sums, counts
+
+
+def cached_scores(path: Path, examples: list[Example], compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute()` once: its result is stored at `path` (atomically) with a hash of the examples'
+    tokens and reused while the hash matches (resume, re-runs)."""
+    key = fingerprint(examples)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["fingerprint"] == key:
+            log.info("reference log-probs: reusing %s", path)
+            return saved["sums"], saved["counts"]
+        log.warning("%s was computed for other data; recomputing", path)
+    sums, counts = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save({"fingerprint": key, "sums": sums, "counts": counts}, tmp)
+    os.replace(tmp, path)
+    return sums, counts

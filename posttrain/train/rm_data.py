@@ -118,7 +118,13 @@ def _stats(lengths: list[int], dropped: int, max_len: int) -> dict:
     if not lengths:
         raise DataError("no records", fix="point data.train at a non-empty file")
     n = len(lengths)
-    return {"samples": n, "tokens": sum(lengths), "mean_len": sum(lengths) / n, "max_len": max(lengths), "dropped": dropped}
+    return {
+        "samples": n,
+        "tokens": sum(lengths),
+        "mean_len": sum(lengths) / n,
+        "max_len": max(lengths),
+        "dropped": dropped,
+    }
 
 
 def _task_problems(cfg: RMDataConfig | PRMDataConfig, split: str):
@@ -157,7 +163,9 @@ def rm_records(tokenizer: Any, cfg: RMDataConfig, split: str) -> list[tuple[dict
     return [(row, f"task:{row['metadata']['task']}/{split}/{i}") for i, row in enumerate(rows)]
 
 
-def rm_groups(tokenizer: Any, cfg: RMDataConfig, split: str, margin: float = 0.0) -> tuple[list[RankedGroup], dict]:
+def rm_groups(
+    tokenizer: Any, cfg: RMDataConfig, split: str, margin: float = 0.0
+) -> tuple[list[RankedGroup], dict]:
     """Tokenised groups of one split and summary stats; `margin` is used where a record has none."""
     if _source(cfg, split) is None:
         return [], {}
@@ -171,7 +179,10 @@ def rm_groups(tokenizer: Any, cfg: RMDataConfig, split: str, margin: float = 0.0
         if max(len(x) for x in ids) > cfg.max_len:
             dropped += 1
             continue
-        groups.append(RankedGroup(ids, float(row.get("margin", margin)), where))
+        m = row.get("margin", margin)
+        if not isinstance(m, int | float) or isinstance(m, bool):
+            raise DataError(f"margin: expected a number, got {m!r}", where=where)
+        groups.append(RankedGroup(ids, float(m), where))
     return groups, _stats([len(x) for g in groups for x in g.responses], dropped, cfg.max_len)
 
 
@@ -201,7 +212,15 @@ def prm_records(cfg: PRMDataConfig, split: str) -> list[tuple[dict, str]]:
     return [(row, f"task:{row['metadata']['task']}/{split}/{i}") for i, row in enumerate(rows)]
 
 
-def step_sample(tokenizer: Any, prompt: Any, steps: list[str], labels: list[float], seps: tuple, where: str, final: str = "") -> StepSample:
+def step_sample(
+    tokenizer: Any,
+    prompt: Any,
+    steps: list[str],
+    labels: list[float],
+    seps: tuple,
+    where: str,
+    final: str = "",
+) -> StepSample:
     """Render one chain and put each step's label on its step-end token.
 
     seps: (step_sep, last_step_end, sep_id, end_id or None), see `prm_token_ids`.
@@ -209,7 +228,9 @@ def step_sample(tokenizer: Any, prompt: Any, steps: list[str], labels: list[floa
     step_sep, last_end, sep_id, end_id = seps
     if any(step_sep in s or (last_end and last_end in s) for s in steps):
         raise DataError(f"a step contains the separator {step_sep!r} or {last_end!r}", where=where)
-    sample = render_prompt_completion(tokenizer, prompt, prm_response(steps, step_sep, last_end, final), where)
+    sample = render_prompt_completion(
+        tokenizer, prompt, prm_response(steps, step_sep, last_end, final), where
+    )
     ids = torch.tensor([sample.input_ids])
     start = next(i for i, y in enumerate(sample.labels) if y != IGNORE_INDEX)
     positions = step_end_mask(ids, torch.tensor([start]), sep_id, end_id)[0].nonzero().flatten().tolist()
@@ -241,7 +262,9 @@ def prm_samples(tokenizer: Any, cfg: PRMDataConfig, split: str) -> tuple[list[St
     samples, dropped = [], 0
     for row, where in prm_records(cfg, split):
         labels = _check_stepwise(row, where)
-        s = step_sample(tokenizer, row["prompt"], row["completions"], labels, seps, where, row.get("final", ""))
+        s = step_sample(
+            tokenizer, row["prompt"], row["completions"], labels, seps, where, row.get("final", "")
+        )
         if len(s.input_ids) > cfg.max_len:
             dropped += 1
             continue
@@ -270,14 +293,23 @@ def collate_groups(groups: Sequence[RankedGroup], pad_id: int) -> dict[str, torc
     ids = _pad(rows, pad_id, torch.long)
     mask = _pad([[1] * len(r) for r in rows], 0, torch.long)
     margin = torch.tensor([g.margin for g in groups], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": mask, "group_index": _pad(index, -1, torch.long), "margin": margin}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "group_index": _pad(index, -1, torch.long),
+        "margin": margin,
+    }
 
 
 def collate_steps(samples: Sequence[StepSample], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, step_labels (B, T); step_labels -1 where no step ends."""
     ids = _pad([s.input_ids for s in samples], pad_id, torch.long)
     mask = _pad([[1] * len(s.input_ids) for s in samples], 0, torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "step_labels": _pad([s.step_labels for s in samples], -1.0, torch.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "step_labels": _pad([s.step_labels for s in samples], -1.0, torch.float32),
+    }
 
 
 class ExamplePlan:
@@ -286,7 +318,9 @@ class ExamplePlan:
     items: groups or step samples; lengths: their padded cost; collate(list, pad_id) -> batch.
     """
 
-    def __init__(self, items: list, lengths: list[int], batch_size: int, collate: Callable, pad_id: int, seed: int):
+    def __init__(
+        self, items: list, lengths: list[int], batch_size: int, collate: Callable, pad_id: int, seed: int
+    ):
         if not items:
             raise ConfigError("no training examples", fix="check data.train")
         self.items, self.lengths, self.batch_size = items, lengths, batch_size

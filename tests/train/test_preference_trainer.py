@@ -21,10 +21,13 @@ from posttrain.train.preference_data import (
     ExamplePlan,
     PreferenceDataConfig,
     RawExample,
+    add_kl_partners,
     example_logprobs,
     file_raw_examples,
+    reference_context,
     render_examples,
     task_raw_examples,
+    to_unpaired,
 )
 
 LOSSES = ["sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"]
@@ -39,7 +42,7 @@ def _examples(tok, split="train", n=8, unpaired=False, tasks=("sort",), malforme
     cfg = PreferenceDataConfig(tasks=list(tasks), levels=[1], malformed=malformed)
     raw = task_raw_examples(cfg, split, n, "<step>")
     if unpaired:
-        raw = pref.add_kl_partners(pref.to_unpaired(raw))
+        raw = add_kl_partners(to_unpaired(raw))
     return render_examples(tok, raw, 256, "drop")[0]
 
 
@@ -89,7 +92,7 @@ def test_lora_reference_is_the_base_model(tiny_model_dir, tok):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     adapted = example_logprobs(model, batch)[0]
-    with torch.no_grad(), pref.reference_context(model):
+    with torch.no_grad(), reference_context(model):
         ref = example_logprobs(model, batch)[0]
     assert torch.allclose(ref, want, atol=1e-5)
     assert not torch.allclose(adapted, want, atol=1e-2)
@@ -203,12 +206,12 @@ def smoke_data(tiny_model_dir, tok):
     train_unpaired = _examples(tok, n=48, unpaired=True)
     held_out = _examples(tok, "test", n=12)
     model = load_model(tiny_model_dir)
-    args = (8, 512, True, tok.pad_token_id, 1024)
-    ref = {
-        "paired": pref.score_examples(model, train, *args),
-        "unpaired": pref.score_examples(model, train_unpaired, *args),
-        "eval": pref.score_examples(model, held_out, *args),
-    }
+
+    def score(examples):
+        plan = ExamplePlan(examples, range(len(examples)), 16, 512, True, True, tok.pad_token_id, 0, False)
+        return pref.score_examples(model, plan)
+
+    ref = {"paired": score(train), "unpaired": score(train_unpaired), "eval": score(held_out)}
     return train, train_unpaired, held_out, ref
 
 
@@ -235,7 +238,6 @@ def test_each_loss_learns_held_out_preferences(tiny_model_dir, tok, smoke_data, 
         held_out, list(range(len(held_out))), 12, 512, True, True, tok.pad_token_id, 0, False
     )
     result = pref.preference_eval(model, eval_plan, spec, spec.params, ref["eval"], 1024)
-    print("ACC", name, result["rewards/accuracy"])
     assert result["rewards/accuracy"] > 0.5, result
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -274,6 +276,7 @@ def test_lora_run_uses_adapter_reference_logs_metrics_and_exports(tmp_path, tiny
     assert "kl/implicit" in train[-1] and "nll" in train[-1]
     evals = [r for r in rows if "eval/rewards/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 4] and "eval/task_accuracy/overall" in evals[-1]
+    assert evals[0]["eval/rewards/margins"] == 0.0 and "eval/logps/accuracy" in evals[0]
     assert not (out / "reference" / "train.pt").exists()  # adapter mode: nothing precomputed for training
     assert (out / "reference" / "eval.pt").is_file()
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()

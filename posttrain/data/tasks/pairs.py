@@ -10,6 +10,8 @@ response is one of:
 - ``truncated``: the chain cut after some steps, ``</think>`` never closed.
 
 ``malformed`` is the share of malformed rejections (the rest are ``wrong``).
+`pairs_from_completions` labels a policy's own samples the same way (the
+building block of iterative, on-policy DPO).
 Records are preference records (`posttrain.data.records`) whose metadata names
 the task, level, ground truth and the kind of rejection. Everything is
 deterministic in (task, split, level, seed).
@@ -107,4 +109,33 @@ def make_pairs(
     return [
         pair_record(task, p, _rng(task.name, split, seed, p.question, i), step_sep, malformed)
         for i, p in enumerate(problems)
+    ]
+
+
+def pairs_from_completions(
+    task: str | Task, problem: Problem, completions: Sequence[str], max_pairs: int = 1
+) -> list[dict[str, Any]]:
+    """On-policy pairs for iterative DPO: sampled completions labelled by the task's verifier.
+
+    Pairs each verified-correct completion with an incorrect one (in sampling order,
+    distinct texts), up to ``max_pairs``; a problem whose samples are all right or
+    all wrong gives no pair (it carries no preference signal).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    right = list(dict.fromkeys(c for c in completions if task.verify(c, problem.answer)))
+    wrong = list(dict.fromkeys(c for c in completions if not task.verify(c, problem.answer)))
+    meta = {
+        "task": task.name,
+        "level": problem.level,
+        "ground_truth": problem.answer,
+        "rejected_kind": "sampled",
+    }
+    return [
+        {
+            "prompt": [{"role": "user", "content": problem.question}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+            "metadata": meta,
+        }
+        for c, r in list(zip(right, wrong, strict=False))[:max_pairs]
     ]

@@ -58,7 +58,9 @@ def prm_records(problems: Sequence[Problem], n_corrupt: int = 1, seed: int = 0) 
         out.append(_chain_record(p, p.steps, [True] * len(p.steps), p.answer, "correct"))
         for _ in range(n_corrupt):
             wrong, _ = task.corrupt(rng, p)
-            out.append(_chain_record(p, wrong.steps, task.check_steps(p, wrong.steps), wrong.answer, "corrupted"))
+            out.append(
+                _chain_record(p, wrong.steps, task.check_steps(p, wrong.steps), wrong.answer, "corrupted")
+            )
     return out
 
 

@@ -52,3 +52,26 @@ def test_wrong_rejections_carry_their_first_wrong_step():
         chosen_steps = r["chosen"][0]["content"].split("\n")
         rejected_steps = r["rejected"][0]["content"].split("\n")
         assert chosen_steps[:k] == rejected_steps[:k]  # identical up to the slip
+
+
+def test_pairs_from_sampled_completions_use_the_verifier():
+    problem = make_split_problem()
+    good = problem.response("\n")
+    bad = good.replace(f"Answer: {problem.answer}", "Answer: 999")
+    (pair,) = make_pairs_from([good, bad, good, "garbage"], problem)
+    assert pair["chosen"][0]["content"] == good and pair["rejected"][0]["content"] == bad
+    assert make_pairs_from([good, good], problem) == []  # no preference signal
+    assert make_pairs_from([bad, "garbage"], problem) == []
+    assert len(make_pairs_from([good, bad, good + " ", "garbage"], problem, max_pairs=5)) == 2
+
+
+def make_split_problem():
+    from posttrain.data.tasks import make_split
+
+    return make_split("arith", "train", 1, seed=0, levels=[2])[0]
+
+
+def make_pairs_from(completions, problem, max_pairs=1):
+    from posttrain.data.tasks.pairs import pairs_from_completions
+
+    return pairs_from_completions("arith", problem, completions, max_pairs)

@@ -1,0 +1,246 @@
+"""DPO training speed, posttrain vs TRL's DPOTrainer, side by side on the same model and pairs.
+
+    python bench/dpo_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults]
+
+Every system trains the same model (fp32 weights, 2 threads) with the DPO
+sigmoid loss (beta 0.1) on the same preference pairs: the task suite's
+verified-correct vs wrong-or-malformed solutions (`posttrain.data.tasks.pairs`),
+conversational, written to one JSONL file and kept only where prompt + response
+fits 128 tokens under the model's chat template (so nobody truncates).
+8 pairs per optimiser step, full fine-tuning, AdamW, grad-norm clip 1.0. Each
+system runs in its own subprocess (isolated warm-up and peak RSS); the first
+`--warmup` steps are dropped for everyone.
+
+- posttrain: `posttrain.train.preference.run_preference`; the reference
+  log-probs are precomputed (its default for full fine-tuning); chosen and
+  rejected of a pair share one forward of their common prefix; examples
+  packed into rows of 512 tokens; step times from metrics.jsonl.
+- trl-fastest: DPOTrainer with bf16=False, gradient_checkpointing=False and
+  precompute_ref_log_probs=True (the same reference treatment), its fastest CPU setting.
+- trl-defaults: DPOConfig's defaults for bf16 (True: autocast), gradient
+  checkpointing (True) and the reference (a second model, forward every step).
+
+Speed is measured in pair tokens / s: the tokens of prompt + chosen plus prompt +
+rejected of the pairs in the step (padding and shared-prefix savings do not
+count), so batches of different lengths compare fairly. The precompute passes
+(both systems) happen before step 1 and are not timed; their wall time is in
+`wall s`. The last line is `ratio posttrain/trl_fastest pair tokens/s: X.XXx`
+of the last model benchmarked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_vs_trl import busy_cpu_s, matmul_peak, model_path, wait_idle  # noqa: E402
+
+THREADS = 2
+BATCH, MAX_LEN = 8, 128
+DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
+SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults")
+
+
+def write_pairs(path: Path, model: Path, n_pairs: int) -> None:
+    """The first `n_pairs` generated pairs whose chosen and rejected both fit MAX_LEN tokens."""
+    from posttrain.data.render import render_prompt_completion
+    from posttrain.data.tasks.pairs import make_pairs
+    from posttrain.models.load import load_tokenizer
+
+    tok = load_tokenizer(model)
+    sep = "<step>" if "<step>" in tok.get_vocab() else "\n"
+    pools = [make_pairs(t, "train", 40, seed=0, step_sep=sep) for t in ("arith", "countdown", "sort")]
+    rows = [r for group in zip(*pools, strict=False) for r in group]  # interleave the tasks
+    kept = []
+    for r in rows:
+        lens = [
+            len(render_prompt_completion(tok, r["prompt"], r[k]).input_ids) for k in ("chosen", "rejected")
+        ]
+        if max(lens) <= MAX_LEN:
+            kept.append({k: r[k] for k in ("prompt", "chosen", "rejected")})
+        if len(kept) == n_pairs:
+            break
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---------------------------------------------------------------- workers (one per subprocess)
+
+
+def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
+    from posttrain.config import load_recipe
+    from posttrain.train.preference import PreferenceRecipe, run_preference
+    from posttrain.train.preference_data import ExamplePlan, build_examples
+
+    overrides = [
+        f"model.path={path}", "model.dtype=float32", "model.device=cpu", f"output_dir={out / 'run'}",
+        f"data.train={data}", "data.eval=null", f"data.max_len={MAX_LEN}", "data.packing=true",
+        "eval.task_accuracy_n=0", "eval.before=false", "loss.name=sigmoid", "loss.beta=0.1",
+        f"train.max_steps={n_steps}", f"train.batch_size={BATCH}", "train.seq_len=512",
+        f"train.threads={THREADS}", "train.tensorboard=false", "optim.lr=1e-6", "resume=false",
+    ]  # fmt: skip
+    cfg = load_recipe(PreferenceRecipe, None, overrides)
+    run_preference(cfg)
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
+    rows = [r for r in rows if "step_time_s" in r]
+    # Pair tokens of the batches the run saw (the plan is deterministic in the seed).
+    from posttrain.models.load import load_tokenizer
+
+    examples, _ = build_examples(cfg.data, load_tokenizer(path), "train", "sigmoid", unpaired=False)
+    plan = ExamplePlan(examples, list(range(len(examples))), BATCH, 512, True, True, 0, cfg.seed)
+    batches = [plan.epoch(i // len(plan))[i % len(plan)] for i in range(n_steps)]
+    pair_tokens = [
+        sum(len(s.input_ids) for i in b["example_index"] for s in examples[i].samples) for b in batches
+    ]
+    processed = [int(b["input_ids"].numel()) for b in batches]
+    share = sum(processed) / sum(pair_tokens)
+    return {
+        "step_times": [r["step_time_s"] for r in rows],
+        "pair_tokens": pair_tokens,
+        "note": f"shared-prefix packed rows: {share:.0%} of pair tokens processed (incl. padding); "
+        "reference precomputed",
+    }
+
+
+def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    ends: list[float] = []
+    tokens: list[int] = []
+    padded: list[int] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    class CountingTrainer(DPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            padded.append(int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    speed = {}
+    if not defaults:
+        speed = {"bf16": False, "gradient_checkpointing": False, "precompute_ref_log_probs": True}
+    args = DPOConfig(
+        output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=BATCH, max_length=MAX_LEN,
+        beta=0.1, loss_type=["sigmoid"], learning_rate=1e-6, save_strategy="no", report_to="none",
+        logging_steps=n_steps, use_cpu=True, seed=0, **speed,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_dataset("json", data_files=data, split="train")
+    trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.add_callback(StepClock())
+    trainer.train()
+    return {
+        "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
+        "pair_tokens": tokens,
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} "
+        f"precompute_ref={args.precompute_ref_log_probs}; {sum(tokens) / sum(padded):.0%} of padded tokens real",
+    }
+
+
+def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
+    torch.set_num_threads(THREADS)
+    if system == "posttrain":
+        res = run_posttrain(path, data, out, n_steps)
+    else:
+        res = run_trl(path, data, out, n_steps, defaults=system == "trl-defaults")
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "result.json").write_text(json.dumps(res))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wait: float) -> dict | None:
+    import os
+
+    wait_idle(max_wait)
+    out = tmp / system
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"))
+    cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
+    cmd += ["--out", str(out), "--steps", str(n_steps)]
+    t0, (busy0, ours0) = time.perf_counter(), busy_cpu_s()
+    with (out / "log.txt").open("w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    (busy1, ours1), wall = busy_cpu_s(), time.perf_counter() - t0
+    if rc != 0 or not (out / "result.json").is_file():
+        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
+        return None
+    res = json.loads((out / "result.json").read_text())
+    # Other processes' CPU use during the run, in cores: above ~0.2 the timings are disturbed.
+    res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    return res
+
+
+def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], max_wait: float, path=None) -> None:
+    path = Path(path) if path else model_path(name)
+    n_steps = n_meas + n_warm
+    print(f"\n== {name}: {path}\n{BATCH} pairs/step, max length {MAX_LEN}, fp32 weights, {THREADS} threads; "
+          f"{n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-dpo-{name}-"))
+    try:
+        write_pairs(tmp / "pairs.jsonl", path, n_steps * BATCH)
+        results = {s: launch(s, path, tmp / "pairs.jsonl", tmp, n_steps, max_wait) for s in systems}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'system':<13}{'s/step':>7}{'pair tok/s':>11}{'RSS MB':>8}{'wall s':>7}{'others':>7}  notes")
+    tps: dict[str, float] = {}
+    for system, r in ((s, r) for s, r in results.items() if r is not None):
+        times, toks = r["step_times"][n_warm:], r["pair_tokens"][n_warm:]
+        tps[system] = sum(toks) / sum(times)
+        print(f"{system:<13}{sum(times) / len(times):>7.2f}{tps[system]:>11.0f}{r['rss_mb']:>8.0f}"
+              f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r['note']}",
+              flush=True)  # fmt: skip
+    for peer in ("trl-defaults", "trl-fastest"):
+        if "posttrain" in tps and peer in tps:
+            print(
+                f"ratio posttrain/{peer.replace('-', '_')} pair tokens/s: {tps['posttrain'] / tps[peer]:.2f}x"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    ap.add_argument("--steps", type=int, help="measured steps (default: tiny 20, smollm2 4)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
+    ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
+    ap.add_argument("--model-path", help="benchmark this model folder instead (with --model tiny|smollm2)")
+    ap.add_argument(
+        "--max-wait", type=float, default=600, help="s to wait for an idle machine before each run"
+    )
+    for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
+    systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
+    wait_idle(a.max_wait)
+    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {matmul_peak():.0f} GFLOP/s", flush=True)
+    for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
+        n_meas, n_warm = DEFAULT_STEPS[name]
+        n_warm = n_warm if a.warmup is None else a.warmup
+        bench_model(name, a.steps or n_meas, n_warm, systems, a.max_wait, a.model_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Rollout speed: posttrain's HF engine vs plain ``model.generate``, n samples per prompt.
+
+    python bench/rollout.py [--model tiny|smollm2|all] [--prompts K] [--n 8] [--max-new-tokens M] [--threads T]
+
+Both systems get the same model (fp32, 2 threads), the same prompts (task-suite questions
+rendered with the model's chat template, left-padded for ``generate``), the same sampling
+(temperature 1.0, top_p 1.0, top_k off, ``max_new_tokens`` M) and n samples per prompt
+(``num_return_sequences=n`` for ``generate``). ``generate`` also returns no log-probs here;
+the engine computes them for every token.
+
+Tokens counted = generated tokens up to and including the stop token (padding after a
+finished sequence is not counted), for both systems. The samples differ (different random
+streams), so tokens/s, not wall time, is compared. Each system runs once to warm up, then
+``--repeats`` times alternating; the figure is total tokens / total time.
+
+The last line is ``ratio posttrain/generate tokens/s: X.XXx`` of the last model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
+
+
+def model_dir(name: str, tiny_path: str | None) -> Path:
+    if name == "smollm2":
+        return SMOLLM2
+    if tiny_path:
+        return Path(tiny_path)
+    from posttrain.train.pretrain import ensure_default_model
+
+    return ensure_default_model()
+
+
+def build_prompts(k: int) -> list[list[dict]]:
+    from posttrain.data.tasks import make_split
+
+    problems = make_split("arith", "test", k, seed=0)[:k]
+    return [p.prompt_record()["prompt"] for p in problems]
+
+
+def count_generated(seqs: torch.Tensor, stop_ids: set[int]) -> int:
+    """Tokens up to and including the first stop id, per row of generate's new tokens (R, L)."""
+    total = 0
+    for row in seqs.tolist():
+        n = len(row)
+        for i, tok in enumerate(row):
+            if tok in stop_ids:
+                n = i + 1
+                break
+        total += n
+    return total
+
+
+def run_generate(
+    model, tok, encoded: list[list[int]], n: int, max_new: int, stop_ids: set[int]
+) -> tuple[int, float]:
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            num_return_sequences=n,
+            max_new_tokens=max_new,
+            pad_token_id=tok.pad_token_id,
+        )
+    elapsed = time.perf_counter() - start
+    return count_generated(out[:, width:], stop_ids), elapsed
+
+
+def run_engine(engine, prompts, n: int, max_new: int) -> tuple[int, float]:
+    from posttrain.rollout.sampling import rollout_defaults
+
+    params = rollout_defaults(n=n, max_new_tokens=max_new)
+    start = time.perf_counter()
+    out = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(c.token_ids) for c in out), elapsed
+
+
+def bench_model(name: str, args: argparse.Namespace) -> float:
+    from posttrain.rollout.engine import encode_prompt
+    from posttrain.rollout.hf_engine import HFEngine
+
+    path = model_dir(name, args.tiny_path)
+    engine = HFEngine(str(path), dtype="float32", device="cpu")
+    model, tok = engine.model, engine.tokenizer
+    prompts = build_prompts(args.prompts)
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    stop_ids = set(engine.eos_ids)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"== {name}: {path} ({params / 1e6:.1f}M params), {len(prompts)} prompts x n={args.n}, "
+        f"max_new_tokens={args.max_new_tokens}"
+    )
+    totals = {"generate": [0, 0.0], "posttrain": [0, 0.0]}
+    for rep in range(args.repeats + 1):
+        for system in ("generate", "posttrain"):
+            torch.manual_seed(rep)
+            if system == "generate":
+                toks, secs = run_generate(model, tok, encoded, args.n, args.max_new_tokens, stop_ids)
+            else:
+                toks, secs = run_engine(engine, prompts, args.n, args.max_new_tokens)
+            label = "warm-up" if rep == 0 else f"run {rep}"
+            print(f"  {system:10s} {label:8s} {toks:6d} tokens {secs:7.2f} s {toks / secs:8.1f} tok/s")
+            if rep > 0:
+                totals[system][0] += toks
+                totals[system][1] += secs
+    rates = {k: v[0] / v[1] for k, v in totals.items()}
+    for system, rate in rates.items():
+        print(f"  {system:10s} {rate:8.1f} tok/s over {args.repeats} runs")
+    ratio = rates["posttrain"] / rates["generate"]
+    print(f"  {name}: ratio posttrain/generate tokens/s: {ratio:.2f}x")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    parser.add_argument(
+        "--tiny-path", default=None, help="a tiny model folder (default: the embedded default model)"
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="distinct prompts (default 16 tiny, 4 smollm2)"
+    )
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128 tiny, 64 smollm2")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 is steadier on a busy machine)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["tiny", "smollm2"] if args.model == "all" else [args.model]
+    ratio = 0.0
+    for name in names:
+        sub = argparse.Namespace(**vars(args))
+        sub.prompts = args.prompts or (16 if name == "tiny" else 4)
+        sub.max_new_tokens = args.max_new_tokens or (128 if name == "tiny" else 64)
+        ratio = bench_model(name, sub)
+    print(f"ratio posttrain/generate tokens/s: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Process reward model: a per-step correctness score read at each step-end token.
+
+The chain is rendered as ``<think>s1<step>s2<step>...sn</think>`` (separators configurable,
+`posttrain.models.heads.prm_response`); the scalar head's value z at every step-end token
+(each separator and, for the last step, the ``</think>`` token) is the logit of
+P(step correct). Loss: binary cross-entropy at those positions only
+(`posttrain.algos.rm_losses.prm_bce_loss`), hard or soft labels, aggregated over steps by
+``train.loss_agg`` (token-mean = mean over all steps of the optimiser step;
+seq-mean-token-mean = mean per chain, then over chains). Metrics: step accuracy, F1 of the
+wrong-step class, first-error-step accuracy; on held-out data before training (the untrained
+model with the same head init) and after. ``final/`` loads with
+`posttrain.models.heads.load_reward_model`; `posttrain.rewards.models` scores with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.algos.aggregate import token_weights
+from posttrain.algos.rm_losses import prm_bce_loss, step_metrics
+from posttrain.models.heads import RewardModel
+from posttrain.models.peft import PeftConfig
+from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run
+from posttrain.train.optim import OptimConfig
+from posttrain.train.rm import attach_head, train_reward_model
+from posttrain.train.rm_data import ExamplePlan, PRMDataConfig, collate_steps, prm_samples, prm_token_ids
+
+
+@dataclass
+class PRMRecipe:
+    """`posttrain prm RECIPE.yaml`: every key of a process reward-model recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PRMDataConfig = field(default_factory=PRMDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output_dir: str = "runs/prm"
+    """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
+    seed: int = 0
+    """Seed of the head init, LoRA init and data order."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir if there is one."""
+    eval_before: bool = True
+    """Evaluate the untrained model (same head init) before step 1, as the baseline."""
+
+
+def step_logits(model: RewardModel, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, ...]:
+    """(logits (N,), labels (N,), chain ids (N,)) at the step-end positions of a batch, row-major."""
+    values = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    labels = batch["step_labels"].to(device)
+    at = labels >= 0
+    rows = torch.arange(labels.shape[0], device=device)[:, None].expand_as(labels)
+    return values[at], labels[at], rows[at]
+
+
+def prm_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) -> dict[str, float]:
+    """Forward/backward of one optimiser step of the PRM (the `run_loop` step_fn)."""
+    num_steps = float(sum(int((b["step_labels"] >= 0).sum()) for b in micro))
+    num_chains = float(sum(int(b["step_labels"].shape[0]) for b in micro))
+    out = {"loss": 0.0, "step_acc": 0.0}
+    for b in micro:
+        logits, labels, seq = step_logits(model, b, device)
+        w = token_weights(seq, loop.loss_agg, num_tokens=num_steps, num_seqs=num_chains)
+        loss, _ = prm_bce_loss(logits, labels, w)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        out["loss"] += float(loss.detach())
+        out["step_acc"] += float(((logits.detach() >= 0) == (labels >= 0.5)).sum()) / num_steps
+    return out
+
+
+@torch.no_grad()
+def evaluate_prm(model: RewardModel, plan: ExamplePlan, device) -> dict[str, float]:
+    """Held-out step accuracy, wrong-step F1, first-error accuracy and mean BCE per step."""
+    was_training = model.training
+    model.eval()
+    logits, labels, seqs, offset = [], [], [], 0
+    for b in plan.epoch(0):
+        z, y, s = step_logits(model, b, device)
+        logits.append(z.float().cpu())
+        labels.append(y.cpu())
+        seqs.append(s.cpu() + offset)
+        offset += b["input_ids"].shape[0]
+    model.train(was_training)
+    z, y, s = torch.cat(logits), torch.cat(labels), torch.cat(seqs)
+    loss, _ = prm_bce_loss(z, y, torch.full_like(z, 1.0 / max(z.numel(), 1)))
+    return {"loss": float(loss), **{k: float(v) for k, v in step_metrics(torch.sigmoid(z), y, s).items()}}
+
+
+def run_prm(cfg: PRMRecipe) -> Path:
+    """Train and export a process reward model; returns the `final/` folder."""
+    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
+    tok, pad = run.tokenizer, run.tokenizer.pad_token_id
+    step_sep, last_end, _, _ = prm_token_ids(tok, cfg.data.step_sep, cfg.data.last_step_end)
+    train, stats = prm_samples(tok, cfg.data, "train")
+    run.print_data_table("train", stats)
+    held_out, _ = prm_samples(tok, cfg.data, "eval")
+    bs = cfg.train.batch_size
+    plan = ExamplePlan(train, [len(s.input_ids) for s in train], bs, collate_steps, pad, cfg.seed)
+    evaluate = None
+    if held_out:
+        eval_plan = ExamplePlan(held_out, [len(s.input_ids) for s in held_out], bs, collate_steps, pad, 0)
+
+        def evaluate(model, step):
+            metrics = evaluate_prm(model, eval_plan, run.device)
+            run.logger.log(step, metrics, prefix="eval/")
+            return metrics
+
+    info = {"kind": "prm", "step_sep": step_sep, "last_step_end": last_end}
+    model = attach_head(run, cfg.seed, cfg.peft, info)
+    return train_reward_model(cfg, run, model, plan, prm_step, evaluate, info)
+
+
+def prm_main(recipe_path: str | None, overrides: list[str]) -> Path:
+    """`posttrain prm RECIPE.yaml [key=value ...]`."""
+    from posttrain.config import load_recipe
+
+    return run_prm(load_recipe(PRMRecipe, recipe_path, overrides))
