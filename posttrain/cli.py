@@ -46,6 +46,7 @@ RECIPE_TYPES: dict[str, str] = {
     "sft": "posttrain.train.sft:SFTRecipe",
     "rm": "posttrain.train.rm:RMRecipe",
     "prm": "posttrain.train.prm:PRMRecipe",
+    "preference": "posttrain.train.preference:PreferenceRecipe",
     "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
 }
 
@@ -106,6 +107,14 @@ def prm(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.train.prm import prm_main
 
     prm_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def preference(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Offline preference optimisation: DPO, IPO, robust DPO, hinge, SimPO, ORPO, KTO."""
+    from posttrain.train.preference import preference_main
+
+    preference_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()
