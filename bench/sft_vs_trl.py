@@ -1,23 +1,23 @@
 """SFT training speed, posttrain vs TRL's SFTTrainer, side by side on the same model and data.
 
-    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults]
+    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults] [--bf16]
 
-Same model (fp32, 2 threads), same prompt-completion chats (one JSONL file),
-packed rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at 1.0:
-posttrain's `run_sft`; TRL's SFTTrainer in its fastest CPU setting (bf16=False,
-no gradient checkpointing, packing_strategy="wrapped") and with its defaults
-(bf16 autocast + gradient checkpointing); and a bare `model(..., labels=...)`
-+ AdamW loop. Each runs in its own subprocess; the first `--warmup` steps are
-dropped for all; tokens/s = all tokens of the step's rows (padding included)
-/ step time. See bench/README.md for the differences in work between them.
+Same model (fp32 weights, 2 threads), same prompt-completion chats (one JSONL
+file), packed rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at
+1.0: posttrain's `run_sft`; TRL's SFTTrainer in its fastest fp32 setting
+(bf16=False, no gradient checkpointing, packing_strategy="wrapped") and with
+its defaults (bf16 autocast + gradient checkpointing); a bare `model(...,
+labels=...)` + AdamW loop; with --bf16 also posttrain and TRL under bf16
+autocast without checkpointing (fastest on CPUs with AMX). One subprocess
+each; the first `--warmup` steps are dropped for all; tokens/s = tokens of
+the step's rows (padding included) / step time. See bench/README.md.
 
 Model FLOPs per step = 6 * P * T + 6 * d * V * R: P parameters outside the
 embedding / LM-head matrices, T tokens, d hidden size, V vocabulary, R rows
-through the LM head (posttrain: trained positions; TRL on CPU: every position
-but each row's last; bare: all). Attention scores and recomputation are not
-counted. % peak = FLOPs / step time / the fp32 peak of a square n=2048 matmul
-on 2 threads, measured here. The last line is `ratio posttrain/trl_fastest
-tokens/s: X.XXx` for the last model.
+through the LM head (posttrain: trained positions; TRL on CPU: all but each
+row's last; bare: all); attention scores and recomputation not counted.
+% peak = FLOPs / step time / matmul peak (n=2048, 2 threads; fp32, or bf16
+for bf16 rows) measured here. Last line: `ratio posttrain/trl_fastest ...`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ THREADS = 2
 BATCH, SEQ = 8, 256
 SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
-SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults", "bare")
+SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults", "bare", "posttrain-bf16", "trl-bf16")
 
 
 def model_path(name: str) -> Path:
@@ -68,18 +68,18 @@ def write_data(path: Path, n_per_level: int = 150) -> None:
 # ---------------------------------------------------------------- workers (one subprocess each)
 
 
-def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
+def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str) -> dict:
     from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
     from posttrain.models.load import load_tokenizer
     from posttrain.train.loop import LoopConfig, ModelConfig
     from posttrain.train.sft import SFTRecipe, run_sft
 
+    loop = LoopConfig(max_steps=n_steps, batch_size=BATCH, seq_len=SEQ, precision=precision, threads=THREADS)
+    loop.tensorboard, loop.save_every = False, 0
     recipe = SFTRecipe(
         model=ModelConfig(path=path, dtype="float32", device="cpu"),
         data=DataConfig(train=data, eval=None, packing=True, max_len=SEQ),
-        train=LoopConfig(
-            max_steps=n_steps, batch_size=BATCH, seq_len=SEQ, threads=THREADS, tensorboard=False, save_every=0
-        ),
+        train=loop,
         output_dir=str(out / "run"),
         resume=False,
     )
@@ -95,11 +95,11 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
         "step_times": [r["step_time_s"] for r in rows],
         "tokens": [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows],
         "head_rows": [r["tokens"] for r in rows],
-        "note": f"BFD packing, {fill:.0%} real tokens, attention kept per sample",
+        "note": f"precision={precision}, BFD packing, {fill:.0%} real tokens, attention kept per sample",
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
+def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -119,7 +119,8 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> di
             tokens.append(int(inputs["input_ids"].numel()))
             return super().training_step(model, inputs, num_items_in_batch)
 
-    speed = {} if defaults else {"bf16": False, "gradient_checkpointing": False, "learning_rate": 1e-4}
+    # mode "defaults" keeps SFTConfig's bf16 / gradient_checkpointing / learning_rate defaults.
+    speed = {} if mode == "defaults" else {"bf16": mode == "bf16", "gradient_checkpointing": False}
     args = SFTConfig(
         output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=BATCH, max_length=SEQ,
         packing=True, packing_strategy="wrapped", save_strategy="no", report_to="none",
@@ -137,8 +138,8 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> di
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
         "tokens": tokens,
         "head_rows": [t - t // SEQ for t in tokens],  # every position but the last of each row
-        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim}, "
-        f"{trained:.0%} of tokens trained",
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim.value}, "
+        f"wrapped packing, {trained:.0%} of tokens trained",
     }
 
 
@@ -154,7 +155,7 @@ def run_bare(path: str, data: str, out: Path, n_steps: int) -> dict:
     rows = torch.tensor(ids[: len(ids) // SEQ * SEQ]).view(-1, SEQ)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times = []
     for i in range(n_steps):
         batch = rows[(i * BATCH) % (len(rows) - BATCH) :][:BATCH]
@@ -163,15 +164,18 @@ def run_bare(path: str, data: str, out: Path, n_steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"step_times": times, "tokens": [BATCH * SEQ] * n_steps, "head_rows": [BATCH * SEQ] * n_steps}
+    n = [BATCH * SEQ] * n_steps
+    return {"step_times": times, "tokens": n, "head_rows": n, "note": "fused AdamW"}
 
 
 def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     torch.set_num_threads(THREADS)
     if system.startswith("trl"):
-        res = run_trl(path, data, out, n_steps, defaults=system == "trl-defaults")
+        res = run_trl(path, data, out, n_steps, mode=system.split("-")[1])
+    elif system.startswith("posttrain"):
+        res = run_posttrain(path, data, out, n_steps, "bf16" if system.endswith("bf16") else "fp32")
     else:
-        res = (run_posttrain if system == "posttrain" else run_bare)(path, data, out, n_steps)
+        res = run_bare(path, data, out, n_steps)
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(res))
 
@@ -179,10 +183,10 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of a square n x n matmul on THREADS threads."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of a square n x n matmul on THREADS threads."""
     torch.set_num_threads(THREADS)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -211,21 +215,7 @@ def busy_cpu_s() -> tuple[float, float]:
     return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
 
 
-def wait_idle(max_wait: float, limit: float = 0.3) -> None:
-    """Wait up to max_wait s until other processes use < limit cores (over 5 s): the machine may be shared."""
-    deadline = time.time() + max_wait
-    while True:
-        busy0, _ = busy_cpu_s()
-        time.sleep(5)
-        load = (busy_cpu_s()[0] - busy0) / 5
-        if load < limit or time.time() > deadline:
-            if load >= limit:
-                print(f"warning: other processes use {load:.1f} cores; timings will be disturbed", flush=True)
-            return
-
-
-def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wait: float) -> dict | None:
-    wait_idle(max_wait)
+def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict | None:
     out = tmp / system
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
@@ -240,12 +230,13 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wai
         print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
         return None
     res = json.loads((out / "result.json").read_text())
-    # Other processes' CPU use during the run, in cores: above ~0.2 the timings are disturbed.
+    # Other processes' CPU use during the run, in cores: above ~0.3 the timings are disturbed
+    # (on a shared machine run with --nice -20).
     res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
     return res
 
 
-def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peak: float, wait: float) -> None:
+def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: dict) -> None:
     path = model_path(name)
     total, body, d, vocab = model_shape(path)
     print(f"\n== {name}: {path}\n{total / 1e6:.2f}M params ({body / 1e6:.2f}M outside embeddings), "
@@ -254,23 +245,26 @@ def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peak: f
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-sft-{name}-"))
     try:
         write_data(tmp / "data.jsonl")
-        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm, wait) for s in systems}
+        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm) for s in systems}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    head = f"{'system':<13}{'s/step':>7}{'tokens/s':>9}{'%peak':>7}{'RSS MB':>7}{'wall s':>7}{'others':>7}"
-    print(head + "  notes")
+    cols = f"{'s/step':>7}{'tokens/s':>9}{'%peak':>7}{'RSS MB':>7}{'wall s':>7}{'others':>7}"
+    print(f"{'system':<15}{cols}  notes")
     tps: dict[str, float] = {}
     for system, r in ((s, r) for s, r in results.items() if r is not None):
         times = r["step_times"][n_warm:]
         t, tok, rows = sum(times), sum(r["tokens"][n_warm:]), sum(r["head_rows"][n_warm:])
         tps[system] = tok / t
+        peak = peaks["bf16" if system.endswith("bf16") else "fp32"]
         pct = 100 * (6 * body * tok + 6 * d * vocab * rows) / t / 1e9 / peak
-        print(f"{system:<13}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{r['rss_mb']:>7.0f}"
-              f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r.get('note', '')}",
+        print(f"{system:<15}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{r['rss_mb']:>7.0f}"
+              f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r['note']}",
               flush=True)  # fmt: skip
-    for peer in ("bare", "trl-defaults", "trl-fastest"):
-        if "posttrain" in tps and peer in tps:
-            print(f"ratio posttrain/{peer.replace('-', '_')} tokens/s: {tps['posttrain'] / tps[peer]:.2f}x")
+    pairs = [("posttrain-bf16", "trl-bf16"), ("posttrain-bf16", "trl-defaults"), ("posttrain", "bare")]
+    pairs += [("posttrain", "trl-defaults"), ("posttrain", "trl-fastest")]  # the last line: vs TRL fastest
+    for ours, peer in ((a, b) for a, b in pairs if a in tps and b in tps):
+        ratio = f"{ours}/{peer}".replace("-", "_")
+        print(f"ratio {ratio} tokens/s: {tps[ours] / tps[peer]:.2f}x")
 
 
 def main() -> None:
@@ -279,25 +273,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="measured steps (default: tiny 20, smollm2 4)")
     ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
     ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
-    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for an idle CPU per run")
+    ap.add_argument("--bf16", action="store_true", help="also posttrain and TRL under bf16 autocast")
     ap.add_argument("--nice", type=int, default=0, help="e.g. -20: priority over other jobs (root)")
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
-    systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
+    systems = [s for s in SYSTEMS[:4] if not (a.skip_trl_defaults and s == "trl-defaults")]
+    systems += list(SYSTEMS[4:]) if a.bf16 else []
     if a.nice:  # inherited by the workers; Linux shares the CPU between sessions by autogroup
         os.nice(a.nice)
         if Path("/proc/self/autogroup").exists():
             Path("/proc/self/autogroup").write_text(str(a.nice))
-    wait_idle(a.max_wait)
-    peak = matmul_peak()
-    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 10): {peak:.0f} GFLOP/s", flush=True)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak (n=2048, {THREADS} threads, best of 10): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)  # fmt: skip
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup
-        bench_model(name, a.steps or n_meas, n_warm, systems, peak, a.max_wait)
+        bench_model(name, a.steps or n_meas, n_warm, systems, peaks)
 
 
 if __name__ == "__main__":
