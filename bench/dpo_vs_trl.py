@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -43,13 +44,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import busy_cpu_s, matmul_peak, model_path, wait_idle  # noqa: E402
-
 THREADS = 2
 BATCH, MAX_LEN = 8, 128
+SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
 SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults")
+
+
+def model_path(name: str) -> Path:
+    if name == "tiny":
+        from posttrain.train.pretrain import ensure_default_model
+
+        return ensure_default_model()
+    if not (SMOLLM2 / "config.json").is_file():
+        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
+    return SMOLLM2
 
 
 def write_pairs(path: Path, model: Path, n_pairs: int) -> None:
@@ -169,9 +178,40 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wait: float) -> dict | None:
-    import os
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of a square n x n matmul on THREADS threads."""
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times[1:]) / 1e9
 
+
+def busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
+    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
+
+
+def wait_idle(max_wait: float, limit: float = 0.3) -> None:
+    """Wait up to max_wait s until other processes use < limit cores (over 5 s): the machine may be shared."""
+    deadline = time.time() + max_wait
+    while True:
+        busy0, _ = busy_cpu_s()
+        time.sleep(5)
+        load = (busy_cpu_s()[0] - busy0) / 5
+        if load < limit:
+            return
+        if time.time() > deadline:
+            print(f"warning: other processes use {load:.1f} cores; timings will be disturbed", flush=True)
+            return
+
+
+def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wait: float) -> dict | None:
     wait_idle(max_wait)
     out = tmp / system
     out.mkdir()
