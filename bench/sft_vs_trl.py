@@ -1,23 +1,19 @@
 """SFT training speed, posttrain vs TRL's SFTTrainer, side by side on the same model and data.
 
-    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--skip-trl-defaults] [--bf16]
+    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--bf16] [--repeat N] [--nice -20]
 
-Same model (fp32 weights, 2 threads), same prompt-completion chats (one JSONL
-file), packed rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at
-1.0: posttrain's `run_sft`; TRL's SFTTrainer in its fastest fp32 setting
-(bf16=False, no gradient checkpointing, packing_strategy="wrapped") and with
-its defaults (bf16 autocast + gradient checkpointing); a bare `model(...,
-labels=...)` + AdamW loop; with --bf16 also posttrain and TRL under bf16
-autocast without checkpointing (fastest on CPUs with AMX). One subprocess
-each; the first `--warmup` steps are dropped for all; tokens/s = tokens of
-the step's rows (padding included) / step time. See bench/README.md.
-
-Model FLOPs per step = 6 * P * T + 6 * d * V * R: P parameters outside the
-embedding / LM-head matrices, T tokens, d hidden size, V vocabulary, R rows
-through the LM head (posttrain: trained positions; TRL on CPU: all but each
-row's last; bare: all); attention scores and recomputation not counted.
-% peak = FLOPs / step time / matmul peak (n=2048, 2 threads; fp32, or bf16
-for bf16 rows) measured here. Last line: `ratio posttrain/trl_fastest ...`.
+Same model (fp32 weights, 2 threads), same prompt-completion chats, packed
+rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at 1.0, one
+subprocess per run: posttrain's `run_sft`; TRL's SFTTrainer in its fastest fp32
+setting (bf16=False, no gradient checkpointing, wrapped packing) and with its
+defaults (bf16 autocast + checkpointing); a bare `model(..., labels=...)` +
+AdamW loop; with --bf16 posttrain and TRL under bf16 autocast. The first
+`--warmup` steps are dropped for all; tokens/s = tokens of the rows (padding
+included) / step time. Model FLOPs per step = 6 * P * T + 6 * d * V * R (P:
+parameters outside embedding / LM head, T: tokens, d: hidden size, V: vocab,
+R: rows through the LM head); % peak divides FLOPs/s by the n=2048 matmul peak
+measured here. bench/README.md explains the rows; the last line is
+`ratio posttrain/trl_fastest tokens/s: X.XXx` for the last model.
 """
 
 from __future__ import annotations
@@ -65,10 +61,8 @@ def write_data(path: Path, n_per_level: int = 150) -> None:
                 f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
-# ---------------------------------------------------------------- workers (one subprocess each)
-
-
 def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str) -> dict:
+    """The real trainer (`run_sft`); per-step times and token counts read back from metrics.jsonl."""
     from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
     from posttrain.models.load import load_tokenizer
     from posttrain.train.loop import LoopConfig, ModelConfig
@@ -100,6 +94,7 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str)
 
 
 def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
+    """SFTTrainer, mode fastest | defaults | bf16; step ends timed by a callback."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -180,9 +175,6 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     (out / "result.json").write_text(json.dumps(res))
 
 
-# ---------------------------------------------------------------- driver
-
-
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best GFLOP/s of a square n x n matmul on THREADS threads."""
     torch.set_num_threads(THREADS)
@@ -216,8 +208,7 @@ def busy_cpu_s() -> tuple[float, float]:
 
 
 def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict | None:
-    out = tmp / system
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=tmp))
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     env["TOKENIZERS_PARALLELISM"] = "false"
     cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
@@ -236,29 +227,35 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict
     return res
 
 
-def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: dict) -> None:
+def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: dict, repeat: int) -> None:
     path = model_path(name)
     total, body, d, vocab = model_shape(path)
     print(f"\n== {name}: {path}\n{total / 1e6:.2f}M params ({body / 1e6:.2f}M outside embeddings), "
           f"d={d}, V={vocab}; {BATCH} x {SEQ} packed, fp32 weights, {THREADS} threads; "
-          f"{n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
+          f"{n_meas} measured steps after {n_warm} warm-up, x{repeat} runs", flush=True)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-sft-{name}-"))
     try:
         write_data(tmp / "data.jsonl")
-        results = {s: launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm) for s in systems}
+        # Repeats alternate the order (ABC CBA ...), so slow drifts of the host hit everyone alike.
+        order = [s for i in range(repeat) for s in (systems if i % 2 == 0 else systems[::-1])]
+        runs = [(s, launch(s, path, tmp / "data.jsonl", tmp, n_meas + n_warm)) for s in order]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cols = f"{'s/step':>7}{'tokens/s':>9}{'%peak':>7}{'RSS MB':>7}{'wall s':>7}{'others':>7}"
     print(f"{'system':<15}{cols}  notes")
     tps: dict[str, float] = {}
-    for system, r in ((s, r) for s, r in results.items() if r is not None):
-        times = r["step_times"][n_warm:]
-        t, tok, rows = sum(times), sum(r["tokens"][n_warm:]), sum(r["head_rows"][n_warm:])
+    for system in systems:
+        rs = [r for s, r in runs if s == system and r is not None]
+        if not rs:
+            continue
+        times = [t for r in rs for t in r["step_times"][n_warm:]]
+        tok, rows = (sum(sum(r[k][n_warm:]) for r in rs) for k in ("tokens", "head_rows"))
+        t, avg = sum(times), {k: statistics.mean(r[k] for r in rs) for k in ("rss_mb", "wall_s", "others")}
         tps[system] = tok / t
         peak = peaks["bf16" if system.endswith("bf16") else "fp32"]
         pct = 100 * (6 * body * tok + 6 * d * vocab * rows) / t / 1e9 / peak
-        print(f"{system:<15}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{r['rss_mb']:>7.0f}"
-              f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r['note']}",
+        print(f"{system:<15}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{avg['rss_mb']:>7.0f}"
+              f"{avg['wall_s']:>7.0f}{avg['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {rs[0]['note']}",
               flush=True)  # fmt: skip
     pairs = [("posttrain-bf16", "trl-bf16"), ("posttrain-bf16", "trl-defaults"), ("posttrain", "bare")]
     pairs += [("posttrain", "trl-defaults"), ("posttrain", "trl-fastest")]  # the last line: vs TRL fastest
@@ -274,6 +271,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
     ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
     ap.add_argument("--bf16", action="store_true", help="also posttrain and TRL under bf16 autocast")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per system, in alternating order")
     ap.add_argument("--nice", type=int, default=0, help="e.g. -20: priority over other jobs (root)")
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -292,7 +290,7 @@ def main() -> None:
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup
-        bench_model(name, a.steps or n_meas, n_warm, systems, peaks)
+        bench_model(name, a.steps or n_meas, n_warm, systems, peaks, a.repeat)
 
 
 if __name__ == "__main__":
