@@ -462,9 +462,11 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
         eval_plan, eval_ref = reference_scores(run, cfg, "eval", eval_examples, score=spec.reference)
     results: dict[int, dict] = {}
     problems = eval_problems(cfg)
-    evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)
-    if cfg.eval.before and run.resume_from is None and (eval_plan is not None or problems):
-        evaluate(model, 0)
+    evaluate = None
+    if eval_plan is not None or problems:
+        evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)
+        if cfg.eval.before and run.resume_from is None:
+            evaluate(model, 0)
     step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference)
     model = run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate)
     (run.dir / "eval_summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
