@@ -47,6 +47,8 @@ RECIPE_TYPES: dict[str, str] = {
     "rm": "posttrain.train.rm:RMRecipe",
     "prm": "posttrain.train.prm:PRMRecipe",
     "preference": "posttrain.train.preference:PreferenceRecipe",
+    "search": "posttrain.search.compare:SearchRecipe",
+    "rl": "posttrain.train.rl:RLRecipe",
     "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
 }
 
@@ -115,6 +117,22 @@ def preference(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.train.preference import preference_main
 
     preference_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def rl(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Online RL: PPO, GRPO, Dr.GRPO, RLOO, REINFORCE++, step-aware GRPO with process rewards."""
+    from posttrain.train.rl import rl_main
+
+    rl_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def search(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Compare test-time search strategies on a task set: accuracy, tokens, time, accuracy-vs-compute plot."""
+    from posttrain.search.compare import search_main
+
+    search_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()

@@ -45,6 +45,10 @@ class SearchConfig:
             temperature=t, top_p=self.top_p, top_k=self.top_k, seed=self.seed, source="search"
         )
 
+    def uses_scorer(self) -> bool:
+        """Whether this configuration needs a scorer (beyond the strategy's registration)."""
+        return False
+
     def check_positive(self, *names: str) -> None:
         for name in names:
             if getattr(self, name) < 1:

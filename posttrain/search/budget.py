@@ -110,6 +110,30 @@ class Budget:
         return self.allowance(cost, 0, 1, policy_params) == 0
 
 
+def remaining(budget: Budget, spent: Cost) -> Budget:
+    """What is left of ``budget`` once ``spent`` is spent: each limit minus its spending,
+    floored at 0 (None stays unlimited)."""
+    used = {
+        "max_generated_tokens": spent.generated_tokens,
+        "max_total_tokens": spent.total_tokens,
+        "max_policy_calls": spent.policy_calls,
+        "max_scorer_calls": spent.scorer_calls,
+        "max_flops": spent.flops,
+    }
+    left = {k: None if v is None else max(v - used[k], 0) for k, v in asdict(budget).items()}
+    return Budget(**left)
+
+
+def tighter(*budgets: Budget) -> Budget:
+    """The field-wise minimum of ``budgets`` (None = unlimited): every one of them holds."""
+    out: dict[str, Any] = asdict(Budget())
+    for b in budgets:
+        for k, v in asdict(b).items():
+            if v is not None:
+                out[k] = v if out[k] is None else min(out[k], v)
+    return Budget(**out)
+
+
 def charge_generation(cost: Cost, prompt_tokens: int, generated_tokens: int, policy_params: int) -> None:
     """Add one policy call's share to ``cost`` (in place)."""
     cost.policy_calls += 1

@@ -1,14 +1,17 @@
 """The search-strategy registry: name -> (function, config class).
 
 Built-ins (added on first lookup): ``greedy``, ``best_of_n``, ``self_consistency``,
-``beam``, ``dvts``, ``mcts``, ``tot``, ``got``, ``self_refine``. `register_strategy` adds
-one; `get_strategy` finds it (unknown names list the valid ones); `run_search` builds the
-config (a dataclass, a dict checked strictly like a recipe section, or None for defaults)
-and runs the strategy over a batch of queries.
+``beam``, ``dvts``, ``mcts``, ``tot``, ``got``, ``self_refine``, ``compute_optimal``.
+`register_strategy` adds one; `get_strategy` finds it (unknown names list the valid ones);
+`run_search` builds the config (a dataclass, a dict checked strictly like a recipe section,
+or None for defaults), checks that a scorer is given where the strategy or its config needs
+one (`requires_scorer`; a config says so with ``uses_scorer()``), and runs the strategy over
+a batch of queries.
 
-Seam for compute-optimal scaling: a planner picks, per prompt (e.g. per estimated
-difficulty bucket), a strategy name, a config and a `Budget`, then calls `run_search` once
-per bucket; every result carries its `Cost`, so accuracy can be reported against compute.
+Seam for compute-optimal scaling (`posttrain.search.compute_optimal`): a planner picks, per
+prompt (per estimated difficulty bin), a strategy name, a config and a `Budget`, then calls
+`run_search` once per bin; every result carries its `Cost`, so accuracy can be reported
+against compute.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _BUILTIN_MODULES = (
     "posttrain.search.tot",
     "posttrain.search.got",
     "posttrain.search.self_refine",
+    "posttrain.search.compute_optimal",
 )
 
 
@@ -103,6 +107,13 @@ def build_config(strategy: Strategy, config: Any = None) -> SearchConfig:
     return config
 
 
+def requires_scorer(strategy: Strategy, cfg: Any) -> bool:
+    """Whether ``strategy`` run with ``cfg`` needs a scorer (its registration, or its config:
+    e.g. best_of_n with ``select="verifier"``)."""
+    uses = getattr(cfg, "uses_scorer", None)
+    return strategy.needs_scorer or bool(uses is not None and uses())
+
+
 def run_search(
     name: str,
     policy: PolicyLike,
@@ -113,9 +124,9 @@ def run_search(
     """Run strategy ``name`` over ``queries`` (all prompts batched together); one result each."""
     strategy = get_strategy(name)
     cfg = build_config(strategy, config)
-    if strategy.needs_scorer and scorer is None:
+    if scorer is None and requires_scorer(strategy, cfg):
         raise ConfigError(
-            f"strategy {name!r} needs a scorer",
+            f"strategy {name!r} needs a scorer with this config",
             where="search.scorer",
             fix="pass a PRM/value model, a verifier (posttrain.search.scorers.task_verifier()) or a judge",
         )

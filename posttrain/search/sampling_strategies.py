@@ -59,6 +59,9 @@ class BestOfNConfig(SearchConfig):
     def __post_init__(self) -> None:
         self.check_positive("n")
 
+    def uses_scorer(self) -> bool:
+        return self.select not in ("majority", "likelihood")
+
 
 @dataclass
 class SelfConsistencyConfig(SearchConfig):

@@ -44,6 +44,9 @@ class SelfRefineConfig(SearchConfig):
     critique_max_tokens: int = 64
     """Token cap of a policy-written critique."""
 
+    def uses_scorer(self) -> bool:
+        return self.critic == "scorer"
+
 
 def critique_prompt(g: SearchGraph, node: Node) -> str:
     """Default self-critique prompt."""

@@ -23,7 +23,8 @@ def answers(results) -> list[str | None]:
 
 def test_registry_lists_and_rejects():
     assert strategy_names() == [
-        "beam", "best_of_n", "dvts", "got", "greedy", "mcts", "self_consistency", "self_refine", "tot"
+        "beam", "best_of_n", "compute_optimal", "dvts", "got", "greedy", "mcts", "self_consistency", "self_refine",
+        "tot",
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="did you mean 'mcts'"):
         get_strategy("mtcs")
