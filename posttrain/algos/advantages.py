@@ -237,3 +237,38 @@ def reinforce_pp_advantages(
     mean, std = _masked_mean_std(returns, mask)
     adv = (returns - mean) / (std + eps) * mask.to(returns.dtype)
     return adv, returns, _metrics(adv, returns, mask)
+
+
+@register_advantage("grpo_process")
+def grpo_process_advantages(
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group: torch.Tensor,
+    *,
+    step_rewards: torch.Tensor | None = None,
+    step_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    """Step-aware GRPO: GRPO's outcome z-score plus DeepSeekMath's process supervision (section 4.1.3).
+
+    ``step_rewards`` (B, T) holds a process reward s_{i,k} at each step-end token t_k (where
+    ``step_mask`` is 1); they are part of ``token_rewards`` too (so every estimator sees the
+    same rewards). Outcome: R_i = sum_t (r_{i,t} - s_{i,t}), A^o_i = (R_i - mean_g) / (std_g + eps)
+    as in `grpo_advantages`. Process: each step reward is normalised over every step reward
+    of its group, s~ = (s - mean_g(S)) / (std_g(S) + eps) (unbiased std; 0 in a group with
+    fewer than two steps), and A^p_{i,t} = sum_{k: t_k >= t} s~_{i,k}. A_{i,t} = A^o_i + A^p_{i,t}.
+    Without step rewards it equals ``grpo``. returns: the undiscounted return-to-go.
+    """
+    m = mask.to(token_rewards.dtype)
+    steps = torch.zeros_like(token_rewards) if step_rewards is None else step_rewards * m
+    at = torch.zeros_like(mask, dtype=torch.bool) if step_mask is None else step_mask.bool() & mask.bool()
+    adv, _, metrics = grpo_advantages(token_rewards - steps, mask, group, eps=eps)
+    placed = torch.zeros_like(token_rewards)
+    if at.any():
+        values, rows = steps[at], at.nonzero(as_tuple=True)[0]
+        mean, std, n = _group_stats(values, group[rows])
+        placed[at] = torch.where(n > 1, (values - mean) / (std + eps), torch.zeros_like(values))
+    adv = adv + placed.flip(-1).cumsum(-1).flip(-1) * m
+    returns = returns_to_go(token_rewards, mask, 1.0)
+    extra = {"advantages/zero_frac": metrics["advantages/zero_frac"], "advantages/steps": at.sum().float()}
+    return adv, returns, {**_metrics(adv, returns, mask), **extra}

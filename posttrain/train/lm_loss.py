@@ -115,6 +115,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """log pi(y_t | y_<t) at every labelled position, differentiable.
 
@@ -122,7 +123,8 @@ def token_logprobs(
     Logits are divided by `temperature` (match the sampler's). Returns
     (logp (N,), entropy (N,) or None, seq ids (N,)) in the row-major order of
     the labelled positions; `seq` says which sample each value belongs to
-    (rows when padded, packed samples when position_ids restart).
+    (rows when padded, packed samples when position_ids restart); `entropy_grad=False`
+    gives the entropy without a graph (a metric).
     Only labelled positions go through the LM head, chunk by chunk.
     """
     if supports_fused_head(model):
@@ -134,20 +136,41 @@ def token_logprobs(
         full = model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1] :]
         sel = full[:, :-1][mask]
         logits_of = lambda s, e: sel[s:e].float()  # noqa: E731
+    logp, entropy = chunked_logprobs(logits_of, targets, temperature, with_entropy, chunk_size, entropy_grad)
+    return logp, entropy, seq
+
+
+def chunked_logprobs(
+    logits_of,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / T)[target] (N,) and optionally the entropy (N,), `chunk_size` rows at a time.
+
+    logits_of(start, end) -> (end - start, V) logits of those rows; only one chunk of V-wide
+    logits is alive at a time. ``entropy_grad=False`` computes the entropy without a graph (a
+    metric only), saving one V-wide buffer per chunk in the backward.
+    """
     logps, ents = [], []
     for s in range(0, targets.numel(), chunk_size):
         logits = logits_of(s, s + chunk_size) / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logps.append(logp_all.gather(1, targets[s : s + chunk_size, None]).squeeze(1))
         if with_entropy:
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ents.append(-(logp_all.exp() * logp_all).sum(-1))
     empty = torch.zeros(0, device=targets.device)
     logp = torch.cat(logps) if logps else empty
     entropy = (torch.cat(ents) if ents else empty) if with_entropy else None
-    return logp, entropy, seq
+    return logp, entropy
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token log-probs per sample and its token count: ((S,), (S,)), samples in order of first appearance."""
     logp, _, seq = token_logprobs(model, batch, **kw)
     _, inverse, counts = torch.unique_consecutive(seq, return_inverse=True, return_counts=True)

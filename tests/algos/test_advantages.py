@@ -239,3 +239,67 @@ def test_register_custom_estimator():
         assert adv.sum() == 9.0
     finally:
         ADVANTAGES.pop("test_const")
+
+
+# ---- step-aware GRPO (process rewards) ------------------------------------------------------------
+
+
+def loop_grpo_process(rewards, steps, step_mask, mask, group, eps):
+    """Outcome z-score per group + per-token sum of the group-normalised step rewards at or after t."""
+    b, t = rewards.shape
+    at = [[bool(step_mask[i, j]) and bool(mask[i, j]) for j in range(t)] for i in range(b)]
+    outcome = [
+        sum((rewards[i, j] - steps[i, j] * mask[i, j]) * mask[i, j] for j in range(t)) for i in range(b)
+    ]
+    adv = [[0.0] * t for _ in range(b)]
+    for g in set(group.tolist()):
+        rows = [i for i in range(b) if group[i] == g]
+        scores = [float(outcome[i]) for i in rows]
+        step_vals = [float(steps[i, j]) for i in rows for j in range(t) if at[i][j]]
+        for i in rows:
+            a_o = (
+                (float(outcome[i]) - statistics.mean(scores)) / (statistics.stdev(scores) + eps)
+                if len(rows) > 1
+                else 0.0
+            )
+            for j in range(t):
+                if not mask[i, j]:
+                    continue
+                later = [float(steps[i, k]) for k in range(j, t) if at[i][k]]
+                if len(step_vals) > 1:
+                    mu, sd = statistics.mean(step_vals), statistics.stdev(step_vals)
+                    later = [(v - mu) / (sd + eps) for v in later]
+                else:
+                    later = [0.0 for _ in later]
+                adv[i][j] = a_o + sum(later)
+    return torch.tensor(adv, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_process_matches_loop(seed):
+    rewards, _, mask, group = random_batch(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    step_mask = (torch.rand(rewards.shape, generator=g) < 0.3) & mask.bool()
+    steps = torch.rand(rewards.shape, generator=g, dtype=torch.float64) * step_mask
+    rewards = rewards + steps  # token rewards include the step rewards
+    adv, _, metrics = compute_advantages(
+        "grpo_process", rewards, mask, group=group, step_rewards=steps, step_mask=step_mask, eps=1e-6
+    )
+    assert torch.allclose(adv, loop_grpo_process(rewards, steps, step_mask, mask, group, 1e-6), atol=1e-9)
+    assert metrics["advantages/steps"] == step_mask.sum()
+
+
+def test_grpo_process_hand_values_and_reduces_to_grpo():
+    # two rows of one group; steps 0.8 (t0), 0.6 (t2) in row 0 and 0.2 (t1) in row 1; outcome 1 vs 0
+    steps = torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.2, 0.0]], dtype=torch.float64)
+    step_mask = steps > 0
+    rewards = steps + torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask, group = torch.ones(2, 3, dtype=torch.long), torch.zeros(2)
+    adv, _, _ = compute_advantages(
+        "grpo_process", rewards, mask, group=group, step_rewards=steps, step_mask=step_mask, eps=0.0
+    )
+    # outcome: +-1/sqrt(2); steps {.8, .6, .2}: mean .5333, sd .30551 -> .8729, .2182, -1.0911
+    a, s8, s6, s2 = 0.5**0.5, 0.8729, 0.2182, -1.0911
+    close(adv, [[a + s8 + s6, a + s6, a + s6], [-a + s2, -a + s2, -a]], tol=1e-4)
+    plain, _, _ = grpo_advantages(rewards, mask, group)
+    assert torch.allclose(compute_advantages("grpo_process", rewards, mask, group=group)[0], plain)

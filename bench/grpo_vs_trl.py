@@ -1,0 +1,232 @@
+"""GRPO training speed, posttrain vs TRL's GRPOTrainer, side by side on the same model and prompts.
+
+    python bench/grpo_vs_trl.py [--model tiny|smollm2|all] [--beta 0 0.04] [--steps N] [--warmup W]
+
+Both systems train the same model (fp32 weights, 2 threads) with GRPO on the same prompts
+(arith questions of the task suite, chat format, one JSONL file), the same reward (the task
+verifier: 1 if the final answer is right, else 0), ``--prompts`` prompts x 8 completions per
+step, at most 64 new tokens, temperature 1.0 (top-p 1, top-k off), one optimiser step per
+rollout (no PPO epochs), token-mean loss, clip 0.2, AdamW lr 1e-6, grad-norm clip 1.0, once
+with beta = 0 (no reference model) and once with beta > 0 (k3 KL in the loss to a frozen
+reference). Each (system, beta) runs in its own subprocess; the first ``--warmup`` steps are
+dropped for both.
+
+- posttrain: `posttrain.train.rl.run_rl`; the policy module itself samples (batched KV cache,
+  prefix sharing, finished rows dropped) and its sampling log-probs serve as the old log-probs;
+  step times from metrics.jsonl (generation + reward + update; no eval, no checkpoint).
+- trl: GRPOTrainer (HF ``generate`` path), bf16=False and gradient_checkpointing=False (its
+  fastest CPU setting; the defaults, True and True, are slower here), use_cpu=True; step times
+  from a callback (one step = generation + reward + update).
+
+Completions differ between systems (different random streams), so each row also reports the
+mean completion length. The last line is ``ratio posttrain/trl steps/s: X.XXx`` of the last
+(model, beta) pair benchmarked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+THREADS, N, MAX_NEW, LR = 2, 8, 64, 1e-6
+SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
+DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
+SYSTEMS = ("posttrain", "trl")
+
+
+def model_path(name: str) -> Path:
+    if name == "tiny":
+        from posttrain.train.pretrain import ensure_default_model
+
+        return ensure_default_model()
+    if not (SMOLLM2 / "config.json").is_file():
+        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
+    return SMOLLM2
+
+
+def write_prompts(path: Path, n: int) -> None:
+    """`n` arith prompt records: {prompt: [user message], metadata: {scorer, task, ground_truth}}."""
+    import random
+
+    from posttrain.data.tasks import make_split
+
+    problems = make_split("arith", "train", -(-n // 4), seed=0)  # every level, grouped by level
+    random.Random(0).shuffle(problems)
+    rows = [p.prompt_record() for p in problems[:n]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- workers (one per subprocess)
+
+
+def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float) -> dict:
+    from posttrain.config import load_recipe
+    from posttrain.train.rl import RLRecipe, run_rl
+
+    overrides = [
+        f"model.path={path}", "model.dtype=float32", "model.device=cpu", f"output_dir={out / 'run'}",
+        f"data.prompts={data}", "rewards=[{name: scorer}]", "algorithm.advantage=grpo",
+        f"algorithm.kl.coef={beta}", "algorithm.kl.estimator=k3", "algorithm.kl.placement=loss",
+        "algorithm.loss_agg=token-mean", f"rollout.prompts_per_step={prompts}", f"rollout.n={N}",
+        f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "eval.n_per_level=0",
+        f"train.max_steps={n_steps}", f"train.threads={THREADS}", "train.tensorboard=false",
+        f"optim.lr={LR}", "optim.schedule=constant", "resume=false",
+    ]  # fmt: skip
+    run_rl(load_recipe(RLRecipe, None, overrides))
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
+    rows = [r for r in rows if "time/step_s" in r]
+    return {
+        "step_times": [r["time/step_s"] for r in rows],
+        "lengths": [r["response/length_mean"] for r in rows],
+        "gen_share": sum(r["time/generate_s"] for r in rows) / sum(r["time/step_s"] for r in rows),
+        "note": "rollout log-probs as old log-probs"
+        + ("; frozen reference copy" if beta else "; no reference"),
+    }
+
+
+def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.rewards.verifiers import verify_task
+
+    ends: list[float] = []
+    lengths: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    def task_verifier(prompts, completions, completion_ids, metadata, **kw) -> list[float]:
+        lengths.append(sum(map(len, completion_ids)) / len(completion_ids))
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [
+            float(verify_task(t, m["task"], m["ground_truth"])) for t, m in zip(texts, metadata, strict=True)
+        ]
+
+    args = GRPOConfig(
+        output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=prompts * N,
+        num_generations=N, max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0,
+        beta=beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=LR,
+        lr_scheduler_type="constant", max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+        use_cpu=True, save_strategy="no", report_to="none", logging_steps=max(1, n_steps), seed=0,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_dataset("json", data_files=data, split="train")
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[task_verifier], args=args, train_dataset=ds, processing_class=tok
+    )
+    trainer.add_callback(StepClock())
+    trainer.train()
+    return {
+        "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
+        "lengths": lengths,
+        "gen_share": float("nan"),
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} loss={args.loss_type}",
+    }
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch.set_num_threads(THREADS)
+    fn = run_posttrain if a.worker == "posttrain" else run_trl
+    res = fn(a.path, a.data, Path(a.out), a.steps, a.prompts, a.beta[0])
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (Path(a.out) / "result.json").write_text(json.dumps(res))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def launch(
+    system: str, path: Path, data: Path, tmp: Path, n_steps: int, prompts: int, beta: float
+) -> dict | None:
+    out = tmp / f"{system}-beta{beta:g}"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"))
+    cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
+    cmd += ["--out", str(out), "--steps", str(n_steps), "--prompts", str(prompts), "--beta", str(beta)]
+    t0 = time.perf_counter()
+    with (out / "log.txt").open("w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (out / "result.json").is_file():
+        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
+        return None
+    res = json.loads((out / "result.json").read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def bench_model(name: str, a: argparse.Namespace) -> float | None:
+    path = Path(a.model_path) if a.model_path else model_path(name)
+    prompts, n_meas, n_warm = DEFAULTS[name]
+    prompts, n_meas = a.prompts or prompts, a.steps or n_meas
+    n_warm = n_warm if a.warmup is None else a.warmup
+    n_steps = n_meas + n_warm
+    print(f"\n== {name}: {path}\n{prompts} prompts x {N} completions per step, <= {MAX_NEW} new tokens, fp32, "
+          f"{THREADS} threads; {n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-grpo-{name}-"))
+    ratio = None
+    try:
+        write_prompts(tmp / "prompts.jsonl", prompts * n_steps)
+        for beta in a.beta:
+            res = {s: launch(s, path, tmp / "prompts.jsonl", tmp, n_steps, prompts, beta) for s in SYSTEMS}
+            print(
+                f"beta={beta:g}\n{'system':<11}{'s/step':>8}{'sd':>6}{'len':>6}{'gen %':>7}{'RSS MB':>8}  notes"
+            )
+            sps = {}
+            for system, r in ((s, r) for s, r in res.items() if r is not None):
+                times = r["step_times"][n_warm:]
+                sps[system] = len(times) / sum(times)
+                length = statistics.mean(r["lengths"][n_warm:] or r["lengths"])
+                print(f"{system:<11}{sum(times) / len(times):>8.2f}{statistics.pstdev(times):>6.2f}{length:>6.1f}"
+                      f"{100 * r['gen_share']:>7.0f}{r['rss_mb']:>8.0f}  {r['note']}", flush=True)  # fmt: skip
+            if len(sps) == 2:
+                ratio = sps["posttrain"] / sps["trl"]
+                print(f"{name} beta={beta:g}: ratio posttrain/trl steps/s: {ratio:.2f}x", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    ap.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.04], help="KL coefficients to run")
+    ap.add_argument("--steps", type=int, help="measured steps (default: tiny 5, smollm2 3)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default 1)")
+    ap.add_argument("--prompts", type=int, help="prompts per step (default: tiny 8, smollm2 4)")
+    ap.add_argument("--model-path", help="benchmark this model folder instead (with --model tiny|smollm2)")
+    for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+    ratio = None
+    for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
+        ratio = bench_model(name, a) or ratio
+    print(
+        f"ratio posttrain/trl steps/s: {ratio:.2f}x"
+        if ratio
+        else "ratio posttrain/trl steps/s: n/a (a run failed)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Online RL (PPO, GRPO, Dr.GRPO, RLOO, REINFORCE, REINFORCE++, step-aware GRPO): a plain loop.
+
+One step::
+
+    prompts (sampler) -> engine.generate(n per prompt) -> rewards (weighted terms, PRM steps)
+      [dynamic sampling: drop groups whose n rewards are all equal, refill, <= max_refill_rounds]
+    -> old log-probs, reference log-probs, critic values -> [KL in the reward] -> advantages
+    -> ppo_epochs x mini_batches clipped updates (`posttrain.train.rl_update`) -> engine.update_weights
+
+The algorithm is a choice of registered advantage estimator (`posttrain.algos.advantages`) and
+policy loss (`posttrain.algos.policy_losses`): GRPO = grpo + ppo_clip with the KL (k3) in the
+loss; PPO = gae + ppo_clip with a critic and the KL (k1) in the reward; REINFORCE++ =
+reinforce_pp with the KL in the reward; RLOO = rloo; Dr.GRPO = dr_grpo + seq-mean-token-sum.
+
+- Old log-probs: the HF engine samples with the policy module itself, so the log-probs it
+  reports ARE the old policy's (`old_logprobs: auto` uses them when the policy is fp32; they
+  equal a recomputed forward to ~1e-5, tested at 1e-4 absolute: KV-cache decoding vs one full
+  forward sums in another order). ``recompute`` runs one no-grad forward instead (other
+  engines, bf16). They serve every epoch: PPO's old policy is the one that sampled.
+- Reference pi_ref: with a LoRA / IA3 adapter, the same model with the adapter disabled (no
+  second copy); otherwise a frozen copy of the starting weights; none at all (no copy, no
+  forward) when ``kl.coef`` is 0 and the coefficient is fixed.
+- Process rewards: a ``prm`` reward term with ``placement: steps`` puts each step's
+  P(correct) on its step-end token (`posttrain.train.rl_data`). GAE (PPO) then credits every
+  token with the discounted step rewards that follow it; for critic-free training use
+  ``grpo_process`` (step-aware GRPO, DeepSeekMath 4.1.3: outcome z-score + the group-normalised
+  step rewards from token t on). Other outcome estimators see each row's reward sum.
+- Checkpoints: weights (and the critic head), optimizer, scheduler, RNG, the prompt sampler's
+  position and the KL coefficient. The engine's generator is re-seeded at every generate call
+  from (seed, step, refill round), so resuming at step k replays step k+1 exactly; an
+  interrupted run resumed equals an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.algos.advantages import compute_advantages
+from posttrain.algos.kl import KLController, kl_estimate
+from posttrain.errors import ConfigError, TrainingAnomaly
+from posttrain.models.peft import PeftConfig
+from posttrain.monitor.logger import console, progress_bar
+from posttrain.train.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.train.faults import maybe_kill
+from posttrain.train.loop import ModelConfig, Run, prepare_run
+from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler
+from posttrain.train.rl_data import (
+    PromptSampler,
+    RewardSet,
+    RewardTermConfig,
+    RLDataConfig,
+    Scored,
+    check_reward_terms,
+    check_scorers,
+    load_prompts,
+    rollout_tensors,
+)
+from posttrain.train.rl_rollout import RolloutConfig, generate_groups, rollout_metrics, rollout_seed
+from posttrain.train.rl_update import AlgorithmConfig, ppo_update, score_rollout
+
+ADAPTER_METHODS = ("lora", "qlora", "ia3")
+
+
+@dataclass
+class RLTrainConfig:
+    """Steps, logging, evaluation and checkpoint cadence."""
+
+    max_steps: int = 100
+    """RL steps (each: one rollout, ppo_epochs x mini_batches optimiser steps)."""
+    log_every: int = 1
+    eval_every: int = 0
+    """Held-out accuracy every N steps; 0 = only at the end."""
+    save_every: int = 0
+    """Checkpoint every N steps; 0 = only at the end."""
+    keep_last: int = 2
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    tensorboard: bool = True
+    chunk_size: int = 1024
+    """Rows per chunk of the LM head + log-softmax."""
+
+
+@dataclass
+class RLEvalConfig:
+    """Held-out greedy accuracy on the task suite (separate from the training reward)."""
+
+    tasks: list[str] | None = None
+    """Tasks to grade; null = data.tasks when the prompts come from the task suite, else none."""
+    levels: list[int] | None = None
+    """Levels to grade; null = data.levels."""
+    n_per_level: int = 25
+    """Test problems per task and level (0 = off)."""
+    max_new_tokens: int = 128
+    before: bool = True
+    """Also evaluate the starting policy (step 0)."""
+
+
+@dataclass
+class RLRecipe:
+    """`posttrain rl RECIPE.yaml`: every key of an online-RL recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    output_dir: str = "runs/rl"
+    """Run directory: config.yaml, metrics.jsonl, eval_summary.json, checkpoints/, final/."""
+    seed: int = 0
+    """Seed of sampling, mini-batch order, critic and LoRA init."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir if there is one."""
+
+    def validate(self) -> None:
+        check_reward_terms(self.rewards)
+        self.algorithm.validate()
+        self.rollout.validate()
+        if self.peft.method in ("prefix", "prompt"):
+            raise ConfigError(
+                f"peft.method={self.peft.method} prepends virtual tokens the rollout engine does not see",
+                where="peft.method",
+                fix="use lora, ia3, bitfit or full",
+            )
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class Reference:
+    """pi_ref: a frozen copy, or the policy with its adapter disabled."""
+
+    model: torch.nn.Module
+    adapter: bool
+
+    def context(self):
+        from posttrain.train.preference_data import reference_context
+
+        return reference_context(self.model) if self.adapter else None
+
+
+def build_reference(cfg: RLRecipe, model: torch.nn.Module) -> Reference | None:
+    """None when the KL coefficient is 0 and fixed (no copy, no forward); see the module docstring."""
+    kl = cfg.algorithm.kl
+    if kl.coef == 0 and kl.target is None:
+        return None
+    if cfg.peft.method in ADAPTER_METHODS:
+        return Reference(model, adapter=True)
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return Reference(frozen, adapter=False)
+
+
+@dataclass
+class Session:
+    """Everything one RL run holds between steps."""
+
+    cfg: RLRecipe
+    run: Run
+    model: torch.nn.Module
+    value_head: torch.nn.Module | None
+    module: torch.nn.Module
+    """What the optimiser and checkpoints see (policy, plus the critic head)."""
+    engine: Any
+    reference: Reference | None
+    rewards: RewardSet
+    sampler: PromptSampler
+    kl: KLController
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    problems: list
+    step: int = 0
+
+
+def _engine(cfg: RLRecipe, model, tokenizer):
+    from posttrain.rollout.engine import get_engine
+    from posttrain.train.loop import resolve_model_path
+
+    if cfg.rollout.backend == "hf":
+        return get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
+    return get_engine(cfg.rollout.backend, model=resolve_model_path(cfg.model.path), tokenizer=tokenizer)
+
+
+def eval_problems(cfg: RLRecipe) -> list:
+    from posttrain.data.tasks.prm_data import task_problems
+
+    tasks = (
+        cfg.eval.tasks
+        if cfg.eval.tasks is not None
+        else (cfg.data.tasks if cfg.data.prompts == "tasks" else [])
+    )
+    if not tasks or cfg.eval.n_per_level <= 0:
+        return []
+    levels = cfg.eval.levels if cfg.eval.levels is not None else cfg.data.levels
+    return task_problems(tasks, "test", cfg.eval.n_per_level, cfg.data.seed, levels)
+
+
+def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
+    """Run dir, policy (+ critic head), reference, engine, rewards, prompts, optimiser; resumes if asked."""
+    from posttrain.models.heads import ScalarHead
+    from posttrain.models.peft import apply_peft
+
+    if model is not None and cfg.peft.method != "full":
+        model = apply_peft(model, cfg.peft)
+    run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, model, tokenizer, cfg.peft)
+    model, tok = run.model, run.tokenizer
+    records = load_prompts(cfg.data)
+    check_scorers(records, cfg.rewards)
+    reference = build_reference(cfg, model)  # before resuming: pi_ref is the starting policy
+    value_head = None
+    module = model
+    if cfg.algorithm.advantage == "gae":
+        value_head = ScalarHead(model.config.hidden_size, seed=cfg.seed).to(run.device)
+        module = torch.nn.ModuleDict({"policy": model, "value_head": value_head})
+    algo, ro = cfg.algorithm, cfg.rollout
+    total = cfg.train.max_steps * algo.ppo_epochs * algo.mini_batches
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    s = Session(
+        cfg, run, model, value_head, module, _engine(cfg, model, tok), reference,
+        RewardSet(cfg.rewards, tok, ro.max_new_tokens, ro.overlong_buffer), PromptSampler(records, cfg.data.seed),
+        KLController(algo.kl.coef, algo.kl.target, algo.kl.horizon), optimizer, scheduler, eval_problems(cfg),
+    )  # fmt: skip
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, module, optimizer, scheduler)
+        s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
+    model.train()
+    return s
+
+
+# ---------------------------------------------------------------- one step
+
+
+def collect(s: Session, step: int) -> tuple[list[Scored], list[Scored], dict[str, float]]:
+    """Generate and score this step's groups (`posttrain.train.rl_rollout.generate_groups`)."""
+    return generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
+
+
+def use_rollout_logprobs(s: Session) -> bool:
+    mode = s.cfg.algorithm.old_logprobs
+    if mode != "auto":
+        return mode == "rollout"
+    return s.cfg.rollout.backend == "hf" and next(s.model.parameters()).dtype == torch.float32
+
+
+def prepare_batch(s: Session, groups: list[Scored]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Rollout tensors plus old/ref log-probs, critic values, KL-shaped rewards and advantages."""
+    algo, ro = s.cfg.algorithm, s.cfg.rollout
+    data = rollout_tensors(groups, s.run.tokenizer.pad_token_id, ro.overlong_filter)
+    rows = max(1, -(-data["valid"].shape[0] // algo.mini_batches))
+    score = lambda model, head, ctx=None: score_rollout(  # noqa: E731
+        model, head, data, temperature=ro.temperature, rows_per_pass=rows, context=ctx,
+        chunk_size=s.cfg.train.chunk_size,
+    )  # fmt: skip
+    metrics: dict[str, float] = {}
+    values = None
+    if not use_rollout_logprobs(s) or s.value_head is not None:
+        logp, values = score(s.model, s.value_head)
+        if not use_rollout_logprobs(s):
+            data["old_logp"] = logp * data["valid"]
+    rewards = data["rewards"]
+    if s.reference is not None:
+        data["ref_logp"] = score(s.reference.model, None, s.reference.context())[0]
+        kl = kl_estimate(data["old_logp"], data["ref_logp"], algo.kl.estimator) * data["valid"]
+        metrics["kl/rollout_seq_mean"] = float(kl.sum(-1).mean())
+        if algo.kl.placement == "reward":
+            rewards = rewards - s.kl.coef * kl
+    if values is not None:
+        data["old_values"] = values
+    adv, returns, adv_metrics = compute_advantages(
+        algo.advantage, rewards, data["valid"], group=data["group"], values=values, gamma=algo.gamma,
+        lam=algo.lam, eps=algo.eps, step_rewards=data["step_rewards"], step_mask=data["step_mask"],
+    )  # fmt: skip
+    data["advantages"], data["returns"] = adv, returns
+    valid = data["valid"]
+    metrics.update({k: float(v) for k, v in adv_metrics.items()})
+    metrics.update({"advantages/min": float(adv[valid].min()), "advantages/max": float(adv[valid].max())})
+    return data, metrics
+
+
+def train_step(s: Session, step: int) -> dict[str, float]:
+    """One RL step (module docstring); returns its metrics."""
+    cfg, algo = s.cfg, s.cfg.algorithm
+    kept, seen, metrics = collect(s, step)
+    metrics.update(rollout_metrics(seen, kept))
+    gen_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
+    metrics["throughput/generate_tok_s"] = gen_tokens / max(metrics["time/generate_s"], 1e-9)
+    if not kept:
+        console.print(f"[yellow]step {step}[/yellow]: every group had equal rewards; no update this step")
+        return {**metrics, "rollout/skipped": 1.0, "kl_coef": s.kl.coef}
+    t0 = time.perf_counter()
+    data, adv_metrics = prepare_batch(s, kept)
+    gen = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, 999))
+    norm = float(cfg.rollout.max_new_tokens)
+    upd, tokens = ppo_update(
+        s.module, s.model, s.value_head, data, s.optimizer, s.scheduler, algo, s.kl.coef, generator=gen,
+        temperature=cfg.rollout.temperature, norm=norm, max_grad_norm=cfg.optim.max_grad_norm, step=step,
+        chunk_size=cfg.train.chunk_size,
+    )  # fmt: skip
+    s.engine.update_weights(s.model)
+    train_s = time.perf_counter() - t0
+    metrics.update(
+        {**adv_metrics, **upd, "time/train_s": train_s, "throughput/train_tok_s": tokens / train_s}
+    )
+    metrics["lr"] = s.scheduler.get_last_lr()[0]
+    observed = metrics.get("kl/seq_sum", metrics.get("kl/rollout_seq_mean"))
+    if observed is not None:
+        s.kl.update(observed, int(data["valid"].shape[0]))
+    metrics["kl_coef"] = s.kl.coef
+    return metrics
+
+
+# ---------------------------------------------------------------- the run
+
+
+def make_evaluator(s: Session, results: dict):
+    """evaluate(step): greedy held-out accuracy per task and level, logged under eval/."""
+    from posttrain.eval.accuracy import task_accuracy
+
+    def evaluate(step: int) -> None:
+        report, records = task_accuracy(s.model, s.run.tokenizer, s.problems, s.cfg.eval.max_new_tokens)
+        metrics = {f"task_accuracy/{k}": v for k, v in report.to_dict().items() if k != "seconds"}
+        s.run.logger.log(step, metrics, prefix="eval/")
+        results[step] = metrics
+        with open(s.run.dir / "eval_generations.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records[:20])
+        console.print(f"eval @ step {step}: held-out accuracy {metrics['task_accuracy/overall']:.3f}")
+
+    return evaluate
+
+
+def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
+    state = {
+        "sampler": sampler_state,
+        "kl_coef": s.kl.coef,
+        "rollout_seed": rollout_seed(s.cfg.seed, step, 0),
+    }
+    return save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, s.cfg.train.keep_last)
+
+
+def _on_anomaly(s: Session, exc: TrainingAnomaly, step: int, sampler_before: dict) -> None:
+    """Stop with a checkpoint of the last good state: this step's start if no update was applied."""
+    from posttrain.train.checkpoint import latest_checkpoint
+
+    if getattr(exc, "applied", 0) == 0:
+        exc.message += f"; the last good state is checkpoint {checkpoint(s, step - 1, sampler_before)}"
+    else:
+        exc.message += f"; resume from the last checkpoint ({latest_checkpoint(s.run.dir) or 'none yet'})"
+
+
+def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
+    """Train and export the policy; returns the exported `final/` folder."""
+    from posttrain.models.peft import export_model
+
+    s = setup(cfg, model, tokenizer)
+    tc, results = cfg.train, {}
+    evaluate = make_evaluator(s, results) if s.problems else None
+    if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
+        evaluate(0)
+    with progress_bar(tc.max_steps, "rl") as bar:
+        task = bar.add_task("rl", total=tc.max_steps, completed=s.step, stats="")
+        while s.step < tc.max_steps:
+            step, before = s.step + 1, dict(s.sampler.state)
+            t0 = time.perf_counter()
+            try:
+                metrics = train_step(s, step)
+            except TrainingAnomaly as exc:
+                _on_anomaly(s, exc, step, before)
+                raise
+            s.step = step
+            maybe_kill("after-step", step)
+            metrics["time/step_s"] = time.perf_counter() - t0
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                s.run.logger.log(step, metrics)
+            stats = f"reward {metrics['reward/total_mean']:.3f}  len {metrics['response/length_mean']:.0f}"
+            bar.update(task, completed=step, stats=stats)
+            if evaluate is not None and (
+                (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
+            ):
+                evaluate(step)
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+                checkpoint(s, step, s.sampler.state)
+    if results:
+        (s.run.dir / "eval_summary.json").write_text(
+            json.dumps({str(k): v for k, v in results.items()}, indent=1)
+        )
+    final = export_model(s.model, s.run.tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
+    s.run.finish(final)
+    return final
+
+
+def rl_main(recipe_path: str | None, overrides: list[str]) -> Path:
+    """CLI entry: `posttrain rl RECIPE.yaml [key=value ...]`."""
+    from posttrain.config import load_recipe
+
+    return run_rl(load_recipe(RLRecipe, recipe_path, overrides))

@@ -1,0 +1,310 @@
+"""The optimisation half of an online-RL step: forwards, the mini-batch loss, the PPO epochs.
+
+Per mini-batch (rows of the rollout, all tensors (B, T) over completion tokens)::
+
+    L = L_pg(logp, old_logp, A; clip_low, clip_high, dual_clip)          policy loss (registry)
+        - c_H * aggregate(H_t)                                          entropy bonus
+        + beta * aggregate(k(logp, ref_logp))      if KL placement = loss
+        + c_V * 1/2 max((V - R)^2, (V_old + clip(V - V_old, +-eps_V) - R)^2)   PPO critic
+
+each term aggregated by `posttrain.algos.aggregate.aggregate_loss` (``loss_agg``; the
+seq-mean-token-sum constant is max_new_tokens). One optimiser step per mini-batch;
+``ppo_epochs`` passes over the rollout in a fresh row order each (a generator seeded by the
+recipe seed and the step). The critic is a `ScalarHead` on the policy's last hidden states:
+one backbone forward gives the log-probs (LM head at completion positions only) and V(s_t),
+read at the position that predicts token t.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from posttrain.algos.advantages import ADVANTAGES
+from posttrain.algos.aggregate import AggMode
+from posttrain.algos.kl import kl_in_loss
+from posttrain.algos.policy_losses import POLICY_LOSSES, entropy_bonus, get_policy_loss
+from posttrain.algos.value_losses import clipped_value_loss
+from posttrain.errors import ConfigError, TrainingAnomaly
+from posttrain.monitor.logger import check_finite
+from posttrain.train.lm_loss import chunked_logprobs, selected_hidden, supports_fused_head, token_logprobs
+from posttrain.train.optim import clip_grads, optimizer_step
+from posttrain.train.rl_data import select_rows
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class KLConfig:
+    """The KL(pi || pi_ref) regulariser."""
+
+    coef: float = 0.0
+    """beta; 0 with no target = no reference model at all."""
+    placement: Literal["loss", "reward"] = "loss"
+    """loss (GRPO style, differentiated) | reward (PPO style, r_t -= beta * k_t, through the advantages)."""
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    """k1 = log(pi/pi_ref) | k2 = (log r)^2 / 2 | k3 = r - 1 - log r (r = pi_ref / pi)."""
+    target: float | None = None
+    """Adaptive beta (Ziegler et al. 2019): target KL per sequence; null = fixed beta."""
+    horizon: int = 10000
+    """Adaptive rule horizon, in samples."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """Advantage estimator + policy loss and their hyper-parameters."""
+
+    advantage: str = "grpo"
+    """gae (PPO, with a critic) | grpo | grpo_process | dr_grpo | rloo | reinforce | reinforce_baseline |
+    reinforce_pp, or a name added with register_advantage."""
+    policy_loss: str = "ppo_clip"
+    """ppo_clip | vanilla, or a name added with register_policy_loss."""
+    gamma: float = 1.0
+    """Discount (gae, reinforce family)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    eps: float = 1e-6
+    """Added to group std (grpo)."""
+    clip_low: float = 0.2
+    """PPO ratio clip below: 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO ratio clip above: 1 + clip_high (> clip_low = DAPO clip-higher)."""
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 for negative advantages; null = off."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (the entropy is logged either way)."""
+    loss_agg: AggMode = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum (normalised by max_new_tokens)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout."""
+    mini_batches: int = 1
+    """Optimiser steps per pass (rows split evenly)."""
+    value_coef: float = 0.5
+    """Critic loss weight (gae only)."""
+    value_clip: float | None = 0.2
+    """Critic value clip range; null = unclipped MSE (gae only)."""
+    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
+    """Old log-probs from the sampler (rollout), a no-grad forward (recompute), or auto (module docstring)."""
+    kl: KLConfig = field(default_factory=KLConfig)
+
+    def validate(self) -> None:
+        for key, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES)):
+            if getattr(self, key) not in registry:
+                raise ConfigError(
+                    f"unknown {key.replace('_', ' ')} {getattr(self, key)!r}",
+                    where=f"algorithm.{key}",
+                    fix=f"use one of: {', '.join(sorted(registry))}",
+                )
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ConfigError("ppo_epochs and mini_batches must be >= 1", where="algorithm.ppo_epochs")
+        if self.kl.coef < 0 or (self.kl.target is not None and self.kl.target <= 0):
+            raise ConfigError("kl.coef must be >= 0 and kl.target > 0", where="algorithm.kl")
+        if self.kl.target is not None and self.kl.coef == 0:
+            raise ConfigError("an adaptive KL needs a starting coef > 0", where="algorithm.kl.coef")
+
+
+def to_rows(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Labelled-position values (N,) in row-major order -> (B, T) completion layout, 0 elsewhere."""
+    return torch.zeros(valid.shape, dtype=flat.dtype, device=flat.device).masked_scatter(valid, flat)
+
+
+def policy_forward(
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
+    data: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+    with_entropy: bool = True,
+    entropy_grad: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(logp, entropy or None, values or None) (B, T) of the completion tokens of ``data``.
+
+    Log-probs are taken at the sampling temperature, as the engine reports them.
+    """
+    batch = {k: data[k] for k in ("input_ids", "labels", "attention_mask")}
+    valid = data["valid"]
+    if value_head is None:
+        logp, entropy, _ = token_logprobs(
+            model,
+            batch,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            chunk_size=chunk_size,
+            entropy_grad=entropy_grad,
+        )
+        return to_rows(logp, valid), None if entropy is None else to_rows(entropy, valid), None
+    if not supports_fused_head(model):
+        raise ConfigError(
+            "the PPO critic reads the backbone's hidden states, which this model's head layout hides",
+            where="algorithm.advantage",
+            fix="use a critic-free estimator (grpo, rloo, reinforce_pp) for this model",
+        )
+    h, targets, _, weight = selected_hidden(model, batch)
+    logits_of = lambda s, e: (h[s:e] @ weight.t()).float()  # noqa: E731
+    logp, entropy = chunked_logprobs(logits_of, targets, temperature, with_entropy, chunk_size, entropy_grad)
+    entropy = None if entropy is None else to_rows(entropy, valid)
+    return to_rows(logp, valid), entropy, to_rows(value_head(h).float(), valid)
+
+
+@torch.no_grad()
+def score_rollout(
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
+    data: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+    rows_per_pass: int,
+    context: Any = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """No-grad log-probs (B, T) (and critic values) of the whole rollout, ``rows_per_pass`` rows at a time.
+
+    ``context``: entered around the passes (the adapter-disabled reference of a LoRA policy).
+    """
+    b, device = data["valid"].shape[0], next(model.parameters()).device
+    logp, values = torch.zeros(data["valid"].shape), torch.zeros(data["valid"].shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with context if context is not None else nullcontext():
+            for rows in torch.arange(b).split(max(1, rows_per_pass)):
+                part = {k: v.to(device) for k, v in select_rows(data, rows).items()}
+                lp, _, v = policy_forward(
+                    model,
+                    value_head,
+                    part,
+                    temperature=temperature,
+                    with_entropy=False,
+                    chunk_size=chunk_size,
+                )
+                logp[rows, : lp.shape[1]] = lp.float().cpu()
+                if v is not None:
+                    values[rows, : v.shape[1]] = v.float().cpu()
+    finally:
+        model.train(was_training)
+    return logp, values if value_head is not None else None
+
+
+def loss_kwargs(fn: Any, **available: Any) -> dict[str, Any]:
+    """The hyper-parameters a registered loss declares, from those the trainer has."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in available.items() if k in params}
+
+
+def minibatch_loss(
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
+    mb: dict[str, torch.Tensor],
+    algo: AlgorithmConfig,
+    kl_coef: float,
+    *,
+    temperature: float,
+    norm: float,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one mini-batch (module docstring) and its detached metrics.
+
+    mb: rows of the rollout with old_logp, advantages, mask (and ref_logp when the KL sits in
+    the loss; old_values and returns with a critic).
+    """
+    agg = algo.loss_agg
+    logp, entropy, values = policy_forward(
+        model,
+        value_head,
+        mb,
+        temperature=temperature,
+        entropy_grad=algo.entropy_coef != 0,
+        chunk_size=chunk_size,
+    )
+    mask = mb["mask"]
+    fn = get_policy_loss(algo.policy_loss)
+    kwargs = loss_kwargs(
+        fn, clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=agg, norm=norm
+    )
+    loss, metrics = fn(logp, mb["old_logp"], mb["advantages"], mask, **kwargs)
+    ent_loss, ent_metrics = entropy_bonus(entropy, mask, coef=algo.entropy_coef, agg=agg, norm=norm)
+    metrics = {**metrics, **ent_metrics, "loss/policy": loss.detach()}
+    if algo.entropy_coef:
+        loss = loss + ent_loss
+    if "ref_logp" in mb and algo.kl.placement == "loss":
+        kl, kl_metrics = kl_in_loss(
+            logp, mb["ref_logp"], mask, coef=kl_coef, kind=algo.kl.estimator, agg=agg, norm=norm
+        )
+        loss, metrics = loss + kl, {**metrics, **kl_metrics}
+    if values is not None:
+        vf, vf_metrics = clipped_value_loss(
+            values, mb["old_values"], mb["returns"], mask, clip_range=algo.value_clip, agg=agg, norm=norm
+        )
+        loss, metrics = loss + algo.value_coef * vf, {**metrics, **vf_metrics, "loss/value": vf.detach()}
+    return loss, {**metrics, "loss/total": loss.detach()}
+
+
+def ppo_update(
+    module: torch.nn.Module,
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
+    data: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    algo: AlgorithmConfig,
+    kl_coef: float,
+    *,
+    generator: torch.Generator,
+    temperature: float,
+    norm: float,
+    max_grad_norm: float,
+    step: int,
+    chunk_size: int = 1024,
+) -> tuple[Metrics, int]:
+    """ppo_epochs x mini_batches optimiser steps on the rollout; returns (mean metrics, tokens processed).
+
+    A non-finite loss or grad norm raises `TrainingAnomaly` before that optimiser step, with
+    ``exc.applied`` = how many optimiser steps of this RL step had been taken.
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    applied, tokens = 0, 0
+    for _ in range(algo.ppo_epochs):
+        order = torch.randperm(data["valid"].shape[0], generator=generator)
+        for rows in order.tensor_split(min(algo.mini_batches, order.numel())):
+            mb = {k: v.to(device) for k, v in select_rows(data, rows).items()}
+            loss, metrics = minibatch_loss(
+                model,
+                value_head,
+                mb,
+                algo,
+                kl_coef,
+                temperature=temperature,
+                norm=norm,
+                chunk_size=chunk_size,
+            )
+            loss.backward()
+            grad_norm = clip_grads(module, max_grad_norm)
+            try:
+                check_finite(float(loss.detach()), "loss", step)
+                check_finite(grad_norm, "grad norm", step)
+            except TrainingAnomaly as exc:
+                optimizer.zero_grad(set_to_none=True)
+                exc.applied = applied
+                raise
+            optimizer_step(optimizer, scheduler)
+            applied += 1
+            tokens += int(mb["attention_mask"].sum())
+            for key, value in {**metrics, "grad_norm": grad_norm}.items():
+                value = float(value)
+                if not math.isfinite(value):
+                    continue
+                if key.endswith("_max"):  # a maximum over the step, not a mean
+                    sums[key], counts[key] = max(sums.get(key, value), value), 1
+                else:
+                    sums[key] += value
+                    counts[key] += 1
+    return {k: sums[k] / counts[k] for k in sums}, tokens
