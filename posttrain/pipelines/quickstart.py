@@ -1,12 +1,19 @@
-"""The quickstart pipeline: pretrain (or reuse) -> SFT -> held-out accuracy before/after.
+"""The quickstart pipeline: pretrain (or reuse) -> SFT -> GRPO -> held-out accuracy, plus an
+equal-compute "more SFT" control and a test-time search table.
 
-Every stage is the same function its own CLI command runs; this file only
-chains them and writes `OUTPUT_DIR/report.md`.
+Every stage is the same function its own CLI command runs (`posttrain pretrain`, `sft`, `rl`,
+`search`); this file only chains them and writes `OUTPUT_DIR/report.md` with the accuracy
+table, the GRPO curves (`rl_curves.svg`) and the strategy table.
+
+The control answers "was RL worth it?": it continues SFT from the same SFT model on the same
+demonstrations for as much wall-clock time as GRPO took (steps = GRPO seconds / SFT seconds
+per step), so the GRPO and control columns compare equal compute.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +21,24 @@ from pathlib import Path
 from posttrain.eval.accuracy import AccuracyReport, format_table, task_accuracy
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.monitor.logger import console
+from posttrain.monitor.plots import chart_grid, metric_series
 from posttrain.train.loop import LoopConfig
 from posttrain.train.optim import OptimConfig
 from posttrain.train.pretrain import PretrainRecipe, run_pretrain
+from posttrain.train.rl import RLEvalConfig, RLRecipe, RLTrainConfig, run_rl
+from posttrain.train.rl_data import RLDataConfig
+from posttrain.train.rl_rollout import RolloutConfig
+from posttrain.train.rl_update import AlgorithmConfig, KLConfig
 from posttrain.train.sft import SFTRecipe, run_sft
+
+TASKS = ["arith", "countdown", "sort"]
 
 
 @dataclass
 class EvalConfig:
     """Held-out accuracy on the task suite's test split."""
 
-    tasks: list[str] = field(default_factory=lambda: ["arith", "countdown", "sort"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     """Tasks to grade."""
     n_per_level: int = 50
     """Test problems per task and level."""
@@ -36,6 +50,33 @@ class EvalConfig:
     """Seed of the test split."""
 
 
+@dataclass
+class ControlConfig:
+    """The equal-compute control: more SFT instead of GRPO."""
+
+    enabled: bool = True
+    """Run it (costs as much wall time as the GRPO stage)."""
+    lr: float = 3e-4
+    """Peak learning rate of the continued SFT (warm-up 5 steps, cosine decay)."""
+
+
+@dataclass
+class SearchTableConfig:
+    """Test-time strategies on the final model (`posttrain.search.compare.strategy_table`)."""
+
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["arith", "sort"])
+    """Tasks of the problem set."""
+    levels: list[int] = field(default_factory=lambda: [2, 3])
+    """Levels of the problem set."""
+    n_per_level: int = 10
+    """Test problems per task and level."""
+    n: int = 8
+    """Samples of best-of-N / self-consistency / compute-optimal."""
+    prm: str = "oracle_prm"
+    """Step scorer of PRM beam and MCTS: `oracle_prm` (the task's step checker) or a PRM folder."""
+
+
 def _default_sft() -> SFTRecipe:
     return SFTRecipe(
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1),
@@ -44,15 +85,35 @@ def _default_sft() -> SFTRecipe:
     )
 
 
+def _default_rl() -> RLRecipe:
+    return RLRecipe(
+        data=RLDataConfig(tasks=list(TASKS)),
+        algorithm=AlgorithmConfig(
+            advantage="grpo", clip_low=0.2, clip_high=0.28, kl=KLConfig(coef=0.02, placement="loss")
+        ),
+        rollout=RolloutConfig(prompts_per_step=8, n=8, max_new_tokens=96, dynamic_sampling=True, max_refill_rounds=1),
+        optim=OptimConfig(lr=5e-5, schedule="constant", warmup_steps=0),
+        train=RLTrainConfig(max_steps=40, eval_every=20),
+        eval=RLEvalConfig(n_per_level=10, max_new_tokens=96),
+        output_dir="runs/quickstart/grpo",
+    )  # fmt: skip
+
+
 @dataclass
 class QuickstartRecipe:
     """`posttrain run recipes/quickstart.yaml`: the stages and where they write."""
 
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
     sft: SFTRecipe = field(default_factory=_default_sft)
+    rl: RLRecipe = field(default_factory=_default_rl)
+    """The GRPO stage; its model.path `default` means "the SFT stage's output"."""
+    rl_enabled: bool = True
+    """Run the GRPO stage (and its control)."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    search: SearchTableConfig = field(default_factory=SearchTableConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/quickstart"
-    """Where report.md, accuracy.json and the per-problem completions go."""
+    """Where report.md, accuracy.json, rl_curves.svg and the per-problem completions go."""
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, list[dict]]:
@@ -63,31 +124,133 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, li
     return task_accuracy(model, tok, problems, cfg.max_new_tokens, cfg.batch_size)
 
 
+def control_recipe(cfg: QuickstartRecipe, sft_dir: Path, sft_seconds: float, rl_seconds: float) -> SFTRecipe:
+    """More SFT from the SFT model on the same demonstrations, for GRPO's wall time."""
+    per_step = sft_seconds / cfg.sft.train.max_steps
+    steps = max(1, round(rl_seconds / per_step))
+    train = LoopConfig(**{**cfg.sft.train.__dict__, "max_steps": steps, "eval_every": 0, "save_every": 0})
+    optim = OptimConfig(**{**cfg.sft.optim.__dict__, "lr": cfg.control.lr, "warmup_steps": min(5, steps)})
+    return SFTRecipe(
+        **{**cfg.sft.__dict__, "train": train, "optim": optim, "output_dir": str(Path(cfg.output_dir) / "control")}
+    )  # fmt: skip
+
+
 def run_quickstart(cfg: QuickstartRecipe) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    base = run_pretrain(cfg.pretrain)
-    timings["pretrain"] = time.perf_counter() - t
-    before, before_rows = evaluate(base, cfg.eval)
+    models: dict[str, Path] = {}
+    reports: dict[str, AccuracyReport] = {}
+    completions: dict[str, list[dict]] = {}
+
+    def stage(name: str, fn, *args) -> Path:
+        t = time.perf_counter()
+        path = fn(*args)
+        timings[name] = time.perf_counter() - t
+        models[name] = path
+        return path
+
+    def grade(column: str, model_dir: Path) -> None:
+        reports[column], completions[column] = evaluate(model_dir, cfg.eval)
+
+    base = stage("pretrain", run_pretrain, cfg.pretrain)
+    grade("pretrained", base)
     if cfg.sft.model.path == "default":
         cfg.sft.model.path = str(base)
-    t = time.perf_counter()
-    sft_dir = run_sft(cfg.sft)
-    timings["sft"] = time.perf_counter() - t
-    after, after_rows = evaluate(sft_dir, cfg.eval)
-    reports = {"pretrained": before, "after SFT": after}
+    sft_dir = stage("sft", run_sft, cfg.sft)
+    grade("after SFT", sft_dir)
+    final = sft_dir
+    if cfg.rl_enabled:
+        if cfg.rl.model.path == "default":
+            cfg.rl.model.path = str(sft_dir)
+        final = stage("grpo", run_rl, cfg.rl)
+        grade("after GRPO", final)
+        if cfg.control.enabled:
+            control = control_recipe(cfg, sft_dir, timings["sft"], timings["grpo"])
+            stage("control (more SFT)", run_sft, control)
+            grade("more SFT (control)", models["control (more SFT)"])
     console.print("\n[bold]held-out accuracy (%), greedy, verifier-graded[/bold]\n" + format_table(reports))
-    write_report(out, reports, timings, {"pretrained": base, "sft": sft_dir})
-    for name, rows in (("pretrained", before_rows), ("sft", after_rows)):
-        with open(out / f"completions_{name}.jsonl", "w") as f:
+    strategy_md = strategy_section(cfg, final, timings) if cfg.search.enabled else ""
+    curves = write_rl_curves(out, Path(cfg.rl.output_dir)) if cfg.rl_enabled else None
+    write_report(out, reports, timings, models, strategy_md, curves)
+    for name, rows in completions.items():
+        with open(out / f"completions_{name.split()[-1].strip('()')}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     console.print(f"report: {out / 'report.md'}")
     return out / "report.md"
 
 
-def write_report(out: Path, reports: dict[str, AccuracyReport], timings: dict, models: dict) -> None:
+def strategy_section(cfg: QuickstartRecipe, model_dir: Path, timings: dict[str, float]) -> str:
+    """The test-time strategy table on held-out problems, as markdown (also printed)."""
+    from posttrain.data.tasks import make_split
+    from posttrain.search.compare import quickstart_strategies, strategy_table
+    from posttrain.search.report import compute_ratios, describe_ratio, format_markdown
+
+    s = cfg.search
+    problems = [
+        p for t in s.tasks for p in make_split(t, "test", s.n_per_level, seed=cfg.eval.seed, levels=s.levels)
+    ]
+    t = time.perf_counter()
+    rows = strategy_table(str(model_dir), problems, quickstart_strategies(prm=s.prm, n=s.n), "verifier")
+    timings["search table"] = time.perf_counter() - t
+    ratios = compute_ratios(rows)
+    table = format_markdown(rows, ratios)
+    console.print("\n[bold]test-time strategies[/bold]\n" + table)
+    where = f"{', '.join(s.tasks)} levels {', '.join(map(str, s.levels))}, {len(problems)} held-out problems"
+    return "\n".join(
+        [f"## Test-time strategies on the final model ({where})", "", table, "",
+         *[f"- {describe_ratio(r)}" for r in ratios], ""]
+    )  # fmt: skip
+
+
+def write_rl_curves(out: Path, rl_dir: Path) -> Path | None:
+    """reward / KL / response length / held-out accuracy of the GRPO run as one SVG."""
+    metrics = rl_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+
+    def chart(title: str, **keys: str) -> dict:
+        return {"series": {name: metric_series(metrics, k) for name, k in keys.items()}, "title": title}
+
+    svg = chart_grid(
+        [
+            chart("training reward (mean)", reward="reward/total_mean"),
+            chart("KL to the SFT model (token mean)", kl="kl/token_mean"),
+            chart("response length (tokens)", mean="response/length_mean", max="response/length_max"),
+            chart("held-out greedy accuracy", accuracy="eval/task_accuracy/overall"),
+        ]
+    )
+    path = out / "rl_curves.svg"
+    path.write_text(svg)
+    return path
+
+
+def verdict(reports: dict[str, AccuracyReport]) -> list[str]:
+    """Per task: did GRPO or the equal-compute SFT control end higher (honest, from the table)?"""
+    if "after GRPO" not in reports or "more SFT (control)" not in reports:
+        return []
+    rl, ctl, sft = reports["after GRPO"], reports["more SFT (control)"], reports["after SFT"]
+    lines = []
+    for task in sorted({k[0] for k in rl.total}) + [None]:
+        a, b, s = 100 * rl.acc(task), 100 * ctl.acc(task), 100 * sft.acc(task)
+        if math.isnan(a) or math.isnan(b):
+            continue
+        winner = "GRPO" if a > b else "more SFT" if b > a else "neither"
+        name = task or "all tasks"
+        lines.append(
+            f"- {name}: SFT {s:.1f} -> GRPO {a:.1f} vs more SFT {b:.1f}: {winner} wins ({a - b:+.1f} points)."
+        )
+    return lines  # fmt: skip
+
+
+def write_report(
+    out: Path,
+    reports: dict[str, AccuracyReport],
+    timings: dict,
+    models: dict,
+    strategy_md: str = "",
+    curves: Path | None = None,
+) -> None:
     lines = [
         "# posttrain quickstart report",
         "",
@@ -95,11 +258,23 @@ def write_report(out: Path, reports: dict[str, AccuracyReport], timings: dict, m
         "",
         format_table(reports, markdown=True),
         "",
-        "## Stages",
-        "",
-        *[f"- {k}: {v:.1f} s" for k, v in timings.items()],
-        *[f"- model `{k}`: `{v}`" for k, v in models.items()],
-        "",
     ]
+    if v := verdict(reports):
+        lines += [
+            "## GRPO vs the equal-compute control",
+            "",
+            "GRPO trains on fresh prompts with only the verifier as reward; the control spends the same "
+            "wall time on more SFT over the same demonstrations.",
+            "",
+            *v,
+            "",
+        ]
+    if curves is not None:
+        lines += ["## GRPO curves", "", f"![reward, KL, length and held-out accuracy]({curves.name})", ""]
+    if strategy_md:
+        lines += [strategy_md]
+    lines += ["## Stages", "", *[f"- {k}: {v:.1f} s" for k, v in timings.items()],
+              f"- total: {sum(timings.values()):.1f} s",
+              *[f"- model `{k}`: `{v}`" for k, v in models.items()], ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines))
     (out / "accuracy.json").write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=1))
