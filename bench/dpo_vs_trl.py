@@ -43,22 +43,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import THREADS, busy_cpu_s, matmul_peak, model_path, step_clock
 
-THREADS = 2
 BATCH, MAX_LEN = 8, 128
-SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
 SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults")
-
-
-def model_path(name: str) -> Path:
-    if name == "tiny":
-        from posttrain.train.pretrain import ensure_default_model
-
-        return ensure_default_model()
-    if not (SMOLLM2 / "config.json").is_file():
-        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
-    return SMOLLM2
 
 
 def write_pairs(path: Path, model: Path, n_pairs: int) -> None:
@@ -123,19 +112,12 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
 
 def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     ends: list[float] = []
     tokens: list[int] = []
     padded: list[int] = []
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
 
     class CountingTrainer(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -155,7 +137,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> di
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("json", data_files=data, split="train")
     trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    trainer.add_callback(StepClock())
+    trainer.add_callback(step_clock(ends))
     trainer.train()
     return {
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
@@ -176,25 +158,6 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
 
 
 # ---------------------------------------------------------------- driver
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of a square n x n matmul on THREADS threads."""
-    torch.set_num_threads(THREADS)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times[1:]) / 1e9
-
-
-def busy_cpu_s() -> tuple[float, float]:
-    """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
-    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
 
 
 def wait_idle(max_wait: float, limit: float = 0.3) -> None:
@@ -233,7 +196,7 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wai
 
 
 def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], max_wait: float, path=None) -> None:
-    path = Path(path) if path else model_path(name)
+    path = model_path(name, path)
     n_steps = n_meas + n_warm
     print(f"\n== {name}: {path}\n{BATCH} pairs/step, max length {MAX_LEN}, fp32 weights, {THREADS} threads; "
           f"{n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
@@ -275,7 +238,10 @@ def main() -> None:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
     systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
     wait_idle(a.max_wait)
-    print(f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {matmul_peak():.0f} GFLOP/s", flush=True)
+    print(
+        f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {matmul_peak(repeats=5):.0f} GFLOP/s",
+        flush=True,
+    )
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup

@@ -38,21 +38,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import THREADS, model_path, step_clock
 
-THREADS, N, MAX_NEW, LR = 2, 8, 64, 1e-6
-SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
+N, MAX_NEW, LR = 8, 64, 1e-6
 DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
 SYSTEMS = ("posttrain", "trl")
-
-
-def model_path(name: str) -> Path:
-    if name == "tiny":
-        from posttrain.train.pretrain import ensure_default_model
-
-        return ensure_default_model()
-    if not (SMOLLM2 / "config.json").is_file():
-        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
-    return SMOLLM2
 
 
 def write_prompts(path: Path, n: int) -> None:
@@ -97,20 +87,13 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, b
 
 def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float) -> dict:
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.rewards.verifiers import verify_task
 
     ends: list[float] = []
     lengths: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
 
     def task_verifier(prompts, completions, completion_ids, metadata, **kw) -> list[float]:
         lengths.append(sum(map(len, completion_ids)) / len(completion_ids))
@@ -132,7 +115,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: f
     trainer = GRPOTrainer(
         model=model, reward_funcs=[task_verifier], args=args, train_dataset=ds, processing_class=tok
     )
-    trainer.add_callback(StepClock())
+    trainer.add_callback(step_clock(ends))
     trainer.train()
     return {
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
@@ -174,7 +157,7 @@ def launch(
 
 
 def bench_model(name: str, a: argparse.Namespace) -> float | None:
-    path = Path(a.model_path) if a.model_path else model_path(name)
+    path = model_path(name, a.model_path)
     prompts, n_meas, n_warm = DEFAULTS[name]
     prompts, n_meas = a.prompts or prompts, a.steps or n_meas
     n_warm = n_warm if a.warmup is None else a.warmup

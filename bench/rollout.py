@@ -20,21 +20,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-
-SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
-
-
-def model_dir(name: str, tiny_path: str | None) -> Path:
-    if name == "smollm2":
-        return SMOLLM2
-    if tiny_path:
-        return Path(tiny_path)
-    from posttrain.train.pretrain import ensure_default_model
-
-    return ensure_default_model()
+from common import model_path
 
 
 def build_prompts(k: int) -> list[list[dict]]:
@@ -94,7 +82,7 @@ def bench_model(name: str, args: argparse.Namespace) -> float:
     from posttrain.rollout.engine import encode_prompt
     from posttrain.rollout.hf_engine import HFEngine
 
-    path = model_dir(name, args.tiny_path)
+    path = model_path(name, args.tiny_path if name == "tiny" else None)
     engine = HFEngine(str(path), dtype="float32", device="cpu")
     model, tok = engine.model, engine.tokenizer
     prompts = build_prompts(args.prompts)

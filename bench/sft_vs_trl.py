@@ -31,22 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import THREADS, busy_cpu_s, matmul_peak, model_path, step_clock
 
-THREADS = 2
 BATCH, SEQ = 8, 256
-SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
 SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults", "bare", "posttrain-bf16", "trl-bf16")
-
-
-def model_path(name: str) -> Path:
-    if name == "tiny":
-        from posttrain.train.pretrain import ensure_default_model
-
-        return ensure_default_model()
-    if not (SMOLLM2 / "config.json").is_file():
-        sys.exit(f"{SMOLLM2} is missing: run `bash scripts/get_smollm2.sh` once")
-    return SMOLLM2
 
 
 def write_data(path: Path, n_per_level: int = 150) -> None:
@@ -96,18 +85,11 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str)
 def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
     """SFTTrainer, mode fastest | defaults | bf16; step ends timed by a callback."""
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     ends: list[float] = []  # training start, then the end of every step
     tokens: list[int] = []
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
 
     class CountingTrainer(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -125,7 +107,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("json", data_files=data, split="train")
     trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    trainer.add_callback(StepClock())
+    trainer.add_callback(step_clock(ends))
     trainer.train()
     labels = trainer.train_dataset["labels"]
     trained = sum(sum(x != -100 for x in row) for row in labels) / sum(len(row) for row in labels)
@@ -175,18 +157,6 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     (out / "result.json").write_text(json.dumps(res))
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of a square n x n matmul on THREADS threads."""
-    torch.set_num_threads(THREADS)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times[1:]) / 1e9
-
-
 def model_shape(path: Path) -> tuple[int, int, int, int]:
     """(all params, params outside embedding / LM-head matrices, hidden size, vocab), without loading weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -198,13 +168,6 @@ def model_shape(path: Path) -> tuple[int, int, int, int]:
     params = {id(p): p.numel() for p in m.parameters()}
     body = sum(n for k, n in params.items() if k not in embed)
     return sum(params.values()), body, cfg.hidden_size, m.get_input_embeddings().num_embeddings
-
-
-def busy_cpu_s() -> tuple[float, float]:
-    """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
-    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
 
 
 def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict | None:
