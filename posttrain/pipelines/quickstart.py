@@ -235,11 +235,11 @@ def verdict(reports: dict[str, AccuracyReport]) -> list[str]:
         a, b, s = 100 * rl.acc(task), 100 * ctl.acc(task), 100 * sft.acc(task)
         if math.isnan(a) or math.isnan(b):
             continue
-        winner = "GRPO" if a > b else "more SFT" if b > a else "neither"
-        name = task or "all tasks"
-        lines.append(
-            f"- {name}: SFT {s:.1f} -> GRPO {a:.1f} vs more SFT {b:.1f}: {winner} wins ({a - b:+.1f} points)."
-        )
+        winner = "GRPO" if a > b else "more SFT" if b > a else None
+        said = f"{winner} ends higher ({a - b:+.1f} points)" if winner else "a tie"
+        if max(a, b) <= s:
+            said += "; neither improved on the SFT model"
+        lines.append(f"- {task or 'all tasks'}: SFT {s:.1f} -> GRPO {a:.1f} vs more SFT {b:.1f}: {said}.")
     return lines  # fmt: skip
 
 

@@ -78,9 +78,18 @@ def test_verdict_names_the_winner_per_task():
         "more SFT (control)": _report({("arith", 1): 4, ("sort", 1): 7}),
     }
     lines = verdict(reports)
-    assert lines[0] == "- arith: SFT 30.0 -> GRPO 60.0 vs more SFT 40.0: GRPO wins (+20.0 points)."
-    assert lines[1] == "- sort: SFT 50.0 -> GRPO 50.0 vs more SFT 70.0: more SFT wins (-20.0 points)."
-    assert lines[2].startswith("- all tasks: SFT 40.0 -> GRPO 55.0 vs more SFT 55.0: neither")
+    assert lines[0] == "- arith: SFT 30.0 -> GRPO 60.0 vs more SFT 40.0: GRPO ends higher (+20.0 points)."
+    assert lines[1] == "- sort: SFT 50.0 -> GRPO 50.0 vs more SFT 70.0: more SFT ends higher (-20.0 points)."
+    assert lines[2] == "- all tasks: SFT 40.0 -> GRPO 55.0 vs more SFT 55.0: a tie."
+    worse = {
+        "after SFT": _report({("arith", 1): 3}),
+        "after GRPO": _report({("arith", 1): 2}),
+        "more SFT (control)": _report({("arith", 1): 1}),
+    }
+    assert verdict(worse)[0] == (
+        "- arith: SFT 30.0 -> GRPO 20.0 vs more SFT 10.0: GRPO ends higher (+10.0 points); "
+        "neither improved on the SFT model."
+    )
     assert verdict({"after SFT": reports["after SFT"]}) == []
 
 
