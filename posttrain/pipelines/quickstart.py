@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.data.sft_data import DataConfig
 from posttrain.eval.accuracy import AccuracyReport, format_table, task_accuracy
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.monitor.logger import console
 from posttrain.monitor.plots import chart_grid, metric_series
-from posttrain.train.loop import LoopConfig
+from posttrain.train.loop import LoopConfig, ModelConfig
 from posttrain.train.optim import OptimConfig
 from posttrain.train.pretrain import PretrainRecipe, run_pretrain
 from posttrain.train.rl import RLEvalConfig, RLRecipe, RLTrainConfig, run_rl
@@ -56,8 +57,11 @@ class ControlConfig:
 
     enabled: bool = True
     """Run it (costs as much wall time as the GRPO stage)."""
-    lr: float = 3e-4
-    """Peak learning rate of the continued SFT (warm-up 5 steps, cosine decay)."""
+    lr: float = 1e-4
+    """Peak learning rate of the continued SFT (warm-up 5 steps, cosine decay); the SFT stage ends at
+    lr * min_lr_ratio, so this continues near where it stopped."""
+    tasks: list[str] | None = None
+    """Demonstrations to continue on; null = the GRPO stage's tasks (a like-for-like comparison)."""
 
 
 @dataclass
@@ -87,14 +91,14 @@ def _default_sft() -> SFTRecipe:
 
 def _default_rl() -> RLRecipe:
     return RLRecipe(
-        data=RLDataConfig(tasks=list(TASKS)),
+        data=RLDataConfig(tasks=["sort"]),
         algorithm=AlgorithmConfig(
             advantage="grpo", clip_low=0.2, clip_high=0.28, kl=KLConfig(coef=0.02, placement="loss")
         ),
         rollout=RolloutConfig(prompts_per_step=8, n=8, max_new_tokens=96, dynamic_sampling=True, max_refill_rounds=1),
-        optim=OptimConfig(lr=5e-5, schedule="constant", warmup_steps=0),
-        train=RLTrainConfig(max_steps=40, eval_every=20),
-        eval=RLEvalConfig(n_per_level=10, max_new_tokens=96),
+        optim=OptimConfig(lr=3e-5, schedule="constant", warmup_steps=0),
+        train=RLTrainConfig(max_steps=50, eval_every=25),
+        eval=RLEvalConfig(n_per_level=20, max_new_tokens=96),
         output_dir="runs/quickstart/grpo",
     )  # fmt: skip
 
@@ -125,13 +129,16 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, li
 
 
 def control_recipe(cfg: QuickstartRecipe, sft_dir: Path, sft_seconds: float, rl_seconds: float) -> SFTRecipe:
-    """More SFT from the SFT model on the same demonstrations, for GRPO's wall time."""
+    """More SFT from the SFT model, on the GRPO stage's tasks (by default), for GRPO's wall time."""
     per_step = sft_seconds / cfg.sft.train.max_steps
     steps = max(1, round(rl_seconds / per_step))
     train = LoopConfig(**{**cfg.sft.train.__dict__, "max_steps": steps, "eval_every": 0, "save_every": 0})
     optim = OptimConfig(**{**cfg.sft.optim.__dict__, "lr": cfg.control.lr, "warmup_steps": min(5, steps)})
+    tasks = cfg.control.tasks if cfg.control.tasks is not None else cfg.rl.data.tasks
+    data = DataConfig(**{**cfg.sft.data.__dict__, "tasks": list(tasks)})
     return SFTRecipe(
-        **{**cfg.sft.__dict__, "train": train, "optim": optim, "output_dir": str(Path(cfg.output_dir) / "control")}
+        **{**cfg.sft.__dict__, "model": ModelConfig(**{**cfg.sft.model.__dict__, "path": str(sft_dir)}),
+           "data": data, "train": train, "optim": optim, "output_dir": str(Path(cfg.output_dir) / "control")}
     )  # fmt: skip
 
 

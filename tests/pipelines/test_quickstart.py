@@ -64,6 +64,8 @@ def test_control_spends_grpo_wall_time_on_sft(tmp_path):
     control = control_recipe(cfg, tmp_path / "sft", sft_seconds=100.0, rl_seconds=30.0)
     assert control.train.max_steps == 150  # 30 s at 0.2 s per SFT step
     assert control.optim.lr == cfg.control.lr and control.output_dir == str(tmp_path / "control")
+    assert control.model.path == str(tmp_path / "sft")  # continues the SFT model, not the base
+    assert control.data.tasks == cfg.rl.data.tasks == ["sort"]
     assert cfg.sft.train.max_steps == 500  # the SFT recipe itself is untouched
 
 
