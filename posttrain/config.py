@@ -98,7 +98,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        # a value already of one of the plain types keeps it ("all-linear" stays a str, not ["all-linear"])
+        options.sort(key=lambda a: not (isinstance(a, type) and type(value) is a))
+        for arg in options:
             try:
                 return _coerce(arg, value, key, source)
             except ConfigError as exc:

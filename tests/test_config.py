@@ -61,3 +61,10 @@ def test_override_needs_equals():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(Outer, tmp_path / "nope.yaml")
+
+
+def test_union_keeps_a_value_of_a_plain_member_type():
+    from posttrain.models.peft import PeftConfig
+
+    assert from_dict(PeftConfig, {"target_modules": "all-linear"}).target_modules == "all-linear"
+    assert from_dict(PeftConfig, {"target_modules": ["q_proj", "v_proj"]}).target_modules == ["q_proj", "v_proj"]
