@@ -5,8 +5,10 @@ The scripts run as `python bench/NAME.py`, so this module imports as `common`.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,3 +63,26 @@ def step_clock(ends: list[float]):
             ends.append(time.perf_counter())
 
     return StepClock()
+
+
+def worker_env(tmp: Path) -> dict[str, str]:
+    """The environment of a benchmark subprocess: THREADS threads, quiet progress, a private datasets cache."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"))
+    return env
+
+
+def run_worker(system: str, cmd: list[str], out: Path, env: dict[str, str]) -> dict | None:
+    """Run one system's worker subprocess (log in out/log.txt); its out/result.json plus `wall_s` and
+    `others`, the cores other processes used meanwhile (above ~0.3 the timings are disturbed; on a
+    shared machine run with --nice -20). None, with the log's tail printed, when it failed."""
+    t0, (busy0, ours0) = time.perf_counter(), busy_cpu_s()
+    with (out / "log.txt").open("w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    (busy1, ours1), wall = busy_cpu_s(), time.perf_counter() - t0
+    if rc != 0 or not (out / "result.json").is_file():
+        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
+        return None
+    res = json.loads((out / "result.json").read_text())
+    res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    return res

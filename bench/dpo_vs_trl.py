@@ -32,18 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import THREADS, busy_cpu_s, matmul_peak, model_path, step_clock
+from common import THREADS, busy_cpu_s, matmul_peak, model_path, run_worker, step_clock, worker_env
 
 BATCH, MAX_LEN = 8, 128
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
@@ -178,21 +176,9 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wai
     wait_idle(max_wait)
     out = tmp / system
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"))
     cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(n_steps)]
-    t0, (busy0, ours0) = time.perf_counter(), busy_cpu_s()
-    with (out / "log.txt").open("w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    (busy1, ours1), wall = busy_cpu_s(), time.perf_counter() - t0
-    if rc != 0 or not (out / "result.json").is_file():
-        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
-        return None
-    res = json.loads((out / "result.json").read_text())
-    # Other processes' CPU use during the run, in cores: above ~0.2 the timings are disturbed.
-    res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
-    return res
+    return run_worker(system, cmd, out, worker_env(tmp))
 
 
 def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], max_wait: float, path=None) -> None:

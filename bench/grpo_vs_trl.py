@@ -27,18 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import THREADS, model_path, step_clock
+from common import THREADS, model_path, run_worker, step_clock, worker_env
 
 N, MAX_NEW, LR = 8, 64, 1e-6
 DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
@@ -141,19 +138,9 @@ def launch(
 ) -> dict | None:
     out = tmp / f"{system}-beta{beta:g}"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_DATASETS_CACHE=str(tmp / "hf_cache"))
     cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(n_steps), "--prompts", str(prompts), "--beta", str(beta)]
-    t0 = time.perf_counter()
-    with (out / "log.txt").open("w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0 or not (out / "result.json").is_file():
-        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
-        return None
-    res = json.loads((out / "result.json").read_text())
-    res["wall_s"] = time.perf_counter() - t0
-    return res
+    return run_worker(system, cmd, out, worker_env(tmp))
 
 
 def bench_model(name: str, a: argparse.Namespace) -> float | None:

@@ -24,14 +24,13 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import THREADS, busy_cpu_s, matmul_peak, model_path, step_clock
+from common import THREADS, matmul_peak, model_path, run_worker, step_clock, worker_env
 
 BATCH, SEQ = 8, 256
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
@@ -172,22 +171,9 @@ def model_shape(path: Path) -> tuple[int, int, int, int]:
 
 def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict | None:
     out = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=tmp))
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    env["TOKENIZERS_PARALLELISM"] = "false"
     cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(n_steps)]
-    t0, (busy0, ours0) = time.perf_counter(), busy_cpu_s()
-    with (out / "log.txt").open("w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    (busy1, ours1), wall = busy_cpu_s(), time.perf_counter() - t0
-    if rc != 0 or not (out / "result.json").is_file():
-        print(f"{system} FAILED (rc {rc}); log tail:\n{(out / 'log.txt').read_text()[-3000:]}", flush=True)
-        return None
-    res = json.loads((out / "result.json").read_text())
-    # Other processes' CPU use during the run, in cores: above ~0.3 the timings are disturbed
-    # (on a shared machine run with --nice -20).
-    res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
-    return res
+    return run_worker(system, cmd, out, worker_env(tmp))
 
 
 def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: dict, repeat: int) -> None:

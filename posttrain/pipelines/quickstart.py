@@ -121,9 +121,9 @@ class QuickstartRecipe:
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, list[dict]]:
-    from posttrain.data.tasks import make_split
+    from posttrain.data.tasks.prm_data import task_problems
 
-    problems = [p for t in cfg.tasks for p in make_split(t, "test", cfg.n_per_level, seed=cfg.seed)]
+    problems = task_problems(cfg.tasks, "test", cfg.n_per_level, seed=cfg.seed)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     return task_accuracy(model, tok, problems, cfg.max_new_tokens, cfg.batch_size)
 
@@ -189,14 +189,12 @@ def run_quickstart(cfg: QuickstartRecipe) -> Path:
 
 def strategy_section(cfg: QuickstartRecipe, model_dir: Path, timings: dict[str, float]) -> str:
     """The test-time strategy table on held-out problems, as markdown (also printed)."""
-    from posttrain.data.tasks import make_split
+    from posttrain.data.tasks.prm_data import task_problems
     from posttrain.search.compare import quickstart_strategies, strategy_table
     from posttrain.search.report import compute_ratios, format_markdown
 
     s = cfg.search
-    problems = [
-        p for t in s.tasks for p in make_split(t, "test", s.n_per_level, seed=cfg.eval.seed, levels=s.levels)
-    ]
+    problems = task_problems(s.tasks, "test", s.n_per_level, seed=cfg.eval.seed, levels=s.levels)
     t = time.perf_counter()
     rows = strategy_table(str(model_dir), problems, quickstart_strategies(prm=s.prm, n=s.n), "verifier")
     timings["search table"] = time.perf_counter() - t

@@ -60,3 +60,25 @@ def make_env():
     verifier = VerifierScorer(lambda text, meta: extract_answer(text) == meta["ground_truth"])
     queries = [Query(p, {"question": p.strip(), "ground_truth": "7"}) for p in PROMPTS]
     return policy, prm, verifier, queries
+
+
+def write_mcts_exports(env, out_dir) -> dict:
+    """Run MCTS on the scripted tree and write its SFT / PRM / preference exports as JSONL files."""
+    import json
+
+    from posttrain.search import run_search
+    from posttrain.search.export import export_preferences, export_prm, export_sft
+    from posttrain.search.mcts import MCTSConfig
+
+    policy, prm, _, queries = env  # the scripted tree writes the default tokenizer's format
+    results = run_search("mcts", policy, queries, prm, MCTSConfig(n_simulations=6, expand_k=3, value="mix"))
+    files = {}
+    for name, rows in (
+        ("sft", export_sft(results)),
+        ("prm", export_prm(results)),
+        ("pref", export_preferences(results)),
+    ):
+        assert rows, name
+        files[name] = out_dir / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+from search_env import write_mcts_exports
+
 from posttrain.config import load_recipe
-from posttrain.search import run_search
-from posttrain.search.export import export_preferences, export_prm, export_sft
-from posttrain.search.mcts import MCTSConfig
 from posttrain.train.preference import PreferenceRecipe, run_preference
 from posttrain.train.prm import PRMRecipe, run_prm
 from posttrain.train.sft import SFTRecipe, run_sft
@@ -20,17 +19,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def test_each_export_trains_one_step(env, tiny_model_dir, tmp_path):
-    policy, prm, _, queries = env  # the scripted tree writes the default tokenizer's format
-    results = run_search("mcts", policy, queries, prm, MCTSConfig(n_simulations=6, expand_k=3, value="mix"))
-    files = {}
-    for name, rows in (
-        ("sft", export_sft(results)),
-        ("prm", export_prm(results)),
-        ("pref", export_preferences(results)),
-    ):
-        assert rows, name
-        files[name] = tmp_path / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = write_mcts_exports(env, tmp_path)
     common = [
         f"model.path={tiny_model_dir}",
         "train.max_steps=1",

@@ -5,6 +5,7 @@ and the PRM trainer accept."""
 from __future__ import annotations
 
 import pytest
+from search_env import write_mcts_exports
 
 from posttrain.data.records import detect_kind, validate_record
 from posttrain.data.tasks import make_split
@@ -133,24 +134,12 @@ def test_tiny_tot_got_self_refine(hf, queries):
 
 def test_exports_load_into_the_trainers_data_paths(hf, env, tmp_path):
     """SFT, PRM and preference exports go through the loaders and renderers the trainers use."""
-    import json
-
     from posttrain.data.loaders import load_records
     from posttrain.data.render import render_records
-    from posttrain.search.mcts import MCTSConfig
     from posttrain.train.preference_data import file_raw_examples
     from posttrain.train.rm_data import prm_token_ids, step_sample
 
-    policy, prm, _, queries = env  # the scripted tree writes the default tokenizer's format
-    results = run_search("mcts", policy, queries, prm, MCTSConfig(n_simulations=6, expand_k=3, value="mix"))
-    files = {}
-    for name, rows in (
-        ("sft", export_sft(results)),
-        ("prm", export_prm(results)),
-        ("pref", export_preferences(results)),
-    ):
-        files[name] = tmp_path / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = write_mcts_exports(env, tmp_path)
     tok = hf.tokenizer
     samples = render_records(tok, load_records(files["sft"]))
     assert len(samples) == 3 and all(any(x != -100 for x in s.labels) for s in samples)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from reward_env import small_recipe
 
-from posttrain.config import load_recipe
 from posttrain.data.loaders import write_jsonl
 from posttrain.data.tasks.prm_data import prm_records, task_problems
 from posttrain.errors import DataError, ModelError
@@ -19,19 +19,7 @@ from posttrain.train.rm_data import PRMDataConfig, collate_steps, prm_samples, p
 
 
 def _cfg(model_dir, out, *overrides: str) -> PRMRecipe:
-    base = [
-        f"model.path={model_dir}",
-        f"output_dir={out}",
-        "data.tasks=[sort]",
-        "data.levels=[1, 2]",
-        "data.n_per_level=16",
-        "data.eval_n_per_level=4",
-        "train.max_steps=4",
-        "train.batch_size=4",
-        "train.tensorboard=false",
-        "optim.lr=3e-3",
-    ]
-    return load_recipe(PRMRecipe, None, [*base, *overrides])
+    return small_recipe(PRMRecipe, model_dir, out, *overrides)
 
 
 def test_prm_labels_land_exactly_on_step_end_tokens(tiny_model_dir):

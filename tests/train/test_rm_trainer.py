@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from reward_env import small_recipe
 
-from posttrain.config import load_recipe
 from posttrain.data.loaders import write_jsonl
 from posttrain.data.tasks.prm_data import preference_records, ranking_records, task_problems
 from posttrain.errors import ConfigError, DataError
@@ -19,19 +19,7 @@ from posttrain.train.rm_data import RMDataConfig, collate_groups, rm_groups
 
 
 def _cfg(model_dir, out, *overrides: str) -> RMRecipe:
-    base = [
-        f"model.path={model_dir}",
-        f"output_dir={out}",
-        "data.tasks=[sort]",
-        "data.levels=[1, 2]",
-        "data.n_per_level=16",
-        "data.eval_n_per_level=4",
-        "train.max_steps=4",
-        "train.batch_size=4",
-        "train.tensorboard=false",
-        "optim.lr=3e-3",
-    ]
-    return load_recipe(RMRecipe, None, [*base, *overrides])
+    return small_recipe(RMRecipe, model_dir, out, *overrides)
 
 
 def test_groups_from_preference_and_ranking_files(tmp_path, tiny_model_dir):
