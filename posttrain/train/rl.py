@@ -25,6 +25,11 @@ reinforce_pp with the KL in the reward; RLOO = rloo; Dr.GRPO = dr_grpo + seq-mea
   token with the discounted step rewards that follow it; for critic-free training use
   ``grpo_process`` (step-aware GRPO, DeepSeekMath 4.1.3: outcome z-score + the group-normalised
   step rewards from token t on). Other outcome estimators see each row's reward sum.
+- Multi-turn (``data.multi_turn``): n conversations per prompt with an environment
+  (`posttrain.rollout.multiturn`), split into episodes (one per turn when the template
+  rewrites history, else one masked episode); the advantage estimator runs over the group's
+  conversations (or turns, ``baseline: turn``), every episode token gets its turn's advantage
+  (`posttrain.train.rl_update.turn_advantages`), and the update is the single-turn one.
 - Checkpoints: weights (and the critic head), optimizer, scheduler, RNG, the prompt sampler's
   position and the KL coefficient. The engine's generator is re-seeded at every generate call
   from (seed, step, refill round), so resuming at step k replays step k+1 exactly; an
@@ -62,8 +67,24 @@ from posttrain.train.rl_data import (
     load_prompts,
     rollout_tensors,
 )
-from posttrain.train.rl_rollout import RolloutConfig, generate_groups, rollout_metrics, rollout_seed
-from posttrain.train.rl_update import AlgorithmConfig, ppo_update, score_rollout
+from posttrain.train.rl_rollout import (
+    EpisodeBatch,
+    RolloutConfig,
+    check_multi_turn,
+    conversation_metrics,
+    episode_batch,
+    generate_conversations,
+    generate_groups,
+    rollout_metrics,
+    rollout_seed,
+)
+from posttrain.train.rl_update import (
+    AlgorithmConfig,
+    ppo_update,
+    score_rollout,
+    spread_turns,
+    turn_advantages,
+)
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3")
 
@@ -126,6 +147,8 @@ class RLRecipe:
         check_reward_terms(self.rewards)
         self.algorithm.validate()
         self.rollout.validate()
+        if self.data.multi_turn is not None:
+            check_multi_turn(self.data.multi_turn, self.algorithm, self.rewards)
         if self.peft.method in ("prefix", "prompt"):
             raise ConfigError(
                 f"peft.method={self.peft.method} prepends virtual tokens the rollout engine does not see",
@@ -181,6 +204,8 @@ class Session:
     scheduler: Any
     problems: list
     step: int = 0
+    env: Any = None
+    """The conversation environment with data.multi_turn, else None."""
 
 
 def _engine(cfg: RLRecipe, model, tokenizer):
@@ -216,7 +241,8 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, model, tokenizer, cfg.peft)
     model, tok = run.model, run.tokenizer
     records = load_prompts(cfg.data)
-    check_scorers(records, cfg.rewards)
+    if cfg.data.multi_turn is None:
+        check_scorers(records, cfg.rewards)
     reference = build_reference(cfg, model)  # before resuming: pi_ref is the starting policy
     value_head = None
     module = model
@@ -232,6 +258,10 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         RewardSet(cfg.rewards, tok, ro.max_new_tokens, ro.overlong_buffer), PromptSampler(records, cfg.data.seed),
         KLController(algo.kl.coef, algo.kl.target, algo.kl.horizon), optimizer, scheduler, eval_problems(cfg),
     )  # fmt: skip
+    if cfg.data.multi_turn is not None:
+        from posttrain.rollout.multiturn import get_env
+
+        s.env = get_env(cfg.data.multi_turn.env)
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, module, optimizer, scheduler)
         s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
@@ -247,6 +277,20 @@ def collect(s: Session, step: int) -> tuple[list[Scored], list[Scored], dict[str
     return generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
 
 
+def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[str, float]]:
+    """Multi-turn: generate this step's conversation groups and split them into episode rows."""
+    mt = s.cfg.data.multi_turn
+    kept, seen, metrics = generate_conversations(
+        s.engine, s.sampler, s.env, s.cfg.rollout, mt, s.cfg.seed, step
+    )
+    metrics.update(conversation_metrics(seen, kept, mt.credit))
+    metrics["generated_tokens"] = sum(len(t.token_ids) for g in seen for c in g for t in c.turns)
+    if not kept:
+        return None, metrics
+    batch, split = episode_batch(kept, s.run.tokenizer, mt)
+    return batch, {**metrics, **split}
+
+
 def use_rollout_logprobs(s: Session) -> bool:
     mode = s.cfg.algorithm.old_logprobs
     if mode != "auto":
@@ -254,8 +298,13 @@ def use_rollout_logprobs(s: Session) -> bool:
     return s.cfg.rollout.backend == "hf" and next(s.model.parameters()).dtype == torch.float32
 
 
-def prepare_batch(s: Session, groups: list[Scored]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Rollout tensors plus old/ref log-probs, critic values, KL-shaped rewards and advantages."""
+def prepare_batch(
+    s: Session, groups: list[Scored], episodes: EpisodeBatch | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Rollout tensors plus old/ref log-probs, critic values, KL-shaped rewards and advantages.
+
+    ``episodes`` (multi-turn, its rows are ``groups``): advantages per turn (`turn_advantages`).
+    """
     algo, ro = s.cfg.algorithm, s.cfg.rollout
     data = rollout_tensors(groups, s.run.tokenizer.pad_token_id, ro.overlong_filter)
     rows = max(1, -(-data["valid"].shape[0] // algo.mini_batches))
@@ -278,10 +327,19 @@ def prepare_batch(s: Session, groups: list[Scored]) -> tuple[dict[str, torch.Ten
             rewards = rewards - s.kl.coef * kl
     if values is not None:
         data["old_values"] = values
-    adv, returns, adv_metrics = compute_advantages(
-        algo.advantage, rewards, data["valid"], group=data["group"], values=values, gamma=algo.gamma,
-        lam=algo.lam, eps=algo.eps, step_rewards=data["step_rewards"], step_mask=data["step_mask"],
-    )  # fmt: skip
+    if episodes is None:
+        adv, returns, adv_metrics = compute_advantages(
+            algo.advantage, rewards, data["valid"], group=data["group"], values=values, gamma=algo.gamma,
+            lam=algo.lam, eps=algo.eps, step_rewards=data["step_rewards"], step_mask=data["step_mask"],
+        )  # fmt: skip
+    else:
+        e = episodes
+        per_turn, adv_metrics = turn_advantages(
+            algo.advantage, e.credits, e.turn_valid, e.returns, e.group,
+            baseline=s.cfg.data.multi_turn.baseline, eps=algo.eps,
+        )  # fmt: skip
+        adv = spread_turns(per_turn, e.rows, data["valid"])
+        returns = spread_turns(e.credits, e.rows, data["valid"])
     data["advantages"], data["returns"] = adv, returns
     valid = data["valid"]
     metrics.update({k: float(v) for k, v in adv_metrics.items()})
@@ -292,15 +350,20 @@ def prepare_batch(s: Session, groups: list[Scored]) -> tuple[dict[str, torch.Ten
 def train_step(s: Session, step: int) -> dict[str, float]:
     """One RL step (module docstring); returns its metrics."""
     cfg, algo = s.cfg, s.cfg.algorithm
-    kept, seen, metrics = collect(s, step)
-    metrics.update(rollout_metrics(seen, kept))
-    gen_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
+    episodes = None
+    if s.env is not None:
+        episodes, metrics = collect_episodes(s, step)
+        kept, gen_tokens = (episodes.groups if episodes else []), metrics.pop("generated_tokens")
+    else:
+        kept, seen, metrics = collect(s, step)
+        metrics.update(rollout_metrics(seen, kept))
+        gen_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
     metrics["throughput/generate_tok_s"] = gen_tokens / max(metrics["time/generate_s"], 1e-9)
     if not kept:
         console.print(f"[yellow]step {step}[/yellow]: every group had equal rewards; no update this step")
         return {**metrics, "rollout/skipped": 1.0, "kl_coef": s.kl.coef}
     t0 = time.perf_counter()
-    data, adv_metrics = prepare_batch(s, kept)
+    data, adv_metrics = prepare_batch(s, kept, episodes)
     gen = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, 999))
     norm = float(cfg.rollout.max_new_tokens)
     upd, tokens = ppo_update(

@@ -12,8 +12,9 @@
   each step-end token (every step separator, and the token that closes the last step).
 - `rollout_tensors`: completions -> the training batch (prompt + completion, right-padded,
   labels on the completion) and completion-aligned (B, T) tensors (T = longest completion):
-  ``valid`` (a real completion token), ``old_logp`` (the sampler's log-probs), ``rewards``
-  (outcome + step rewards), ``step_rewards`` / ``step_mask`` (the process part), ``group``.
+  ``valid`` (a trained completion token; not the user tokens of a merged multi-turn episode),
+  ``old_logp`` (the sampler's log-probs), ``rewards`` (outcome + step rewards),
+  ``step_rewards`` / ``step_mask`` (the process part), ``group``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ import torch
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.rollout.engine import Completion
+
+
+@dataclass
+class MultiTurnConfig:
+    """Multi-turn rollouts (`posttrain.rollout.multiturn`): conversations with an environment.
+
+    Checked with the algorithm by `posttrain.train.rl_rollout.check_multi_turn`."""
+
+    env: str = "followup"
+    """followup (add a_k to your answer) | retry (try again when wrong) | a name added with register_env."""
+    max_turns: int = 2
+    """Assistant turns per conversation at most (fewer when the environment is done first)."""
+    credit: Literal["per_turn", "final_broadcast"] = "final_broadcast"
+    """per_turn: turn k is credited its own reward r_k; final_broadcast: the final reward R,
+    R * gamma^(K-1-k) for turn k of K (`posttrain.rollout.episodes`)."""
+    gamma: float = 1.0
+    """Per-turn discount of final_broadcast credit, in (0, 1]."""
+    baseline: Literal["conversation", "turn"] = "conversation"
+    """conversation: the advantage estimator sees each conversation's return (R, or sum_k r_k
+    for per_turn) once per group, and every turn gets its conversation's advantage; turn: it
+    sees turn k's credit against the same turn of the group's other conversations."""
+    merge: bool = True
+    """One masked episode per conversation when the template is prefix-preserving and the
+    sampled tokens re-render exactly; false = always one episode per turn."""
 
 
 @dataclass
@@ -44,6 +69,9 @@ class RLDataConfig:
     """Use only the first N records of a file."""
     seed: int = 0
     """Seed of the task-suite split and of the per-epoch shuffle."""
+    multi_turn: MultiTurnConfig | None = None
+    """Conversations instead of single completions (null = single-turn); the environment's
+    rewards replace the `rewards` terms."""
 
 
 @dataclass
@@ -306,8 +334,11 @@ def rollout_tensors(groups: list[Scored], pad_id: int, overlong_filter: bool) ->
     for i, (_, c, outcome, steps) in enumerate(rows):
         p, n = len(c.prompt_ids), len(c.token_ids)
         ids[i, : p + n] = torch.tensor(c.prompt_ids + c.token_ids)
-        labels[i, p : p + n], attn[i, : p + n] = torch.tensor(c.token_ids), 1
-        valid[i, :n], old_logp[i, :n] = True, torch.tensor(c.logprobs)
+        # A merged multi-turn episode (`EpisodeRow.loss_mask`): user tokens are context, not completion.
+        keep = getattr(c, "loss_mask", None)
+        keep = torch.ones(n, dtype=torch.bool) if keep is None else torch.tensor(keep, dtype=torch.bool)
+        labels[i, p : p + n], attn[i, : p + n] = torch.tensor(c.token_ids).masked_fill(~keep, -100), 1
+        valid[i, :n], old_logp[i, :n] = keep, torch.tensor(c.logprobs) * keep
         rewards[i, n - 1] = outcome
         for pos, value in steps:
             step_rewards[i, pos] += value
@@ -332,7 +363,8 @@ def rollout_tensors(groups: list[Scored], pad_id: int, overlong_filter: bool) ->
 def select_rows(data: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The given rows of every tensor, trimmed on the right to the longest selected sequence."""
     width = int(data["attention_mask"][rows].sum(-1).max())
-    t = int(data["valid"][rows].sum(-1).max())
+    cols = data["valid"][rows].any(0).nonzero()  # the last valid column (merged episodes have holes)
+    t = int(cols.max()) + 1 if cols.numel() else 0
     out = {}
     for key, value in data.items():
         value = value[rows]

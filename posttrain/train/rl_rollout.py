@@ -1,4 +1,9 @@
-"""The generation half of an online-RL step: sampling settings, dynamic sampling, rollout metrics."""
+"""The generation half of an online-RL step: sampling settings, dynamic sampling, rollout metrics.
+
+Multi-turn (``data.multi_turn``): `generate_conversations` samples ``n`` conversations per
+prompt with an environment (`posttrain.rollout.multiturn`), `episode_batch` turns the kept
+groups into trainer rows (one merged episode or one per turn) with each turn's credit.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,16 @@ from typing import Any
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.train.rl_data import PromptSampler, RewardSet, Scored
+from posttrain.rollout.episodes import turn_credits
+from posttrain.rollout.multiturn import (
+    Conversation,
+    ConversationEnv,
+    EpisodeRow,
+    conversation_episodes,
+    conversation_return,
+    rollout_conversations,
+)
+from posttrain.train.rl_data import MultiTurnConfig, PromptSampler, RewardSet, RewardTermConfig, Scored
 
 
 @dataclass
@@ -114,4 +128,162 @@ def rollout_metrics(seen: list[Scored], kept: list[Scored]) -> dict[str, float]:
         vals = torch.tensor([p[label] for g in seen for p in g.parts])
         out[f"reward/{label}_mean"] = float(vals.nanmean())
         out[f"reward/{label}_std"] = float(vals[~vals.isnan()].std()) if (~vals.isnan()).sum() > 1 else 0.0
+    return out
+
+
+# ---------------------------------------------------------------- multi-turn
+
+
+def check_multi_turn(mt: MultiTurnConfig, algo: Any, rewards: list[RewardTermConfig]) -> None:
+    """ConfigError unless the environment exists and the algorithm and reward terms work over turns."""
+    from posttrain.rollout.multiturn import ENVS
+    from posttrain.train.rl_update import MULTI_TURN_ADVANTAGES_EXCLUDED
+
+    if mt.env not in ENVS:
+        raise ConfigError(
+            f"unknown conversation environment {mt.env!r}",
+            where="data.multi_turn.env",
+            fix=f"use one of: {', '.join(sorted(ENVS))} (or add one with register_env)",
+        )
+    if mt.max_turns < 1:
+        raise ConfigError(
+            "max_turns must be >= 1", where="data.multi_turn.max_turns", fix="e.g. max_turns: 2"
+        )
+    if not 0.0 < mt.gamma <= 1.0:
+        raise ConfigError(
+            f"gamma must be in (0, 1], got {mt.gamma}", where="data.multi_turn.gamma", fix="1.0 = no discount"
+        )
+    if algo.advantage in MULTI_TURN_ADVANTAGES_EXCLUDED:
+        raise ConfigError(
+            f"algorithm.advantage={algo.advantage} reads token positions; multi-turn advantages are per turn",
+            where="algorithm.advantage",
+            fix="use grpo, dr_grpo, rloo, reinforce, reinforce_baseline or reinforce_pp",
+        )
+    if algo.kl.placement == "reward" and (algo.kl.coef > 0 or algo.kl.target is not None):
+        raise ConfigError(
+            "a KL penalty in the reward is not credited across turns",
+            where="algorithm.kl.placement",
+            fix="use algorithm.kl.placement: loss with data.multi_turn",
+        )
+    if rewards != [RewardTermConfig()]:
+        raise ConfigError(
+            "with data.multi_turn the environment scores every turn; reward terms are not used",
+            where="rewards",
+            fix="drop the rewards section, or pick the environment with data.multi_turn.env",
+        )
+
+
+def _all_equal(values: list[float]) -> bool:
+    return max(values) - min(values) <= 1e-9 * max(1.0, abs(values[0]))
+
+
+def generate_conversations(
+    engine: Any,
+    sampler: PromptSampler,
+    env: ConversationEnv,
+    ro: RolloutConfig,
+    mt: MultiTurnConfig,
+    seed: int,
+    step: int,
+) -> tuple[list[list[Conversation]], list[list[Conversation]], dict[str, float]]:
+    """`generate_groups` for conversations: ``ro.n`` per prompt; turn k of round r is seeded by
+    ``rollout_seed(seed, step, r + 1000 k)``. Dynamic sampling drops groups whose conversation
+    returns are all equal. Returns (kept groups, every generated group, timings)."""
+    params = sampling_params(ro)
+    kept: list[list[Conversation]] = []
+    seen: list[list[Conversation]] = []
+    times = {"time/generate_s": 0.0, "rollout/rounds": 0}
+    for round_ in range(1 + (ro.max_refill_rounds if ro.dynamic_sampling else 0)):
+        records = sampler.take(ro.prompts_per_step)
+        t0 = time.perf_counter()
+        seeds = lambda turn, r=round_: rollout_seed(seed, step, r + 1000 * turn)  # noqa: E731
+        convs = rollout_conversations(engine, records, env, params, mt.max_turns, seeds)
+        times["time/generate_s"] += time.perf_counter() - t0  # the environment's verifiers included
+        times["rollout/rounds"] += 1
+        for g in range(len(records)):
+            seen.append(convs[g * ro.n : (g + 1) * ro.n])
+            returns = [conversation_return(c.rewards, mt.credit) for c in seen[-1]]
+            if not (ro.dynamic_sampling and _all_equal(returns)):
+                kept.append(seen[-1])
+        if len(kept) >= ro.prompts_per_step:
+            break
+    return kept[: ro.prompts_per_step], seen, times
+
+
+@dataclass
+class EpisodeBatch:
+    """Kept conversation groups as trainer rows, and the per-turn credits the advantages read.
+
+    ``groups``: per prompt, the `EpisodeRow`s of its conversations (`rollout_tensors` input);
+    ``rows`` the same rows flattened in that order. Per conversation c (C of them, K = most
+    turns): ``credits`` (C, K) turn k's credit, ``turn_valid`` (C, K), ``returns`` (C,) and
+    ``group`` (C,) its prompt's index.
+    """
+
+    groups: list[Scored]
+    rows: list[EpisodeRow]
+    credits: torch.Tensor
+    turn_valid: torch.Tensor
+    returns: torch.Tensor
+    group: torch.Tensor
+
+
+def episode_batch(
+    groups: list[list[Conversation]], tokenizer: Any, mt: MultiTurnConfig
+) -> tuple[EpisodeBatch, dict[str, float]]:
+    """Episodes of every kept conversation (`conversation_episodes`) and how they were split."""
+    scored, credits, returns, gid = [], [], [], []
+    for g, convs in enumerate(groups):
+        rows: list[EpisodeRow] = []
+        for conv in convs:
+            c_id = len(credits)
+            rows += conversation_episodes(
+                tokenizer, conv, mt.credit, mt.gamma, merge=mt.merge, conversation=c_id
+            )
+            credits.append(turn_credits(conv.rewards, len(conv.turns), mt.credit, mt.gamma))
+            returns.append(conversation_return(conv.rewards, mt.credit))
+            gid.append(g)
+        empty = [[] for _ in rows]
+        scored.append(Scored(convs[0].record, rows, [r.reward for r in rows], empty, [{} for _ in rows]))
+    k = max(map(len, credits))
+    table = torch.zeros((len(credits), k))
+    for c, values in enumerate(credits):
+        table[c, : len(values)] = torch.tensor(values)
+    turn_valid = torch.arange(k)[None, :] < torch.tensor([len(v) for v in credits])[:, None]
+    flat = [r for s in scored for r in s.completions]
+    merged = sum(len(r.spans) > 1 for r in flat)
+    metrics = {
+        "multiturn/episodes_per_conversation": len(flat) / len(credits),
+        "multiturn/merged_frac": merged / len(credits),
+    }
+    batch = EpisodeBatch(scored, flat, table, turn_valid, torch.tensor(returns), torch.tensor(gid))
+    return batch, metrics
+
+
+def conversation_metrics(
+    seen: list[list[Conversation]], kept: list[list[Conversation]], credit: str
+) -> dict[str, float]:
+    """Returns, turns per conversation, per-turn reward means, turn lengths, over every generated group."""
+    convs = [c for g in seen for c in g]
+    turns = [t for c in convs for t in c.turns]
+    returns = torch.tensor([conversation_return(c.rewards, credit) for c in convs])
+    lengths = torch.tensor([len(t.token_ids) for t in turns], dtype=torch.float)
+    out = {
+        "reward/total_mean": float(returns.mean()),
+        "reward/total_std": float(returns.std()) if returns.numel() > 1 else 0.0,
+        "multiturn/turns_mean": sum(len(c.turns) for c in convs) / len(convs),
+        "multiturn/done_frac": sum(c.done for c in convs) / len(convs),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clipped_ratio": sum(t.finish_reason == "length" for t in turns) / len(turns),
+        "rollout/zero_variance_frac": sum(
+            _all_equal([conversation_return(c.rewards, credit) for c in g]) for g in seen
+        )
+        / len(seen),
+        "rollout/groups_kept": len(kept),
+    }
+    for k in range(max(len(c.turns) for c in convs)):
+        reached = [c.rewards[k] for c in convs if len(c.rewards) > k]
+        out[f"reward/turn{k + 1}_mean"] = sum(reached) / len(reached)
+        out[f"multiturn/turn{k + 1}_frac"] = len(reached) / len(convs)
     return out

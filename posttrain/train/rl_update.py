@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.algos.advantages import ADVANTAGES
+from posttrain.algos.advantages import ADVANTAGES, compute_advantages
 from posttrain.algos.aggregate import AggMode
 from posttrain.algos.kl import kl_in_loss
 from posttrain.algos.policy_losses import POLICY_LOSSES, entropy_bonus, get_policy_loss
@@ -107,6 +107,59 @@ class AlgorithmConfig:
             raise ConfigError("kl.coef must be >= 0 and kl.target > 0", where="algorithm.kl")
         if self.kl.target is not None and self.kl.coef == 0:
             raise ConfigError("an adaptive KL needs a starting coef > 0", where="algorithm.kl.coef")
+
+
+MULTI_TURN_ADVANTAGES_EXCLUDED = ("gae", "grpo_process")
+"""Estimators that read token positions (a critic, process steps): not defined over turns."""
+
+
+def turn_advantages(
+    name: str,
+    credits: torch.Tensor,
+    turn_valid: torch.Tensor,
+    returns: torch.Tensor,
+    group: torch.Tensor,
+    *,
+    baseline: str,
+    eps: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage A[c, k] (C, K) of turn k of conversation c by the registered estimator ``name``.
+
+    ``baseline="conversation"``: the estimator sees one row per conversation, its return
+    ``returns[c]`` (C,), grouped by ``group`` (C,), and A[c, k] = A_c for every turn k (each
+    conversation counts once, however many turns it has). ``"turn"``: one row per
+    (conversation, turn) with reward ``credits[c, k]`` (C, K), grouped by (group, k): turn k is
+    compared with turn k of the other conversations of its prompt that reached it.
+    ``turn_valid`` (C, K) marks real turns; A is 0 elsewhere.
+    """
+
+    def estimate(scores: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        rows = scores[:, None].float()  # one position per row: an outcome of the turn or conversation
+        adv, _, metrics = compute_advantages(
+            name, rows, torch.ones_like(rows), group=groups, eps=eps, gamma=1.0
+        )
+        return adv[:, 0], metrics
+
+    if baseline == "conversation":
+        adv, metrics = estimate(returns, group)
+        return adv[:, None] * turn_valid, metrics
+    slot = group[:, None] * credits.shape[1] + torch.arange(credits.shape[1])  # (prompt, turn) groups
+    adv, metrics = estimate(credits[turn_valid], slot[turn_valid])
+    out = torch.zeros(credits.shape)
+    out[turn_valid] = adv
+    return out, metrics
+
+
+def spread_turns(per_turn: torch.Tensor, rows: list, valid: torch.Tensor) -> torch.Tensor:
+    """Per-turn values (C, K) -> (B, T) over each episode row's turn spans (0 where not ``valid``).
+
+    ``rows[i]`` has ``conversation`` (its c) and ``spans`` ``[(k, start, end)]`` (`EpisodeRow`).
+    """
+    out = torch.zeros(valid.shape)
+    for i, row in enumerate(rows):
+        for k, a, b in row.spans:
+            out[i, a:b] = per_turn[row.conversation, k]
+    return out * valid
 
 
 def to_rows(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
