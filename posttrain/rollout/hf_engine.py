@@ -13,14 +13,17 @@ log-prob of every sampled token. The loop here
    is log softmax(logits / T) (T = 1 when greedy), untruncated by top-k / top-p -- the
    policy's own probability, which `token_logprobs(..., temperature=T)` recomputes;
 4. drops a row from the batch (and its KV cache) as soon as it finishes, so finished rows
-   stop costing compute. A row finishes on eos (tokenizer and generation config), a
+   stop costing compute; the reserved cache drops rows in place, the rows behind the batch's new
+   end moving into the holes (`compact_order`), so d finished rows move at most d rows, not the
+   whole cache. A row finishes on eos (tokenizer and generation config), a
    ``stop_token_ids`` id, a ``stop`` string (looked for in the decoded tail of the
    completion) or ``max_new_tokens``.
 
 CPU costs that ``generate`` pays and this loop avoids: n prefills of the same prompt, decode
 steps of finished rows, re-concatenating the whole KV cache every step (here each layer's
-buffers are reserved for prompt + max_new_tokens and written in place), per-step logits
-processors, and ``torch.multinomial`` (replaced by inverse-CDF sampling, same distribution).
+buffers are reserved for prompt + max_new_tokens and written in place), rebuilding the
+attention mask every step (`decode_mask` builds it once), per-step logits processors, and
+``torch.multinomial`` (replaced by inverse-CDF sampling, same distribution).
 
 Works with any model whose cache is a transformers ``Cache`` with ``batch_select_indices``
 (all standard decoder-only attention models, PEFT-wrapped included); models with sliding
@@ -100,17 +103,36 @@ class _ReservedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 
+    def _gather(self, buf: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        new = buf.new_empty((indices.numel(), *buf.shape[1:]))
+        torch.index_select(buf[:, :, : self.length], 0, indices, out=new[:, :, : self.length])
+        return new
+
     def get_seq_length(self) -> int:
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old.new_empty((indices.numel(), *old.shape[1:]))
-                torch.index_select(old[:, :, : self.length], 0, indices, out=new[:, :, : self.length])
-                setattr(self, name, new)
-            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        if not self.is_initialized:
+            return
+        n, end = indices.numel(), self.length
+        if n <= self._k.shape[0]:  # in place: only rows i with indices[i] != i move (see compact_order)
+            moved = (indices != torch.arange(n, device=indices.device)).nonzero().squeeze(1)
+            for buf in (self._k, self._v):
+                buf[moved, :, :end] = buf[indices[moved], :, :end]  # the right side is gathered first
+            self._k, self._v = self._k[:n], self._v[:n]
+        else:  # more rows than reserved (prefix sharing's expansion): new buffers
+            self._k, self._v = (self._gather(buf, indices) for buf in (self._k, self._v))
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+
+
+def compact_order(live: torch.Tensor) -> torch.Tensor:
+    """The rows to keep, as indices for ``batch_select_indices``: the live rows of ``live`` (R,)
+    that sit in the first R' = live.sum() places stay there, the live rows behind them fill the
+    holes; dropping d rows then moves at most d rows of the cache, not R'."""
+    keep = live.nonzero().squeeze(1)
+    order = torch.arange(keep.numel(), device=live.device)
+    order[(~live[: keep.numel()]).nonzero().squeeze(1)] = keep[keep >= keep.numel()]
+    return order
 
 
 def new_cache(model: Any, capacity: int) -> DynamicCache:
@@ -120,6 +142,19 @@ def new_cache(model: Any, capacity: int) -> DynamicCache:
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
         cache.layers = [_ReservedLayer(capacity) for _ in cache.layers]
     return cache
+
+
+def decode_mask(model: Any, cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of every decode step (sliced to the seen length), built once: None when
+    no row is padded; with reserved (full-attention) layers and sdpa attention, the (R, 1, 1, P +
+    steps) boolean mask that the model uses as is, instead of rebuilding one from the padding mask
+    each step; else the (R, P + steps) padding mask ``attn`` itself."""
+    if bool(attn.all()):
+        return None
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    if sdpa and all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
+        return attn.bool()[:, None, None]
+    return attn
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -257,6 +292,7 @@ class HFEngine:
         lengths, stopped = [steps] * rows, [False] * rows
         stop_ids = torch.tensor(self.eos_ids + list(params.stop_token_ids), dtype=torch.long, device=dev)
         active, pos = torch.arange(rows, device=dev), attn[:, :width].sum(-1)
+        mask = decode_mask(self.model, cache, attn)
         for t in range(steps):
             tok, lp = sample_next(logits, params, gen)
             tokens[active, t], logps[active, t] = tok, lp
@@ -264,17 +300,19 @@ class HFEngine:
             if params.stop:
                 window = max(len(s) for s in params.stop) + _STOP_WINDOW_SLACK
                 done |= self._stop_string_hit(tokens[active, max(0, t + 1 - window) : t + 1], params.stop)
-            for r in active[done].tolist():
+            finished = active[done].tolist()  # the step's one host sync
+            for r in finished:
                 lengths[r], stopped[r] = t + 1, True
-            if t == steps - 1 or bool(done.all()):
+            if t == steps - 1 or len(finished) == len(active):
                 break
-            if bool(done.any()):  # drop finished rows: they stop costing compute
-                keep = (~done).nonzero().squeeze(1)
-                active, tok, attn, pos = active[keep], tok[keep], attn[keep], pos[keep]
+            if finished:  # drop finished rows: they stop costing compute
+                keep = compact_order(~done)
+                active, tok, pos = active[keep], tok[keep], pos[keep]
+                mask = None if mask is None else mask[keep]
                 cache.batch_select_indices(keep)
             out = self.model(
                 input_ids=tok[:, None],
-                attention_mask=attn[:, : width + t + 1],
+                attention_mask=None if mask is None else mask[..., : width + t + 1],
                 position_ids=pos[:, None],
                 past_key_values=cache,
                 use_cache=True,

@@ -8,7 +8,7 @@ import torch
 from posttrain.errors import ModelError
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.rollout.engine import by_prompt
-from posttrain.rollout.hf_engine import HFEngine, new_cache, sample_next
+from posttrain.rollout.hf_engine import HFEngine, compact_order, decode_mask, new_cache, sample_next
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.train.lm_loss import token_logprobs
 
@@ -203,6 +203,36 @@ def test_finished_rows_stop_costing_compute(engine):
     for c in out:
         assert c.finish_reason == ("stop" if c.token_ids[-1] in stops else "length")
         assert not set(c.token_ids[:-1]) & stops
+
+
+def test_reserved_cache_selects_rows_like_indexing(engine):
+    """Dropping rows in place (compact_order) and any other selection equal plain indexing."""
+    torch.manual_seed(0)
+    cache = new_cache(engine.model, 8)
+    k, v = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)
+    cache.layers[0].update(k, v)
+    layer = cache.layers[0]
+    live = torch.tensor([True, False, True, True, False, True])
+    order = compact_order(live)
+    assert order.tolist() == [0, 5, 2, 3]  # rows in front stay, the last live row fills the hole
+    ptr = layer._k.data_ptr()
+    layer.batch_select_indices(order)
+    assert layer._k.data_ptr() == ptr  # in place: no new buffers
+    assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])
+    for indices in ([1, 0, 3], [2, 0, 1, 1, 2, 0]):  # reordering, then growing (new buffers)
+        expected = layer.keys[torch.tensor(indices)]
+        layer.batch_select_indices(torch.tensor(indices))
+        assert torch.equal(layer.keys, expected)
+    layer.update(torch.ones(6, 2, 1, 4), torch.ones(6, 2, 1, 4))
+    assert layer.keys.shape == (6, 2, 6, 4) and torch.equal(layer.keys[:, :, :5], expected)
+
+
+def test_decode_mask(engine):
+    cache = new_cache(engine.model, 8)
+    padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert decode_mask(engine.model, cache, torch.ones_like(padded)) is None  # no padding: no mask
+    mask = decode_mask(engine.model, cache, padded)  # sdpa: the 4D mask the model uses as is
+    assert mask.shape == (2, 1, 1, 3) and torch.equal(mask[:, 0, 0], padded.bool())
 
 
 def sampled(max_new=20, **kw) -> SamplingParams:
