@@ -79,7 +79,7 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "", source: str =
                 f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             )
             raise ConfigError(f"unknown key '{prefix}{key}'", where=source, fix=hint)
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+        kwargs[key] = _coerce(hints[key], _over_default(fields[key], value), f"{prefix}{key}", source)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -88,6 +88,23 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "", source: str =
     if callable(validate):
         validate()
     return obj
+
+
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial section laid over its field's default: overriding ``sft.train.max_steps`` keeps
+    the rest of a recipe's own default ``sft`` section, not the bare section class's defaults."""
+    if f.default_factory is dataclasses.MISSING or not isinstance(value, dict):
+        return value
+    default = f.default_factory()
+    return _deep_merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:

@@ -68,3 +68,13 @@ def test_union_keeps_a_value_of_a_plain_member_type():
 
     assert from_dict(PeftConfig, {"target_modules": "all-linear"}).target_modules == "all-linear"
     assert from_dict(PeftConfig, {"target_modules": ["q_proj", "v_proj"]}).target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_partial_section_keeps_the_recipes_own_defaults():
+    from posttrain.pipelines.quickstart import QuickstartRecipe
+
+    cfg = load_recipe(QuickstartRecipe, None, ["sft.train.max_steps=7"])
+    assert cfg.sft.train.max_steps == 7
+    # the rest of `sft` is the quickstart's default section, not the bare SFTRecipe's
+    assert cfg.sft.output_dir == "runs/quickstart/sft" and cfg.sft.data.levels == [1, 2]
+    assert cfg.sft.train.batch_size == 8 and cfg.sft.optim.lr == 1e-3

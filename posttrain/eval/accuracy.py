@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,14 @@ class AccuracyReport:
     generated_tokens: int = 0
     seconds: float = 0.0
 
-    def acc(self, task: str | None = None, level: int | None = None) -> float:
-        keys = [k for k in self.total if (task is None or k[0] == task) and (level is None or k[1] == level)]
+    def acc(
+        self, task: str | None = None, level: int | None = None, levels: Collection[int] | None = None
+    ) -> float:
+        """Accuracy over the (task, level) cells that match; NaN if none do."""
+        keys = [
+            k for k in self.total
+            if (task is None or k[0] == task) and (level is None or k[1] == level) and (levels is None or k[1] in levels)
+        ]  # fmt: skip
         n = sum(self.total[k] for k in keys)
         return sum(self.correct[k] for k in keys) / n if n else float("nan")
 

@@ -32,7 +32,9 @@ from posttrain.train.rl_rollout import RolloutConfig
 from posttrain.train.rl_update import AlgorithmConfig, KLConfig
 from posttrain.train.sft import SFTRecipe, run_sft
 
-TASKS = ["arith", "countdown", "sort"]
+TASKS = ["arith_mag"]
+"""Graded tasks: arith_mag keeps the chain fixed and raises the numbers per level, so SFT can stop
+at a level and GRPO be measured on the levels past it."""
 
 
 @dataclass
@@ -69,7 +71,7 @@ class SearchTableConfig:
     """Test-time strategies on the final model (`posttrain.search.compare.strategy_table`)."""
 
     enabled: bool = True
-    tasks: list[str] = field(default_factory=lambda: ["arith", "sort"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     """Tasks of the problem set."""
     levels: list[int] = field(default_factory=lambda: [2, 3])
     """Levels of the problem set."""
@@ -83,22 +85,25 @@ class SearchTableConfig:
 
 def _default_sft() -> SFTRecipe:
     return SFTRecipe(
+        data=DataConfig(
+            train="tasks", tasks=list(TASKS), levels=[1, 2], n_per_level=5000, eval_n_per_level=10
+        ),
         optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1),
-        train=LoopConfig(max_steps=500, batch_size=8, seq_len=256, eval_every=250),
+        train=LoopConfig(max_steps=600, batch_size=8, seq_len=256, eval_every=0),
         output_dir="runs/quickstart/sft",
     )
 
 
 def _default_rl() -> RLRecipe:
     return RLRecipe(
-        data=RLDataConfig(tasks=["sort"]),
+        data=RLDataConfig(tasks=list(TASKS), levels=[2, 3]),
         algorithm=AlgorithmConfig(
             advantage="grpo", clip_low=0.2, clip_high=0.28, kl=KLConfig(coef=0.02, placement="loss")
         ),
-        rollout=RolloutConfig(prompts_per_step=8, n=8, max_new_tokens=96, dynamic_sampling=True, max_refill_rounds=1),
+        rollout=RolloutConfig(prompts_per_step=16, n=8, max_new_tokens=64, dynamic_sampling=True, max_refill_rounds=2),
         optim=OptimConfig(lr=3e-5, schedule="constant", warmup_steps=0),
-        train=RLTrainConfig(max_steps=50, eval_every=25),
-        eval=RLEvalConfig(n_per_level=20, max_new_tokens=96),
+        train=RLTrainConfig(max_steps=60, eval_every=20),
+        eval=RLEvalConfig(levels=[1, 2, 3, 4], n_per_level=25, max_new_tokens=96),
         output_dir="runs/quickstart/grpo",
     )  # fmt: skip
 
@@ -179,7 +184,7 @@ def run_quickstart(cfg: QuickstartRecipe) -> Path:
     console.print("\n[bold]held-out accuracy (%), greedy, verifier-graded[/bold]\n" + format_table(reports))
     strategy_md = strategy_section(cfg, final, timings) if cfg.search.enabled else ""
     curves = write_rl_curves(out, Path(cfg.rl.output_dir)) if cfg.rl_enabled else None
-    write_report(out, reports, timings, models, strategy_md, curves)
+    write_report(out, reports, timings, models, strategy_md, curves, demonstrated_levels(cfg))
     for name, rows in completions.items():
         with open(out / f"completions_{name.split()[-1].strip('()')}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -219,7 +224,7 @@ def write_rl_curves(out: Path, rl_dir: Path) -> Path | None:
             chart("training reward (mean)", reward="reward/total_mean"),
             chart("KL to the SFT model (token mean)", kl="kl/token_mean"),
             chart("response length (tokens)", mean="response/length_mean", max="response/length_max"),
-            chart("held-out greedy accuracy", accuracy="eval/task_accuracy/overall"),
+            chart("held-out greedy accuracy", all="eval/task_accuracy/overall", **_level_keys(metrics)),
         ]
     )
     path = out / "rl_curves.svg"
@@ -227,21 +232,66 @@ def write_rl_curves(out: Path, rl_dir: Path) -> Path | None:
     return path
 
 
-def verdict(reports: dict[str, AccuracyReport]) -> list[str]:
-    """Per task: did GRPO or the equal-compute SFT control end higher (honest, from the table)?"""
+def demonstrated_levels(cfg: QuickstartRecipe) -> dict[str, list[int]]:
+    """Task -> the levels the SFT stage (and the control) had demonstrations of."""
+    from posttrain.data.tasks import get_task
+
+    if cfg.sft.data.train != "tasks":
+        return {}
+    wanted = cfg.sft.data.levels
+    return {
+        t: [lv for lv in get_task(t).levels if wanted is None or lv in wanted] for t in cfg.sft.data.tasks
+    }
+
+
+def _levels(levels: list[int]) -> str:
+    return f"L{levels[0]}-{levels[-1]}" if levels == list(range(levels[0], levels[-1] + 1)) else (
+        ", ".join(f"L{lv}" for lv in levels)
+    )  # fmt: skip
+
+
+def _level_keys(metrics: Path, most: int = 6) -> dict[str, str]:
+    """Series name -> metric key of the per-level held-out accuracies (if there are few)."""
+    keys: set[str] = set()
+    for line in metrics.read_text().splitlines():
+        keys |= {k for k in json.loads(line) if k.startswith("eval/task_accuracy/") and "/L" in k}
+    if len(keys) > most:
+        return {}
+    return {k.removeprefix("eval/task_accuracy/"): k for k in sorted(keys)}
+
+
+def verdict(reports: dict[str, AccuracyReport], demos: dict[str, list[int]] | None = None) -> list[str]:
+    """Per task, and per part of a task with / without demonstrations (``demos``: task -> levels
+    SFT saw solved): did GRPO or the equal-compute SFT control end higher (honest, from the table)?"""
     if "after GRPO" not in reports or "more SFT (control)" not in reports:
         return []
     rl, ctl, sft = reports["after GRPO"], reports["more SFT (control)"], reports["after SFT"]
+    parts: list[tuple[str, str | None, list[int] | None]] = []
+    for task in sorted({k[0] for k in rl.total}):
+        levels = sorted(lv for t, lv in rl.total if t == task)
+        seen = levels if demos is None else [lv for lv in levels if lv in demos.get(task, [])]
+        unseen = [lv for lv in levels if lv not in seen]
+        if demos is not None and seen and unseen:
+            parts += [(f"{task} {_levels(seen)} (with demonstrations)", task, seen),
+                      (f"{task} {_levels(unseen)} (no demonstrations)", task, unseen)]  # fmt: skip
+            if len(unseen) > 1:
+                parts += [(f"{task} L{lv} (no demonstrations)", task, [lv]) for lv in unseen]
+        else:
+            note = " (no demonstrations)" if demos is not None and not seen else ""
+            parts.append((task + note, task, None))
+    parts.append(("all tasks", None, None))
     lines = []
-    for task in sorted({k[0] for k in rl.total}) + [None]:
-        a, b, s = 100 * rl.acc(task), 100 * ctl.acc(task), 100 * sft.acc(task)
+    for name, task, levels in parts:
+        a, b, s = (100 * r.acc(task, levels=levels) for r in (rl, ctl, sft))
         if math.isnan(a) or math.isnan(b):
             continue
         winner = "GRPO" if a > b else "more SFT" if b > a else None
         said = f"{winner} ends higher ({a - b:+.1f} points)" if winner else "a tie"
         if max(a, b) <= s:
             said += "; neither improved on the SFT model"
-        lines.append(f"- {task or 'all tasks'}: SFT {s:.1f} -> GRPO {a:.1f} vs more SFT {b:.1f}: {said}.")
+        lines.append(
+            f"- {name}: SFT {s:.1f} -> GRPO {a:.1f} ({a - s:+.1f}) vs more SFT {b:.1f} ({b - s:+.1f}): {said}."
+        )
     return lines  # fmt: skip
 
 
@@ -252,6 +302,7 @@ def write_report(
     models: dict,
     strategy_md: str = "",
     curves: Path | None = None,
+    demos: dict[str, list[int]] | None = None,
 ) -> None:
     lines = [
         "# posttrain quickstart report",
@@ -261,14 +312,21 @@ def write_report(
         format_table(reports, markdown=True),
         "",
     ]
-    if v := verdict(reports):
+    if v := verdict(reports, demos):
+        held = [f"{t} {_levels(lv)}" for t, lv in (demos or {}).items()]
         lines += [
             "## GRPO vs the equal-compute control",
             "",
             "GRPO trains on fresh prompts with only the verifier as reward; the control starts from the "
-            "same SFT model and spends the same wall time on more SFT over demonstrations of the same "
-            "tasks. Demonstrations here are unlimited and perfect, the case where more SFT is expected "
-            "to win; GRPO's case is where they run out.",
+            "same SFT model and spends the same wall time on more SFT over the demonstrations there are"
+            + (
+                f" ({', '.join(held)}). Levels outside those have no demonstrations: only GRPO can "
+                "learn there, from its own verified samples. "
+                if held
+                else ". "
+            )
+            + "Where demonstrations are unlimited and perfect, more SFT is expected to win; GRPO's case "
+            "is where they run out.",
             "",
             *v,
             "",

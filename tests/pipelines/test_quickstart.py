@@ -65,7 +65,8 @@ def test_control_spends_grpo_wall_time_on_sft(tmp_path):
     assert control.train.max_steps == 150  # 30 s at 0.2 s per SFT step
     assert control.optim.lr == cfg.control.lr and control.output_dir == str(tmp_path / "control")
     assert control.model.path == str(tmp_path / "sft")  # continues the SFT model, not the base
-    assert control.data.tasks == cfg.rl.data.tasks == ["sort"]
+    assert control.data.tasks == cfg.rl.data.tasks == ["arith_mag"]
+    assert control.data.levels == cfg.sft.data.levels == [1, 2]  # only the demonstrations there are
     assert cfg.sft.train.max_steps == 500  # the SFT recipe itself is untouched
 
 
@@ -80,19 +81,56 @@ def test_verdict_names_the_winner_per_task():
         "more SFT (control)": _report({("arith", 1): 4, ("sort", 1): 7}),
     }
     lines = verdict(reports)
-    assert lines[0] == "- arith: SFT 30.0 -> GRPO 60.0 vs more SFT 40.0: GRPO ends higher (+20.0 points)."
-    assert lines[1] == "- sort: SFT 50.0 -> GRPO 50.0 vs more SFT 70.0: more SFT ends higher (-20.0 points)."
-    assert lines[2] == "- all tasks: SFT 40.0 -> GRPO 55.0 vs more SFT 55.0: a tie."
+    assert (
+        lines[0]
+        == "- arith: SFT 30.0 -> GRPO 60.0 (+30.0) vs more SFT 40.0 (+10.0): GRPO ends higher (+20.0 points)."
+    )
+    assert (
+        lines[1]
+        == "- sort: SFT 50.0 -> GRPO 50.0 (+0.0) vs more SFT 70.0 (+20.0): more SFT ends higher (-20.0 points)."
+    )
+    assert lines[2] == "- all tasks: SFT 40.0 -> GRPO 55.0 (+15.0) vs more SFT 55.0 (+15.0): a tie."
     worse = {
         "after SFT": _report({("arith", 1): 3}),
         "after GRPO": _report({("arith", 1): 2}),
         "more SFT (control)": _report({("arith", 1): 1}),
     }
     assert verdict(worse)[0] == (
-        "- arith: SFT 30.0 -> GRPO 20.0 vs more SFT 10.0: GRPO ends higher (+10.0 points); "
+        "- arith: SFT 30.0 -> GRPO 20.0 (-10.0) vs more SFT 10.0 (-20.0): GRPO ends higher (+10.0 points); "
         "neither improved on the SFT model."
     )
     assert verdict({"after SFT": reports["after SFT"]}) == []
+
+
+def test_verdict_splits_levels_with_and_without_demonstrations():
+    reports = {
+        "after SFT": _report({("m", 1): 9, ("m", 2): 7, ("m", 3): 1, ("m", 4): 0, ("s", 1): 2}),
+        "after GRPO": _report({("m", 1): 9, ("m", 2): 6, ("m", 3): 4, ("m", 4): 0, ("s", 1): 2}),
+        "more SFT (control)": _report({("m", 1): 10, ("m", 2): 8, ("m", 3): 1, ("m", 4): 0, ("s", 1): 2}),
+    }
+    lines = verdict(reports, demos={"m": [1, 2]})
+    assert (
+        lines[0]
+        == "- m L1-2 (with demonstrations): SFT 80.0 -> GRPO 75.0 (-5.0) vs more SFT 90.0 (+10.0): more SFT ends higher (-15.0 points)."
+    )
+    assert (
+        lines[1]
+        == "- m L3-4 (no demonstrations): SFT 5.0 -> GRPO 20.0 (+15.0) vs more SFT 5.0 (+0.0): GRPO ends higher (+15.0 points)."
+    )
+    assert lines[2].startswith("- m L3 (no demonstrations): SFT 10.0 -> GRPO 40.0 (+30.0) vs more SFT 10.0")
+    assert lines[3].startswith("- m L4 (no demonstrations): SFT 0.0 -> GRPO 0.0 (+0.0) vs more SFT 0.0")
+    assert "neither improved" in lines[3]
+    assert lines[4].startswith("- s (no demonstrations): SFT 20.0 -> GRPO 20.0")  # a task SFT never saw
+    assert lines[5].startswith("- all tasks: SFT 38.0 -> GRPO 42.0 (+4.0) vs more SFT 42.0 (+4.0): a tie")
+
+
+def test_demonstrated_levels_follow_the_sft_data():
+    from posttrain.pipelines.quickstart import demonstrated_levels
+
+    cfg = load_recipe(QuickstartRecipe, None, ["sft.data.tasks=[arith_mag, sort]", "sft.data.levels=[1, 2]"])
+    assert demonstrated_levels(cfg) == {"arith_mag": [1, 2], "sort": [1, 2]}
+    cfg = load_recipe(QuickstartRecipe, None, ["sft.data.tasks=[sort]", "sft.data.levels=null"])
+    assert demonstrated_levels(cfg) == {"sort": [1, 2, 3, 4]}
 
 
 def test_ticks_and_chart_geometry():

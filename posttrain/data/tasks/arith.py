@@ -193,3 +193,60 @@ class ArithTask(Task):
         if value + delta < 0 and not self.allow_negative:
             delta = -delta
         return value + delta
+
+
+class MagnitudeArithTask(ArithTask):
+    """Chains of a fixed number of operands; the level is the band of the largest operand.
+
+    ``"Compute 3 + 17 + 6"`` is level 3 of the default bands (0-9, 10-14, 15-19, 20-29):
+    every level has the same chain length and step format, so a harder level differs only in
+    the numbers it uses. That makes "demonstrations run out" measurable without a change of
+    structure: SFT on the small-number levels, then RL with only the verifier on the levels
+    whose numbers no demonstration used (the quickstart does this). Changing the operand count
+    between levels instead (`ArithTask`) tests length generalisation, which a tiny model fails
+    outright (it keeps the step count it was trained on), leaving RL nothing to sample.
+    """
+
+    def __init__(
+        self,
+        name: str = "arith_mag",
+        bands: Sequence[tuple[int, int]] = ((0, 9), (10, 14), (15, 19), (20, 29)),
+        operands: int = 3,
+        ops: Sequence[str] = ("+", "-"),
+    ):
+        """
+        Args:
+            bands: per level (1, 2, ...), the inclusive range of the largest operand; the other
+                operands are drawn from 0 up to the band's top.
+            operands: numbers per chain (>= 2).
+            ops: operators to draw from (``+ -`` or with ``*``; no parentheses).
+        """
+        if operands < 2 or not bands or any(not 0 <= lo <= hi for lo, hi in bands):
+            raise ConfigError("need operands >= 2 and bands of 0 <= low <= high", where="bands/operands")
+        super().__init__(name=name, max_value=max(hi for _, hi in bands), ops=ops, max_level=len(bands))
+        self.bands, self.operands = tuple(tuple(b) for b in bands), operands
+        ranges = ", ".join(f"{lo}-{hi}" for lo, hi in self.bands)
+        self.description = f"evaluate a chain of {operands} numbers with {' '.join(self.ops)}; level = band of the largest number ({ranges})"
+
+    def generate(self, rng: random.Random, level: int) -> Problem:
+        """Operands uniform in 0..top of the band, rejected unless the largest lies in the band
+        and every intermediate value is >= 0."""
+        self.check_level(level)
+        low, high = self.bands[level - 1]
+        for _ in range(_MAX_TRIES):
+            values = [rng.randint(0, high) for _ in range(self.operands)]
+            if max(values) < low:
+                continue
+            tokens: list[Token] = [values[0]]
+            for v in values[1:]:
+                tokens += [rng.choice(self.ops), v]
+            steps = reduce_all(tokens)
+            if all(self._allowed(r) for *_, r in steps):
+                return Problem(
+                    task=self.name,
+                    level=level,
+                    question=PREFIX + render_tokens(tokens),
+                    steps=tuple(format_step(*s) for s in steps),
+                    answer=str(steps[-1][3]),
+                )
+        raise ConfigError(f"task {self.name!r} found no level-{level} problem in {_MAX_TRIES} draws", where="bands")

@@ -1,7 +1,8 @@
 """The task registry: name -> configured `Task` instance.
 
 Built-in entries: ``arith`` (the easy default), ``arith_hard`` (``* `` and
-parentheses, values kept in 0..99), ``countdown`` and ``sort``. A task variant
+parentheses, values kept in 0..99), ``arith_mag`` (three numbers; the level is the band of
+the largest: 0-9, 10-14, 15-19, 20-29), ``countdown`` and ``sort``. A task variant
 is a configured instance under its own name; `register_task` adds one.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 
-from posttrain.data.tasks.arith import ArithTask
+from posttrain.data.tasks.arith import ArithTask, MagnitudeArithTask
 from posttrain.data.tasks.base import Task
 from posttrain.data.tasks.countdown import CountdownTask
 from posttrain.data.tasks.sort import SortTask
@@ -20,6 +21,7 @@ TASKS: dict[str, Task] = {
     for t in (
         ArithTask(),
         ArithTask(name="arith_hard", ops=("+", "-", "*"), parens=True, max_abs=99),
+        MagnitudeArithTask(),
         CountdownTask(),
         SortTask(),
     )

@@ -79,3 +79,27 @@ def test_constructor_validation_and_impossible_limits():
         tight.generate(random.Random(0), 1)
     with pytest.raises(ConfigError, match="level"):
         ARITH.generate(random.Random(0), 9)
+
+
+def test_magnitude_levels_change_the_numbers_not_the_chain():
+    mag = get_task("arith_mag")
+    bands = {1: (0, 9), 2: (10, 14), 3: (15, 19), 4: (20, 29)}
+    for p in _problems(mag):
+        numbers = [int(t) for t in p.question.removeprefix("Compute ").split() if t.isdigit()]
+        low, high = bands[p.level]
+        assert len(numbers) == 3 and len(p.steps) == 2  # same chain at every level
+        assert low <= max(numbers) <= high and min(numbers) >= 0
+        assert all(parse_step(s)[3] >= 0 for s in p.steps)
+        assert p.answer == str(eval(p.question.removeprefix("Compute ")))
+        assert all(mag.check_steps(p, p.steps)) and mag.verify(p.response(), p.answer)
+        wrong, k = mag.corrupt(random.Random(0), p)
+        assert mag.check_steps(p, wrong.steps)[k] is False and not mag.verify(wrong.response(), p.answer)
+
+
+def test_magnitude_task_rejects_bad_bands():
+    from posttrain.data.tasks.arith import MagnitudeArithTask
+
+    with pytest.raises(ConfigError, match="bands"):
+        MagnitudeArithTask(bands=((5, 2),))
+    with pytest.raises(ConfigError, match="bands"):
+        MagnitudeArithTask(operands=1)
