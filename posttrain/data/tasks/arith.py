@@ -87,6 +87,19 @@ class ArithTask(Task):
         shape = "expression tree" if parens else "chain"
         self.description = f"evaluate a {shape} of level+1 numbers in 0..{max_value} with {' '.join(self.ops)}, one step per operation"
 
+    def _problem(self, level: int, tokens: list[Token]) -> Problem | None:
+        """The worked problem of an expression, or None if an intermediate value breaks the limits."""
+        steps = reduce_all(tokens)
+        if not all(self._allowed(r) for *_, r in steps):
+            return None
+        return Problem(
+            task=self.name,
+            level=level,
+            question=PREFIX + render_tokens(tokens),
+            steps=tuple(format_step(*s) for s in steps),
+            answer=str(steps[-1][3]),
+        )
+
     def _draw(self, rng: random.Random, n: int) -> list[Token]:
         if self.parens:
             return tokenize(render(random_tree(rng, n, self.ops, 0, self.max_value)))
@@ -104,16 +117,8 @@ class ArithTask(Task):
         """Draw operands and operators, rejecting draws whose intermediates break the limits."""
         self.check_level(level)
         for _ in range(_MAX_TRIES):
-            tokens = self._draw(rng, level + 1)
-            steps = reduce_all(tokens)
-            if all(self._allowed(r) for *_, r in steps):
-                return Problem(
-                    task=self.name,
-                    level=level,
-                    question=PREFIX + render_tokens(tokens),
-                    steps=tuple(format_step(*s) for s in steps),
-                    answer=str(steps[-1][3]),
-                )
+            if problem := self._problem(level, self._draw(rng, level + 1)):
+                return problem
         raise ConfigError(
             f"task {self.name!r} found no level-{level} problem within its limits in {_MAX_TRIES} draws",
             where="max_abs/allow_negative",
@@ -240,13 +245,8 @@ class MagnitudeArithTask(ArithTask):
             tokens: list[Token] = [values[0]]
             for v in values[1:]:
                 tokens += [rng.choice(self.ops), v]
-            steps = reduce_all(tokens)
-            if all(self._allowed(r) for *_, r in steps):
-                return Problem(
-                    task=self.name,
-                    level=level,
-                    question=PREFIX + render_tokens(tokens),
-                    steps=tuple(format_step(*s) for s in steps),
-                    answer=str(steps[-1][3]),
-                )
-        raise ConfigError(f"task {self.name!r} found no level-{level} problem in {_MAX_TRIES} draws", where="bands")
+            if problem := self._problem(level, tokens):
+                return problem
+        raise ConfigError(
+            f"task {self.name!r} found no level-{level} problem in {_MAX_TRIES} draws", where="bands"
+        )
