@@ -67,7 +67,10 @@ def test_union_keeps_a_value_of_a_plain_member_type():
     from posttrain.models.peft import PeftConfig
 
     assert from_dict(PeftConfig, {"target_modules": "all-linear"}).target_modules == "all-linear"
-    assert from_dict(PeftConfig, {"target_modules": ["q_proj", "v_proj"]}).target_modules == ["q_proj", "v_proj"]
+    assert from_dict(PeftConfig, {"target_modules": ["q_proj", "v_proj"]}).target_modules == [
+        "q_proj",
+        "v_proj",
+    ]
 
 
 def test_a_partial_section_keeps_the_recipes_own_defaults():

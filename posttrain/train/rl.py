@@ -87,6 +87,8 @@ from posttrain.train.rl_update import (
 )
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3")
+ALARM_EVERY = 10
+"""Steps between two printed warnings of the same kind (every step still logs ``alarm/<kind>``)."""
 
 
 @dataclass
@@ -106,6 +108,11 @@ class RLTrainConfig:
     tensorboard: bool = True
     chunk_size: int = 1024
     """Rows per chunk of the LM head + log-softmax."""
+    alarm_kl: float = 0.5
+    """Warn when the token-mean KL to the reference exceeds this (0 = never): the policy is
+    drifting away, usually before held-out accuracy drops."""
+    alarm_clipped: float = 0.5
+    """Warn when more than this share of completions hit rollout.max_new_tokens (0 = never)."""
 
 
 @dataclass
@@ -422,12 +429,31 @@ def _on_anomaly(s: Session, exc: TrainingAnomaly, step: int, sampler_before: dic
         exc.message += f"; resume from the last checkpoint ({latest_checkpoint(s.run.dir) or 'none yet'})"
 
 
+def alarms(metrics: dict[str, float], kl_limit: float, clipped_limit: float) -> dict[str, str]:
+    """Kind -> what went wrong and what to do, for the step's metrics past their limits (0 = off)."""
+    out = {}
+    kl = metrics.get("kl/token_mean")
+    if kl_limit > 0 and kl is not None and kl > kl_limit:
+        out["kl"] = (
+            f"KL to the reference is {kl:.3f} per token (> train.alarm_kl={kl_limit}): the policy is "
+            "drifting; lower optim.lr or raise algorithm.kl.coef"
+        )
+    clipped = metrics.get("response/clipped_ratio")
+    if clipped_limit > 0 and clipped is not None and clipped > clipped_limit:
+        out["clipped"] = (
+            f"{clipped:.0%} of completions hit rollout.max_new_tokens (> train.alarm_clipped="
+            f"{clipped_limit}): raise max_new_tokens, or shape lengths with rollout.overlong_filter / "
+            "an overlong reward term"
+        )
+    return out
+
+
 def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
     """Train and export the policy; returns the exported `final/` folder."""
     from posttrain.models.peft import export_model
 
     s = setup(cfg, model, tokenizer)
-    tc, results = cfg.train, {}
+    tc, results, warned = cfg.train, {}, {}
     evaluate = make_evaluator(s, results) if s.problems else None
     if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
         evaluate(0)
@@ -444,6 +470,11 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
             s.step = step
             maybe_kill("after-step", step)
             metrics["time/step_s"] = time.perf_counter() - t0
+            for kind, message in alarms(metrics, tc.alarm_kl, tc.alarm_clipped).items():
+                metrics[f"alarm/{kind}"] = 1.0
+                if step - warned.get(kind, -ALARM_EVERY) >= ALARM_EVERY:  # not every step
+                    console.print(f"[yellow]step {step}: {message}[/yellow]")
+                    warned[kind] = step
             if step % tc.log_every == 0 or step == tc.max_steps:
                 s.run.logger.log(step, metrics)
             stats = f"reward {metrics['reward/total_mean']:.3f}  len {metrics['response/length_mean']:.0f}"

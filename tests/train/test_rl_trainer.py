@@ -309,3 +309,28 @@ def test_resume_is_bit_identical(tmp_path, tiny_model_dir):
     )  # the adaptive coefficient moved and was restored
     assert [r["step"] for r in metrics(crashed)] == [1, 2, 3, 4]
     assert metrics(out)[-1]["reward/total_mean"] == metrics(crashed)[-1]["reward/total_mean"]
+
+
+# ---------------------------------------------------------------- alarms
+
+
+def test_alarms_fire_past_their_limits_only():
+    from posttrain.train.rl import alarms
+
+    calm = {"kl/token_mean": 0.1, "response/clipped_ratio": 0.2}
+    assert alarms(calm, kl_limit=0.5, clipped_limit=0.5) == {}
+    wild = {"kl/token_mean": 0.9, "response/clipped_ratio": 0.75}
+    fired = alarms(wild, kl_limit=0.5, clipped_limit=0.5)
+    assert set(fired) == {"kl", "clipped"}
+    assert "0.900" in fired["kl"] and "algorithm.kl.coef" in fired["kl"]
+    assert "75%" in fired["clipped"] and "max_new_tokens" in fired["clipped"]
+    assert alarms(wild, kl_limit=0, clipped_limit=0) == {}  # 0 = off
+    assert alarms({}, kl_limit=0.5, clipped_limit=0.5) == {}  # no KL metric (coef 0): nothing to judge
+
+
+def test_truncated_rollouts_raise_the_length_alarm_in_the_metrics(tmp_path, tiny_model_dir):
+    out = tmp_path / "r"
+    run_rl(recipe(tiny_model_dir, out, "rollout.max_new_tokens=2", "train.alarm_clipped=0.5"))
+    rows = [m for m in metrics(out) if "response/clipped_ratio" in m]
+    assert rows and all(m["response/clipped_ratio"] > 0.5 for m in rows)  # 2 tokens cannot finish a chain
+    assert all(m.get("alarm/clipped") == 1.0 for m in rows)
