@@ -126,7 +126,7 @@ class QuickstartRecipe:
 
 
 def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, list[dict]]:
-    from posttrain.data.tasks.prm_data import task_problems
+    from posttrain.data.tasks import task_problems
 
     problems = task_problems(cfg.tasks, "test", cfg.n_per_level, seed=cfg.seed)
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
@@ -194,7 +194,7 @@ def run_quickstart(cfg: QuickstartRecipe) -> Path:
 
 def strategy_section(cfg: QuickstartRecipe, model_dir: Path, timings: dict[str, float]) -> str:
     """The test-time strategy table on held-out problems, as markdown (also printed)."""
-    from posttrain.data.tasks.prm_data import task_problems
+    from posttrain.data.tasks import task_problems
     from posttrain.search.compare import quickstart_strategies, strategy_table
     from posttrain.search.report import compute_ratios, format_markdown
 

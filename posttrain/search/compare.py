@@ -223,10 +223,10 @@ def scorer_cache(default: str | Scorer | None) -> Callable[[StrategySpec], Score
 
 def task_problems(cfg: TaskSetConfig, split: str | None = None, n_per_level: int | None = None) -> list:
     """The problems of a task set (tasks in order, levels in order)."""
-    from posttrain.data.tasks import make_split
+    from posttrain.data.tasks import task_problems as problems_of
 
     n = cfg.n_per_level if n_per_level is None else n_per_level
-    return [p for t in cfg.tasks for p in make_split(t, split or cfg.split, n, cfg.seed, cfg.levels)]
+    return problems_of(cfg.tasks, split or cfg.split, n, cfg.seed, cfg.levels)
 
 
 def load_policy(cfg: SearchModelConfig) -> tuple[PolicyLike, Any]:

@@ -357,15 +357,11 @@ def preference_eval(
 
 
 def eval_problems(cfg: PreferenceRecipe) -> list:
-    from posttrain.data.tasks import make_split
+    from posttrain.data.tasks import task_problems
 
     if cfg.data.eval != "tasks" or cfg.eval.task_accuracy_n <= 0:
         return []
-    return [
-        p
-        for t in cfg.data.tasks
-        for p in make_split(t, "test", cfg.eval.task_accuracy_n, cfg.data.seed, cfg.data.levels)
-    ]
+    return task_problems(cfg.data.tasks, "test", cfg.eval.task_accuracy_n, cfg.data.seed, cfg.data.levels)
 
 
 def make_evaluator(run: Run, cfg: PreferenceRecipe, spec, kwargs, plan, reference, problems, results: dict):

@@ -225,7 +225,7 @@ def _engine(cfg: RLRecipe, model, tokenizer):
 
 
 def eval_problems(cfg: RLRecipe) -> list:
-    from posttrain.data.tasks.prm_data import task_problems
+    from posttrain.data.tasks import task_problems
 
     tasks = (
         cfg.eval.tasks

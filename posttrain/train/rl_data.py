@@ -126,7 +126,7 @@ def check_reward_terms(terms: list[RewardTermConfig]) -> None:
 def load_prompts(cfg: RLDataConfig) -> list[dict]:
     """Prompt records ``{"prompt": [messages], "metadata": {...}}`` from the task suite or a file."""
     if cfg.prompts == "tasks":
-        from posttrain.data.tasks.prm_data import task_problems
+        from posttrain.data.tasks import task_problems
 
         problems = task_problems(cfg.tasks, "train", cfg.n_per_level, cfg.seed, cfg.levels)
         return [p.prompt_record() for p in problems]

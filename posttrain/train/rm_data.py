@@ -128,7 +128,7 @@ def _stats(lengths: list[int], dropped: int, max_len: int) -> dict:
 
 
 def _task_problems(cfg: RMDataConfig | PRMDataConfig, split: str):
-    from posttrain.data.tasks.prm_data import task_problems
+    from posttrain.data.tasks import task_problems
 
     n = cfg.n_per_level if split == "train" else cfg.eval_n_per_level
     return task_problems(cfg.tasks, "train" if split == "train" else "test", n, cfg.seed, cfg.levels)

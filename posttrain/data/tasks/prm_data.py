@@ -27,7 +27,7 @@ from pathlib import Path
 
 from posttrain.data.tasks.base import Problem
 from posttrain.data.tasks.registry import get_task
-from posttrain.data.tasks.split import Split, make_split
+from posttrain.data.tasks.split import Split, task_problems
 
 DEFAULT_SEP = "<step>"
 
@@ -106,18 +106,6 @@ def ranking_records(
         ranking = sorted(range(len(order)), key=lambda i: order[i])
         meta = {"task": p.task, "level": p.level, "first_wrong_steps": sorted(by_first, reverse=True)}
         out.append({"prompt": _prompt(p), "responses": responses, "ranking": ranking, "metadata": meta})
-    return out
-
-
-def task_problems(
-    tasks: Sequence[str], split: Split, n_per_level: int, seed: int = 0, levels: Sequence[int] | None = None
-) -> list[Problem]:
-    """`make_split` over several tasks; `levels` filters to the levels each task has."""
-    out: list[Problem] = []
-    for name in tasks:
-        own = get_task(name).levels
-        chosen = None if levels is None else [lv for lv in levels if lv in own]
-        out += make_split(name, split, n_per_level, seed=seed, levels=chosen)
     return out
 
 

@@ -89,3 +89,26 @@ def make_split(
     for level in chosen:
         out += _draw_level(task, split, level, n_per_level, seed, unique)
     return out
+
+
+def task_problems(
+    tasks: Sequence[str], split: Split, n_per_level: int, seed: int = 0, levels: Sequence[int] | None = None
+) -> list[Problem]:
+    """`make_split` over several tasks, in order; ``levels`` keeps, per task, the levels it has.
+
+    A requested level that none of the tasks has is a ConfigError (a typo would otherwise
+    select nothing silently)."""
+    out: list[Problem] = []
+    known: set[int] = set()
+    for name in tasks:
+        own = get_task(name).levels
+        known.update(own)
+        chosen = None if levels is None else [lv for lv in levels if lv in own]
+        out += make_split(name, split, n_per_level, seed=seed, levels=chosen)
+    if levels is not None and (missing := sorted(set(levels) - known)):
+        raise ConfigError(
+            f"no task of {list(tasks)} has level(s) {missing}",
+            where="levels",
+            fix=f"use levels among {sorted(known)}",
+        )
+    return out

@@ -50,3 +50,13 @@ def test_bad_arguments():
         make_split("arith", "valid", 5)
     with pytest.raises(ConfigError, match="n_per_level"):
         make_split("arith", "train", -1)
+
+
+def test_task_problems_keeps_each_tasks_own_levels_and_rejects_unknown_ones():
+    from posttrain.data.tasks import task_problems
+
+    got = task_problems(["arith", "countdown"], "test", 2, levels=[3, 4])
+    assert Counter((p.task, p.level) for p in got) == {("arith", 3): 2, ("arith", 4): 2, ("countdown", 3): 2}
+    with pytest.raises(ConfigError, match=r"level\(s\) \[9\]") as err:
+        task_problems(["arith", "sort"], "test", 2, levels=[1, 9])
+    assert err.value.where == "levels" and "1, 2, 3, 4" in err.value.fix
