@@ -54,6 +54,37 @@ class ScalarHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_value_head(head: ScalarHead, folder: str | Path) -> Path:
+    """Write a PPO critic head next to its exported policy (``folder/value_head.safetensors``),
+    written to a temporary name first so an interrupted save leaves no half file."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / VALUE_HEAD_FILE
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(tmp), metadata={"kind": "value_head", "hidden_size": str(head.linear.in_features)})
+    tmp.replace(path)
+    return path
+
+
+def load_value_head(folder: str | Path) -> ScalarHead:
+    """The critic head saved by `save_value_head` (values = policy hidden states @ w + b)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{path}: no value head", where=str(folder), fix="export it from a PPO run (advantage gae)"
+        )
+    state = load_file(str(path))
+    head = ScalarHead(state["linear.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
+
+
 def backbone_lm(model: nn.Module) -> nn.Module:
     """The transformers causal LM under PEFT wrappers (LoRA layers stay injected)."""
     get_base = getattr(model, "get_base_model", None)

@@ -490,6 +490,10 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
             json.dumps({str(k): v for k, v in results.items()}, indent=1)
         )
     final = export_model(s.model, s.run.tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
+    if s.value_head is not None:  # PPO's critic, for continuing or inspecting the run
+        from posttrain.models.heads import save_value_head
+
+        save_value_head(s.value_head, final)
     s.run.finish(final)
     return final
 

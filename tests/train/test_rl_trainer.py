@@ -220,9 +220,17 @@ def test_smoke_each_algorithm(tmp_path, tiny_model_dir, name):
                     "rollout/zero_variance_frac", "throughput/generate_tok_s", "throughput/train_tok_s",
                     "time/generate_s", "time/reward_s", "time/train_s"):  # fmt: skip
             assert key in r, key
+    head_file = out / "final" / "value_head.safetensors"
     if name == "ppo":
         assert "loss/value" in rows[-1] and "vf/explained_var" in rows[-1]
         assert rows[-1]["kl/rollout_seq_mean"] > 0  # the policy moved away from pi_ref after step 1
+        from posttrain.models.heads import ScalarHead, load_value_head
+
+        head = load_value_head(out / "final")  # the trained critic is exported beside the policy
+        init = ScalarHead(head.linear.in_features, seed=0)  # the run's seed: the head it started from
+        assert not torch.equal(head.linear.weight, init.linear.weight)
+    else:
+        assert not head_file.exists()
     changed(tiny_model_dir, out)
 
 
