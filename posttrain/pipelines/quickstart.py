@@ -133,6 +133,19 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig) -> tuple[AccuracyReport, li
     return task_accuracy(model, tok, problems, cfg.max_new_tokens, cfg.batch_size)
 
 
+def train_seconds(run_dir: Path, key: str, max_steps: int) -> float | None:
+    """A run's training time from its own step timings: mean logged ``key`` x ``max_steps``.
+
+    The stages' wall clocks would be wrong on a re-run, where SFT and GRPO resume from their
+    finished checkpoints in seconds (the control would then get thousands of steps, or one).
+    None when the run logged no timings."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    times = [row[key] for row in map(json.loads, path.read_text().splitlines()) if key in row]
+    return sum(times) / len(times) * max_steps if times else None
+
+
 def control_recipe(cfg: QuickstartRecipe, sft_dir: Path, sft_seconds: float, rl_seconds: float) -> SFTRecipe:
     """More SFT from the SFT model, on the GRPO stage's tasks (by default), for GRPO's wall time."""
     per_step = sft_seconds / cfg.sft.train.max_steps
@@ -178,7 +191,9 @@ def run_quickstart(cfg: QuickstartRecipe) -> Path:
         final = stage("grpo", run_rl, cfg.rl)
         grade("after GRPO", final)
         if cfg.control.enabled:
-            control = control_recipe(cfg, sft_dir, timings["sft"], timings["grpo"])
+            sft_s = train_seconds(Path(cfg.sft.output_dir), "step_time_s", cfg.sft.train.max_steps)
+            rl_s = train_seconds(Path(cfg.rl.output_dir), "time/step_s", cfg.rl.train.max_steps)
+            control = control_recipe(cfg, sft_dir, sft_s or timings["sft"], rl_s or timings["grpo"])
             stage("control (more SFT)", run_sft, control)
             grade("more SFT (control)", models["control (more SFT)"])
     console.print("\n[bold]held-out accuracy (%), greedy, verifier-graded[/bold]\n" + format_table(reports))

@@ -70,6 +70,21 @@ def test_control_spends_grpo_wall_time_on_sft(tmp_path):
     assert cfg.sft.train.max_steps == 500  # the SFT recipe itself is untouched
 
 
+def test_control_time_comes_from_the_runs_step_timings_not_the_stage_clock(tmp_path):
+    """A re-run resumes finished stages in seconds; the control must still match GRPO's training time."""
+    import json
+
+    from posttrain.pipelines.quickstart import train_seconds
+
+    run = tmp_path / "grpo"
+    run.mkdir()
+    rows = [{"step": 1, "time/step_s": 1.0}, {"step": 2, "time/step_s": 3.0}, {"step": 2, "eval/x": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_seconds(run, "time/step_s", max_steps=10) == 20.0  # mean 2 s x 10 steps
+    assert train_seconds(run, "step_time_s", max_steps=10) is None  # no such timing logged
+    assert train_seconds(tmp_path / "missing", "time/step_s", max_steps=10) is None
+
+
 def _report(correct: dict[tuple[str, int], int], n: int = 10) -> AccuracyReport:
     return AccuracyReport(correct=dict(correct), total={k: n for k in correct})
 
