@@ -8,6 +8,7 @@ groups into trainer rows (one merged episode or one per turn) with each turn's c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,11 +88,9 @@ def generate_groups(
     if the rounds run out). Returns (kept groups, every generated group, timings).
     """
     params = sampling_params(ro)
-    kept: list[Scored] = []
-    seen: list[Scored] = []
-    times = {"time/generate_s": 0.0, "time/reward_s": 0.0, "rollout/rounds": 0}
-    for round_ in range(1 + (ro.max_refill_rounds if ro.dynamic_sampling else 0)):
-        records = sampler.take(ro.prompts_per_step)
+    times = {"time/generate_s": 0.0, "time/reward_s": 0.0}
+
+    def one_round(records: list[dict], round_: int) -> list[tuple[Scored, bool]]:
         t0 = time.perf_counter()
         completions = engine.generate(records, params.replace(seed=rollout_seed(seed, step, round_)))
         t1 = time.perf_counter()
@@ -99,15 +98,34 @@ def generate_groups(
         outcome, steps, parts = rewards.score(rows, completions)
         times["time/generate_s"] += t1 - t0
         times["time/reward_s"] += time.perf_counter() - t1
-        times["rollout/rounds"] += 1
+        groups = []
         for g, rec in enumerate(records):
             sl = slice(g * ro.n, (g + 1) * ro.n)
-            seen.append(Scored(rec, completions[sl], outcome[sl], steps[sl], parts[sl]))
-            if not (ro.dynamic_sampling and seen[-1].zero_variance()):
-                kept.append(seen[-1])
+            group = Scored(rec, completions[sl], outcome[sl], steps[sl], parts[sl])
+            groups.append((group, group.zero_variance()))
+        return groups
+
+    kept, seen, rounds = dynamic_sampling(sampler, ro, one_round)
+    return kept, seen, {**times, "rollout/rounds": rounds}
+
+
+def dynamic_sampling(
+    sampler: PromptSampler, ro: RolloutConfig, one_round: Callable[[list[dict], int], list[tuple[Any, bool]]]
+) -> tuple[list, list, int]:
+    """DAPO's refill loop around ``one_round(records, round_) -> [(group, rewards_all_equal)]``:
+    without ``ro.dynamic_sampling`` one round, every group kept; with it, equal-reward groups are
+    dropped and up to ``ro.max_refill_rounds`` more batches of prompts drawn until
+    ``ro.prompts_per_step`` groups are kept. Returns (kept, every group, rounds run)."""
+    kept, seen, rounds = [], [], 0
+    for round_ in range(1 + (ro.max_refill_rounds if ro.dynamic_sampling else 0)):
+        for group, equal in one_round(sampler.take(ro.prompts_per_step), round_):
+            seen.append(group)
+            if not (ro.dynamic_sampling and equal):
+                kept.append(group)
+        rounds += 1
         if len(kept) >= ro.prompts_per_step:
             break
-    return kept[: ro.prompts_per_step], seen, times
+    return kept[: ro.prompts_per_step], seen, rounds
 
 
 def rollout_metrics(seen: list[Scored], kept: list[Scored]) -> dict[str, float]:
@@ -190,24 +208,18 @@ def generate_conversations(
     ``rollout_seed(seed, step, r + 1000 k)``. Dynamic sampling drops groups whose conversation
     returns are all equal. Returns (kept groups, every generated group, timings)."""
     params = sampling_params(ro)
-    kept: list[list[Conversation]] = []
-    seen: list[list[Conversation]] = []
-    times = {"time/generate_s": 0.0, "rollout/rounds": 0}
-    for round_ in range(1 + (ro.max_refill_rounds if ro.dynamic_sampling else 0)):
-        records = sampler.take(ro.prompts_per_step)
+    times = {"time/generate_s": 0.0}
+
+    def one_round(records: list[dict], round_: int) -> list[tuple[list[Conversation], bool]]:
         t0 = time.perf_counter()
-        seeds = lambda turn, r=round_: rollout_seed(seed, step, r + 1000 * turn)  # noqa: E731
+        seeds = lambda turn: rollout_seed(seed, step, round_ + 1000 * turn)  # noqa: E731
         convs = rollout_conversations(engine, records, env, params, mt.max_turns, seeds)
         times["time/generate_s"] += time.perf_counter() - t0  # the environment's verifiers included
-        times["rollout/rounds"] += 1
-        for g in range(len(records)):
-            seen.append(convs[g * ro.n : (g + 1) * ro.n])
-            returns = [conversation_return(c.rewards, mt.credit) for c in seen[-1]]
-            if not (ro.dynamic_sampling and _all_equal(returns)):
-                kept.append(seen[-1])
-        if len(kept) >= ro.prompts_per_step:
-            break
-    return kept[: ro.prompts_per_step], seen, times
+        groups = [convs[g * ro.n : (g + 1) * ro.n] for g in range(len(records))]
+        return [(g, _all_equal([conversation_return(c.rewards, mt.credit) for c in g])) for g in groups]
+
+    kept, seen, rounds = dynamic_sampling(sampler, ro, one_round)
+    return kept, seen, {**times, "rollout/rounds": rounds}
 
 
 @dataclass
