@@ -95,7 +95,7 @@ def get_env(name: str) -> ConversationEnv:
         raise ConfigError(
             f"unknown conversation environment {name!r}",
             where="data.multi_turn.env",
-            fix=f"use one of: {', '.join(sorted(ENVS))}",
+            fix=f"use one of: {', '.join(sorted(ENVS))} (or add one with register_env)",
         )
     return ENVS[name]()
 

@@ -154,15 +154,10 @@ def rollout_metrics(seen: list[Scored], kept: list[Scored]) -> dict[str, float]:
 
 def check_multi_turn(mt: MultiTurnConfig, algo: Any, rewards: list[RewardTermConfig]) -> None:
     """ConfigError unless the environment exists and the algorithm and reward terms work over turns."""
-    from posttrain.rollout.multiturn import ENVS
+    from posttrain.rollout.multiturn import get_env
     from posttrain.train.rl_update import MULTI_TURN_ADVANTAGES_EXCLUDED
 
-    if mt.env not in ENVS:
-        raise ConfigError(
-            f"unknown conversation environment {mt.env!r}",
-            where="data.multi_turn.env",
-            fix=f"use one of: {', '.join(sorted(ENVS))} (or add one with register_env)",
-        )
+    get_env(mt.env)  # an unknown name is a ConfigError listing the registered ones
     if mt.max_turns < 1:
         raise ConfigError(
             "max_turns must be >= 1", where="data.multi_turn.max_turns", fix="e.g. max_turns: 2"
