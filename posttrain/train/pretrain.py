@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,10 +25,15 @@ import torch
 from posttrain.config import dump_yaml
 from posttrain.data.render import Sample
 from posttrain.data.sft_data import BatchPlan
+from posttrain.data.tasks.audit import MANIFEST_FILE, write_corpus
 from posttrain.errors import ConfigError
 from posttrain.monitor.logger import console
 from posttrain.train.loop import LoopConfig, prepare_run, run_loop
 from posttrain.train.optim import OptimConfig
+
+CORPUS_VERSION = 2
+"""Bumped whenever the corpus rule changes, so cached defaults of an older rule are not reused
+(2: test questions of every task excluded, corpus.jsonl.gz and its manifest written)."""
 
 
 @dataclass
@@ -59,6 +65,9 @@ class CorpusConfig:
     """Documents after mixing."""
     levels: list[int] | None = None
     """Difficulty levels to draw from (null = all)."""
+    exclude_test: bool = True
+    """Drop every document whose question is in the test split of any registered task that can
+    write it (`data.tasks.split.in_any_test`); false rebuilds the contaminated corpora of before."""
 
 
 @dataclass
@@ -84,10 +93,11 @@ def cache_root() -> Path:
 
 
 def recipe_key(cfg: PretrainRecipe) -> str:
+    """Cache key: the recipe (less output_dir/force/resume) and `CORPUS_VERSION`."""
     body = dump_yaml(
         PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True})
     )
-    return hashlib.sha256(body.encode()).hexdigest()[:12]
+    return hashlib.sha256(f"corpus-v{CORPUS_VERSION}\n{body}".encode()).hexdigest()[:12]
 
 
 def resolve_output_dir(cfg: PretrainRecipe) -> Path:
@@ -96,9 +106,12 @@ def resolve_output_dir(cfg: PretrainRecipe) -> Path:
     return Path(cfg.output_dir)
 
 
-def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list[str]:
-    """Documents drawn from each task in proportion to `mix`, exact-deduplicated, shuffled."""
-    from posttrain.data.tasks import get_task
+def corpus_records(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> tuple[list[dict], int]:
+    """Documents drawn from each task in proportion to `mix`, exact-deduplicated, shuffled.
+
+    Returns one record per document (task, level, question, text) and the number of distinct
+    questions drawn and dropped because they are held out for test (`exclude_test`)."""
+    from posttrain.data.tasks import get_task, in_any_test
 
     unknown = set(cfg.mix) - set(cfg.tasks)
     if unknown:
@@ -108,7 +121,8 @@ def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list
     rng = random.Random(seed)
     weights = [cfg.mix.get(t, 1.0) for t in cfg.tasks]
     quota = {t: round(cfg.n_docs * w / sum(weights)) for t, w in zip(cfg.tasks, weights, strict=True)}
-    docs: list[str] = []
+    records: list[dict] = []
+    held: dict[str, bool] = {}
     for name, n in quota.items():
         task = get_task(name)
         levels = [lv for lv in task.levels if cfg.levels is None or lv in cfg.levels]
@@ -117,12 +131,19 @@ def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list
             if len(seen) >= n:
                 break
             p = task.generate(rng, rng.choice(levels))
+            if cfg.exclude_test and held.setdefault(p.question, in_any_test(p.question)):
+                continue
             doc = f"{p.question}\n{p.response(step_sep=step_sep)}"
             if doc not in seen:
                 seen.add(doc)
-                docs.append(doc)
-    rng.shuffle(docs)
-    return docs
+                records.append({"task": name, "level": p.level, "question": p.question, "text": doc})
+    rng.shuffle(records)
+    return records, sum(held.values())
+
+
+def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list[str]:
+    """The documents of `corpus_records`."""
+    return [r["text"] for r in corpus_records(cfg, seed, step_sep)[0]]
 
 
 def build_model(cfg: TinyModelConfig, tokenizer) -> torch.nn.Module:
@@ -156,7 +177,9 @@ def run_pretrain(cfg: PretrainRecipe) -> Path:
         console.print(f"reusing pretrained model {final} (set force=true to retrain)")
         return final
     cfg.output_dir = str(out)
-    docs = build_corpus(cfg.corpus, cfg.seed)
+    records, dropped = corpus_records(cfg.corpus, cfg.seed)
+    write_corpus(out, records, cfg.corpus, cfg.seed, dropped)
+    docs = [r["text"] for r in records]
     tokenizer = train_default_tokenizer(docs, vocab_size=cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
@@ -171,6 +194,7 @@ def run_pretrain(cfg: PretrainRecipe) -> Path:
     plan = BatchPlan(samples, cfg.train.batch_size, cfg.train.seq_len, True, tokenizer.pad_token_id, cfg.seed)
     model = run_loop(run, model, plan, cfg.optim, cfg.train)
     save_hf_folder(model, tokenizer, final, generation_config={"do_sample": False, "eos_token_id": eos})
+    shutil.copy2(out / MANIFEST_FILE, final / MANIFEST_FILE)
     run.finish(final)
     return final
 

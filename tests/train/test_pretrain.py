@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import load_recipe
+from posttrain.data.tasks.audit import MANIFEST_FILE, audit_corpus
 from posttrain.train.loop import resolve_model_path
 from posttrain.train.pretrain import CorpusConfig, PretrainRecipe, build_corpus, recipe_key, run_pretrain
 
@@ -51,6 +52,9 @@ def test_pretrain_is_deterministic_and_cached(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     losses = [ln for ln in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8
+    # The run records its corpus: it matches its manifest and holds no test question.
+    assert audit_corpus(tmp_path / "pt")["test_questions"] == 0
+    assert (final / MANIFEST_FILE).read_text() == (tmp_path / "pt" / MANIFEST_FILE).read_text()
 
 
 def test_default_path_resolves_to_cache_without_building(tmp_path, monkeypatch):
@@ -65,3 +69,6 @@ def test_default_path_resolves_to_cache_without_building(tmp_path, monkeypatch):
 def test_recipe_key_ignores_output_dir_and_force():
     assert recipe_key(PretrainRecipe(output_dir="x", force=True)) == recipe_key(PretrainRecipe())
     assert recipe_key(PretrainRecipe(seed=1)) != recipe_key(PretrainRecipe())
+    contaminated = PretrainRecipe(corpus=CorpusConfig(exclude_test=False))
+    assert recipe_key(contaminated) != recipe_key(PretrainRecipe())
+    assert recipe_key(PretrainRecipe()) != "425ff4d45237"  # the contaminated default's key (corpus v1)

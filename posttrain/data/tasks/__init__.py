@@ -12,7 +12,7 @@ from posttrain.data.tasks.base import Problem, Task, extract_answer, split_steps
 from posttrain.data.tasks.countdown import CountdownTask
 from posttrain.data.tasks.registry import TASKS, get_task, register_task
 from posttrain.data.tasks.sort import SortTask
-from posttrain.data.tasks.split import in_test, make_split, task_problems
+from posttrain.data.tasks.split import held_out_fraction, in_any_test, in_test, make_split, task_problems
 
 __all__ = [
     "TASKS",
@@ -23,6 +23,8 @@ __all__ = [
     "Task",
     "extract_answer",
     "get_task",
+    "held_out_fraction",
+    "in_any_test",
     "in_test",
     "make_split",
     "register_task",

@@ -138,6 +138,15 @@ class ArithTask(Task):
             raise DataError(f"not an arith question: {problem.question!r}", where="question")
         return tokens
 
+    def _operands(self, question: str) -> list[int] | None:
+        tokens = tokenize(question.removeprefix(PREFIX)) if question.startswith(PREFIX) else None
+        return [t for t in tokens if isinstance(t, int)] if tokens else None
+
+    def question_levels(self, question: str) -> tuple[int, ...]:
+        """The level whose operand count (level + 1) the question has; empty if it is no arith question."""
+        values = self._operands(question)
+        return tuple(lv for lv in self.levels if values and len(values) == lv + 1)
+
     def check_steps(self, problem: Problem, steps: Sequence[str]) -> list[bool]:
         """A step is right iff it is the next reduction of the true expression, correctly computed.
 
@@ -232,6 +241,13 @@ class MagnitudeArithTask(ArithTask):
         self.bands, self.operands = tuple(tuple(b) for b in bands), operands
         ranges = ", ".join(f"{lo}-{hi}" for lo, hi in self.bands)
         self.description = f"evaluate a chain of {operands} numbers with {' '.join(self.ops)}; level = band of the largest number ({ranges})"
+
+    def question_levels(self, question: str) -> tuple[int, ...]:
+        """The levels whose band holds the largest operand, for chains of ``operands`` numbers."""
+        values = self._operands(question)
+        if not values or len(values) != self.operands:
+            return ()
+        return tuple(lv for lv, (lo, hi) in enumerate(self.bands, 1) if lo <= max(values) <= hi)
 
     def generate(self, rng: random.Random, level: int) -> Problem:
         """Operands uniform in 0..top of the band, rejected unless the largest lies in the band

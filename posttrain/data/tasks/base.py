@@ -182,6 +182,14 @@ class Task(ABC):
         """Share of this level's distinct questions that belong to the test split."""
         return TEST_FRACTION_EASIEST if level == min(self.levels) else TEST_FRACTION
 
+    def question_levels(self, question: str) -> tuple[int, ...]:
+        """The levels at which this task could write ``question`` (empty: it never writes it).
+
+        A superset is safe (the corpus filter then holds out a little more); a missing level
+        would let a test question leak. The base answer is every level, for tasks that cannot tell.
+        """
+        return tuple(self.levels)
+
     def check_level(self, level: int) -> None:
         """Raise `ConfigError` unless ``level`` is one of this task's levels."""
         if level not in self.levels:

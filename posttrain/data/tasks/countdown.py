@@ -121,6 +121,12 @@ class CountdownTask(Task):
             raise DataError(f"not a countdown question: {question!r}", where="question")
         return [int(x) for x in m.group(1).split()], int(m.group(2))
 
+    def question_levels(self, question: str) -> tuple[int, ...]:
+        """The level whose count of given numbers (level + 1) the question has."""
+        m = _QUESTION_RE.match(question.strip())
+        n = len(m.group(1).split()) if m else 0
+        return tuple(lv for lv in self.levels if n == lv + 1)
+
     def check_steps(self, problem: Problem, steps: Sequence[str]) -> list[bool]:
         """A step is right iff it combines two available numbers correctly and the target stays reachable.
 

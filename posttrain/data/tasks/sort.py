@@ -92,6 +92,12 @@ class SortTask(Task):
             raise DataError(f"sort ground truth {ground_truth!r} is not a list of ints", where="ground_truth")
         return parse_list(extract_answer(completion)) == want
 
+    def question_levels(self, question: str) -> tuple[int, ...]:
+        """The level whose list length (level + min_length - 1) the question has."""
+        values = parse_list(question.removeprefix(PREFIX)) if question.startswith(PREFIX) else None
+        n = len(values) if values else 0
+        return tuple(lv for lv in self.levels if n == lv + self.min_length - 1)
+
     def _values(self, problem: Problem) -> list[int]:
         values = parse_list(problem.question.removeprefix(PREFIX))
         if not problem.question.startswith(PREFIX) or values is None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from posttrain.data.tasks.base import Problem, Task
-from posttrain.data.tasks.registry import get_task
+from posttrain.data.tasks.registry import TASKS, get_task
 from posttrain.errors import ConfigError
 
 Split = Literal["train", "test"]
@@ -30,6 +30,20 @@ def _hash64(text: str) -> int:
 def in_test(question: str, fraction: float) -> bool:
     """Whether ``question`` is held out for test, given the test share of its level."""
     return _hash64(question) < fraction * 2**64
+
+
+def held_out_fraction(question: str, tasks: Iterable[Task] | None = None) -> float:
+    """The largest test share among the (task, level) pairs that can write ``question``; 0 if none can.
+
+    ``tasks`` defaults to every registered task. A question held out by any task that can
+    write it must stay out of every training corpus, whichever task generated it there."""
+    tasks = TASKS.values() if tasks is None else tasks
+    return max((t.test_fraction(lv) for t in tasks for lv in t.question_levels(question)), default=0.0)
+
+
+def in_any_test(question: str, tasks: Iterable[Task] | None = None) -> bool:
+    """Whether ``question`` is in the test split of some (task, level) that can write it."""
+    return in_test(question, held_out_fraction(question, tasks))
 
 
 def _stream(task: str, split: str, level: int, seed: int) -> random.Random:
