@@ -1,0 +1,212 @@
+"""The stream every cleaning step reads and writes: `Item`s read from data files, with their texts.
+
+`read_source` streams one file of any format the data layer reads (``posttrain.data.loaders``),
+validating each row as `load_records` does; an invalid row becomes an `Item` already
+removed under the rule ``invalid`` (``on_invalid="drop"``) or stops the run with its
+`DataError` naming file:line (``on_invalid="stop"``). A step is a generator over items:
+it passes removed items through untouched and marks the ones it drops with a `Removal`
+(rule + evidence), so the final writer sees every item once, in input order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.data.loaders import _iter_rows  # the loader's own row readers (JSON, Parquet, HF folder)
+from posttrain.data.records import detect_kind, validate_record
+from posttrain.errors import DataError
+
+RULES = (
+    "invalid",
+    "length",
+    "language",
+    "symbols",
+    "repetition",
+    "unverified",
+    "exact_dup",
+    "near_dup",
+    "contaminated",
+    "perplexity",
+    "judge",
+)
+"""Rule names of the report, in step order (``perplexity`` and ``judge`` have no step yet)."""
+
+
+@dataclass
+class Removal:
+    """Why an item was dropped: one of `RULES` and what showed it."""
+
+    rule: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Item:
+    """One input row on its way through the steps."""
+
+    raw: Any
+    """The row as read (kept rows are written back unchanged, so kept.jsonl keeps the input format)."""
+    data: dict | None
+    """The validated, normalised record (`validate_record`); None when the row is invalid."""
+    where: str
+    """``file:line`` (or ``file:row N``) of the row."""
+    kind: str | None = None
+    source: int = 0
+    """Index of the input the row came from."""
+    removed: Removal | None = None
+    n_tokens: int | None = None
+    """Token count under the recipe's tokenizer, once a step has computed it."""
+    _text: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All message text of the record (`record_text`), computed once."""
+        if self._text is None:
+            self._text = record_text(self.data, self.kind) if self.data is not None else ""
+        return self._text
+
+    def drop(self, rule: str, **evidence: Any) -> Item:
+        self.removed = Removal(rule, evidence)
+        return self
+
+
+def messages_of(data: dict, kind: str) -> list[tuple[str, dict]]:
+    """``(field path, message)`` for every message of a normalised record, in record order."""
+    fields = {
+        "chat": ["messages"],
+        "prompt_completion": ["prompt", "completion"],
+        "preference": ["prompt", "chosen", "rejected"],
+        "ranking": ["prompt"],
+        "prompt": ["prompt"],
+    }[kind]
+    out = [(f"{name}[{i}]", m) for name in fields for i, m in enumerate(data[name])]
+    if kind == "ranking":
+        for r, response in enumerate(data["responses"]):
+            out += [(f"responses[{r}][{i}]", m) for i, m in enumerate(response)]
+    return out
+
+
+def message_text(message: dict) -> str:
+    """A message's reasoning (when stored apart) then its content."""
+    reasoning = message.get("reasoning_content")
+    return f"{reasoning}\n{message['content']}" if reasoning else message["content"]
+
+
+def record_text(data: dict, kind: str) -> str:
+    """Every message's text joined by newlines: what filters, dedup and decontamination read."""
+    return "\n".join(message_text(m) for _, m in messages_of(data, kind))
+
+
+def question_text(data: dict, kind: str) -> str:
+    """The question of a record: its first user message (chat), or the user turns of its prompt."""
+    if kind == "chat":
+        users = [m["content"] for m in data["messages"] if m["role"] == "user"]
+        return users[0] if users else ""
+    return "\n".join(m["content"] for m in data["prompt"] if m["role"] == "user")
+
+
+def read_source(
+    path: str | Path,
+    *,
+    source: int = 0,
+    kind: str | None = None,
+    split: str = "train",
+    on_invalid: str = "drop",
+    n_per_level: int = 200,
+    seed: int = 0,
+) -> Iterator[Item]:
+    """Stream ``path`` as items; the kind is ``kind`` or that of the first row whose kind can be told.
+
+    ``tasks`` / ``task:NAME`` stream the task suite's ``split`` instead (`task_rows`)."""
+    if str(path) == "tasks" or str(path).startswith("task:"):
+        rows = task_rows(str(path), split, n_per_level, seed)
+        yield from (
+            Item(row, validate_record(row, "chat", where), where, "chat", source) for row, where in rows
+        )
+        return
+    path = Path(path)
+    rows = _jsonl_rows(path) if path.name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson")) else None
+    for row, where, error in rows if rows is not None else _wrap(_iter_rows(path, split)):
+        try:
+            if error is not None:
+                raise error
+            found = detect_kind(row, where)
+            kind = kind or found
+            if found != kind:
+                raise DataError(
+                    f"record looks like kind {found!r} but this file holds {kind!r} records",
+                    where=where,
+                    fix="keep one record kind per file (split mixed data into separate files)",
+                )
+            yield Item(row, validate_record(row, kind, where), where, kind, source)
+        except DataError as exc:
+            if on_invalid == "stop":
+                raise
+            yield Item(row, None, where, kind, source, Removal("invalid", {"error": exc.message}))
+
+
+def task_rows(spec: str, split: str, n_per_level: int, seed: int) -> Iterator[tuple[dict, str]]:
+    """Chat records (question, chain in reasoning_content, answer; metadata names the task as scorer)
+    of the task suite: every task for ``tasks``, one for ``task:NAME``."""
+    from posttrain.data.tasks import TASKS, task_problems
+
+    names = sorted(TASKS) if spec == "tasks" else [spec.split(":", 1)[1]]
+    for name in names:
+        if name not in TASKS:
+            raise DataError(
+                f"unknown task {name!r}", where=spec, fix=f"use tasks or task:NAME, NAME in {sorted(TASKS)}"
+            )
+    if split not in ("train", "test"):
+        raise DataError(f"the task suite has no split {split!r}", where=spec, fix="use split train or test")
+    for i, p in enumerate(task_problems(names, split, n_per_level, seed=seed)):
+        row = {"messages": p.messages(), "metadata": p.prompt_record()["metadata"]}
+        yield row, f"task {p.task} {split} level {p.level} #{i}"
+
+
+def _wrap(rows: Iterable[tuple[dict, str]]) -> Iterator[tuple[Any, str, DataError | None]]:
+    for row, where in rows:
+        yield row, where, None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
+    """JSONL rows; a line that is not JSON comes back as its error, so the run can drop it and go on."""
+    if not path.is_file():
+        next(_iter_rows(path, "train"), None)  # the loader's own "not found" error
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield json.loads(line), where, None
+            except json.JSONDecodeError as e:
+                error = DataError(
+                    f"invalid JSON: {e.msg} (column {e.colno})",
+                    where=where,
+                    fix="each line must be one complete JSON object",
+                )
+                yield line[:200], where, error
+
+
+def live(items: Iterable[Item]) -> Iterator[tuple[Item, bool]]:
+    """``(item, alive)`` pairs: a step works on alive items and passes the others through."""
+    for item in items:
+        yield item, item.removed is None
+
+
+def chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Lists of up to ``size`` items, for steps that work in batches (tokenizer, scorers)."""
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
