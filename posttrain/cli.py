@@ -49,6 +49,7 @@ RECIPE_TYPES: dict[str, str] = {
     "preference": "posttrain.train.preference:PreferenceRecipe",
     "search": "posttrain.search.compare:SearchRecipe",
     "rl": "posttrain.train.rl:RLRecipe",
+    "clean": "posttrain.data.quality.clean:CleanRecipe",
     "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
 }
 
@@ -216,6 +217,28 @@ def data_preview(
             parts.append(f"[{text}]" if lab != -100 else text)
         typer.echo(f"--- {s.where} (trained tokens in [brackets])\n{''.join(parts)}\n")
     typer.echo(format_summary_table(summarize(samples, tok)))
+
+
+@data_app.command("clean")
+@app.command("clean", hidden=True)  # the same command, so recipes name it as `posttrain clean`
+def data_clean(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="RECIPE.yaml [key=value ...], or IN [IN ...] OUT [key=value ...]."),
+    ] = None,
+    decontaminate: Annotated[
+        list[str] | None,
+        typer.Option("--decontaminate", help="Eval set (data file, `tasks` or `task:NAME`); repeatable."),
+    ] = None,
+    near_dup_threshold: Annotated[
+        float | None, typer.Option("--near-dup-threshold", help="Jaccard threshold of near dedup (0.8).")
+    ] = None,
+    no_near_dup: Annotated[bool, typer.Option("--no-near-dup", help="Skip near dedup.")] = False,
+) -> None:
+    """Filter, verify, dedup (exact + MinHash), decontaminate and mix data into OUT (kept, removed, report)."""
+    from posttrain.data.quality.clean import clean_main
+
+    clean_main(args or [], decontaminate, near_dup_threshold, no_near_dup)
 
 
 def main() -> None:
