@@ -1,0 +1,116 @@
+"""Logit distillation: the batch plan over fixed samples and the distillation step used by
+`posttrain.train.loop.run_loop` (logit and on-policy modes share the step).
+
+One optimiser step: for every micro-batch, the student's logits at the trained positions
+(N, V), the teacher's (in memory, no grad) or its cached top-k rows, the per-token divergence
+(`posttrain.algos.distill_losses`), weighted by `posttrain.algos.aggregate.token_weights` with
+the totals of the whole accumulation step (so accumulation equals the full-batch gradient).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from posttrain.algos.aggregate import token_weights
+from posttrain.algos.distill_losses import token_divergence, topk_token_divergence
+from posttrain.data.collate import bucket_batches, pad_collate
+from posttrain.data.render import Sample
+from posttrain.train.distill.config import DistillLossConfig
+from posttrain.train.distill.teacher import TopK, labelled_logits
+from posttrain.train.lm_loss import loss_targets
+from posttrain.train.loop import LoopConfig, StepFn
+
+
+class SamplePlan:
+    """Padded, length-bucketed micro-batches of fixed samples; epoch e's order depends only on
+    (seed, e), so a resumed run replays the same batches. With a `TopK` cache each batch also
+    carries ``topk_idx`` / ``topk_logp`` (N, k): the teacher's rows of its trained positions."""
+
+    def __init__(
+        self, samples: list[Sample], batch_size: int, pad_id: int, seed: int, topk: TopK | None = None
+    ):
+        self.samples, self.batch_size, self.pad_id, self.seed, self.topk = (
+            samples,
+            batch_size,
+            pad_id,
+            seed,
+            topk,
+        )
+        self._cache: dict[int, list] = {}
+
+    def epoch(self, e: int) -> list[dict[str, torch.Tensor]]:
+        if e not in self._cache:
+            self._cache = {e: self._build(e)}
+        return self._cache[e]
+
+    def _build(self, e: int) -> list[dict[str, torch.Tensor]]:
+        lengths = [len(s.input_ids) for s in self.samples]
+        out = []
+        for ids in bucket_batches(lengths, self.batch_size, seed=self.seed * 1000003 + e):
+            batch = pad_collate([self.samples[i] for i in ids], self.pad_id)
+            if self.topk is not None:
+                batch["topk_idx"], batch["topk_logp"] = self.topk.rows(ids)
+            out.append(batch)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.epoch(0))
+
+
+def step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Trained tokens and sequences over all micro-batches of one optimiser step."""
+    tokens = sum(int(loss_targets(b)[0].sum()) for b in micro)
+    seqs = sum(int(torch.unique(loss_targets(b)[2]).numel()) for b in micro)
+    return float(max(tokens, 1)), float(max(seqs, 1))
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: int) -> StepFn:
+    """The `run_loop` step: forward/backward of the distillation loss over one step's micro-batches.
+
+    ``teacher`` None means every batch carries cached top-k rows (``topk_idx``, ``topk_logp``).
+    Metrics: loss, distill/<kind> (token mean), nll_token_mean (student NLL of the targets), tokens
+    (and completion_tokens on on-policy batches).
+    """
+    kw = {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature}
+
+    def step(model, micro, loop: LoopConfig, device, scaler=None) -> dict[str, float]:
+        num_tokens, num_seqs = step_totals(micro)
+        total, div_sum, nll_sum, sampled = 0.0, 0.0, 0.0, 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            _, targets, seq = loss_targets(b)
+            w = token_weights(seq, loop.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            with _autocast(loop.precision, device):
+                s_logits = labelled_logits(model, b, vocab)
+                if teacher is None:
+                    per = topk_token_divergence(s_logits, b["topk_idx"], b["topk_logp"], **kw)
+                else:
+                    with torch.no_grad():
+                        t_logits = labelled_logits(teacher, b, vocab)
+                    per = token_divergence(s_logits, t_logits, **kw)
+            value = (per * w).sum()
+            (scaler.scale(value) if scaler is not None else value).backward()
+            total += float(value.detach())
+            div_sum += float(per.detach().sum())
+            logp = torch.log_softmax(s_logits.detach().float(), -1)
+            nll_sum -= float(logp.gather(1, targets[:, None]).sum())
+            sampled += float(b.get("completion_tokens", 0.0))
+        metrics = {
+            "loss": total,
+            f"distill/{loss.kind}": div_sum / num_tokens,
+            "nll_token_mean": nll_sum / num_tokens,
+            "tokens": num_tokens,
+        }
+        if sampled:  # on-policy batches: tokens the student sampled this step
+            metrics["completion_tokens"] = sampled
+        return metrics
+
+    return step
