@@ -49,6 +49,7 @@ RECIPE_TYPES: dict[str, str] = {
     "preference": "posttrain.train.preference:PreferenceRecipe",
     "search": "posttrain.search.compare:SearchRecipe",
     "rl": "posttrain.train.rl:RLRecipe",
+    "distill": "posttrain.train.distill:DistillRecipe",
     "clean": "posttrain.data.quality.clean:CleanRecipe",
     "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
 }
@@ -126,6 +127,14 @@ def rl(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.train.rl import rl_main
 
     rl_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def distill(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Distil a teacher into a student: sequence-level, logit KD (KL / JSD, top-k cache) or on-policy (GKD)."""
+    from posttrain.train.distill import distill_main
+
+    distill_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()
