@@ -51,7 +51,8 @@ RECIPE_TYPES: dict[str, str] = {
     "rl": "posttrain.train.rl:RLRecipe",
     "distill": "posttrain.train.distill:DistillRecipe",
     "clean": "posttrain.data.quality.clean:CleanRecipe",
-    "run": "posttrain.pipelines.quickstart:QuickstartRecipe",
+    "export": "posttrain.models.export:ExportRecipe",
+    "run": "posttrain.pipelines.runner:PipelineRecipe",
 }
 
 
@@ -147,11 +148,25 @@ def search(recipe: Recipe = None, overrides: Overrides = None) -> None:
 
 @app.command()
 def run(recipe: Recipe = None, overrides: Overrides = None) -> None:
-    """Run a multi-stage pipeline recipe (e.g. the quickstart: pretrain -> SFT -> eval)."""
-    from posttrain.config import load_recipe
-    from posttrain.pipelines.quickstart import QuickstartRecipe, run_quickstart
+    """Run a multi-stage pipeline (stages, references between them, resume, one report), e.g. the
+    quickstart. Overrides address a stage by name: stages.sft.train.max_steps=10."""
+    from posttrain.pipelines.runner import load_pipeline, run_pipeline
 
-    run_quickstart(load_recipe(QuickstartRecipe, recipe, overrides or []))
+    run_pipeline(load_pipeline(recipe, overrides or []))
+
+
+@app.command()
+def export(
+    args: Annotated[
+        list[str] | None, typer.Argument(help="MODEL_DIR OUT [key=value ...], or RECIPE.yaml [key=value ...].")
+    ] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="hf (merged HF folder) or gguf.")] = None,
+    gguf_types: Annotated[str | None, typer.Option("--gguf-types", help="e.g. f16,q8_0 (gguf only).")] = None,
+) -> None:
+    """Export a model (LoRA merged) as a plain HF folder or as f16/q8_0 GGUF files, checked by re-reading."""
+    from posttrain.models.export import cli_arguments, export_main
+
+    typer.echo(str(export_main(*cli_arguments(args or [], fmt, gguf_types))))
 
 
 @models_app.command("import-gguf")

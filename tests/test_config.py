@@ -74,10 +74,9 @@ def test_union_keeps_a_value_of_a_plain_member_type():
 
 
 def test_a_partial_section_keeps_the_recipes_own_defaults():
-    from posttrain.pipelines.quickstart import QuickstartRecipe
+    from posttrain.train.pretrain import PretrainRecipe
 
-    cfg = load_recipe(QuickstartRecipe, None, ["sft.train.max_steps=7"])
-    assert cfg.sft.train.max_steps == 7
-    # the rest of `sft` is the quickstart's default section, not the bare SFTRecipe's
-    assert cfg.sft.output_dir == "runs/quickstart/sft" and cfg.sft.data.levels == [1, 2]
-    assert cfg.sft.train.batch_size == 8 and cfg.sft.optim.lr == 1e-3
+    cfg = load_recipe(PretrainRecipe, None, ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4
+    # the rest of `optim` is the pretrain recipe's default section, not the bare OptimConfig's
+    assert cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 30
