@@ -29,6 +29,8 @@ class CommandSpec:
     """Name of the main output in references: ``final``, ``data``, ``results`` or ``report``."""
     step_time_key: str = "step_time_s"
     """metrics.jsonl key of a training step's seconds (for equal-compute budgets)."""
+    policy: bool = True
+    """A ``final`` output is a policy that can be graded (a reward model's is not)."""
 
     def recipe_type(self) -> type:
         return _load(self.recipe)
@@ -43,8 +45,8 @@ class CommandSpec:
 COMMANDS: dict[str, CommandSpec] = {
     "pretrain": CommandSpec("posttrain.train.pretrain:PretrainRecipe", "posttrain.train.pretrain:run_pretrain", "final"),
     "sft": CommandSpec("posttrain.train.sft:SFTRecipe", "posttrain.train.sft:run_sft", "final"),
-    "rm": CommandSpec("posttrain.train.rm:RMRecipe", "posttrain.train.rm:run_rm", "final"),
-    "prm": CommandSpec("posttrain.train.prm:PRMRecipe", "posttrain.train.prm:run_prm", "final"),
+    "rm": CommandSpec("posttrain.train.rm:RMRecipe", "posttrain.train.rm:run_rm", "final", policy=False),
+    "prm": CommandSpec("posttrain.train.prm:PRMRecipe", "posttrain.train.prm:run_prm", "final", policy=False),
     "preference": CommandSpec("posttrain.train.preference:PreferenceRecipe", "posttrain.train.preference:run_preference", "final"),
     "rl": CommandSpec("posttrain.train.rl:RLRecipe", "posttrain.train.rl:run_rl", "final", "time/step_s"),
     "search": CommandSpec("posttrain.search.compare:SearchRecipe", "posttrain.search.compare:run_search_recipe", "report"),

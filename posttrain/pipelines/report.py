@@ -167,6 +167,28 @@ def _level_keys(metrics: Path, most: int = 6) -> dict[str, str]:
     return {} if len(keys) > most else {k.removeprefix("eval/task_accuracy/"): k for k in sorted(keys)}
 
 
+def stage_metrics(run_dir: Path, window: int = 5) -> list[tuple[str, float, float]]:
+    """(key, first, last) of a run's held-out ``eval/`` metrics (per-level accuracies left out),
+    and of its training reward as the mean of the first and of the last ``window`` logged values."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    series: dict[str, list[float]] = {}
+    for row in map(json.loads, path.read_text().splitlines()):
+        for k, v in row.items():
+            per_level = k.startswith("eval/task_accuracy/") and k != "eval/task_accuracy/overall"
+            if (k.startswith("eval/") and not per_level or k == "reward/total_mean") and isinstance(
+                v, int | float
+            ):
+                series.setdefault(k, []).append(float(v))
+    out = []
+    for k, vs in series.items():
+        w = window if k == "reward/total_mean" else 1
+        first, last = vs[:w], vs[-w:]
+        out.append((k, sum(first) / len(first), sum(last) / len(last)))
+    return out
+
+
 def search_table(name: str, out_dir: Path) -> list[str]:
     """A search stage's strategy table (from its results.json) as markdown lines."""
     from posttrain.search.report import StrategyRow, format_markdown
@@ -215,6 +237,12 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
             ]
         if r.command == "search":
             lines += search_table(r.name, Path(r.outputs["output_dir"]))
+    rows = [(r.name, *m) for r in results for m in stage_metrics(Path(r.outputs["output_dir"]))]
+    if rows:
+        lines += ["## Stage metrics", "", "Each stage's own held-out metrics (first and last evaluation) and its "
+                  "training reward (mean of the first and of the last 5 steps).", "",
+                  "| stage | metric | first | last |", "|---|---|---|---|",
+                  *[f"| {n} | {k} | {a:.4g} | {b:.4g} |" for n, k, a, b in rows], ""]  # fmt: skip
     lines += ["## Stages", "", "| stage | command | status | wall s | output |", "|---|---|---|---|---|"]
     for r in results:
         note = " (earlier run)" if r.status == "skipped" else ""

@@ -420,6 +420,7 @@ def run_pipeline(cfg: PipelineRecipe) -> Path:
     grades = {}
     for st in cfg.stages:
         results.append(run_stage(st, cfg, state, recipes))
-        if cfg.eval.enabled and st.graded and COMMANDS[st.command].output == "final":
+        spec = COMMANDS[st.command]
+        if cfg.eval.enabled and st.graded and spec.output == "final" and spec.policy:
             grades[st.name] = grade_stage(out, st.name, state.stages[st.name], cfg.eval)
     return write_report(cfg, results, grades)

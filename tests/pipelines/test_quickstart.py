@@ -138,3 +138,23 @@ def test_ticks_and_chart_geometry():
     (x0, y0), (x1, y1) = (tuple(map(float, p.split(","))) for p in line.get("points").split())
     assert (x0, x1) == (52.0, 388.0)  # left and right edges of the plot area
     assert y0 > y1  # larger values are drawn higher
+
+
+PRETRAIN_TOY = [o for o in TOY if o.startswith("stages.pretrain.")]
+
+
+def test_instructgpt_pipeline_trains_ppo_on_the_learned_reward(tmp_path):
+    out = tmp_path / "igpt"
+    toy = ["stages.sft.train.max_steps=3", "stages.sft.data.n_per_level=8", "stages.rm.train.max_steps=3",
+           "stages.rm.train.eval_every=3", "stages.rm.data.n_per_level=8", "stages.rm.data.eval_n_per_level=4",
+           "stages.ppo.train.max_steps=2", "stages.ppo.train.eval_every=0", "stages.ppo.rollout.prompts_per_step=2",
+           "stages.ppo.rollout.n=2", "stages.ppo.rollout.max_new_tokens=8", "stages.ppo.algorithm.mini_batches=1",
+           "eval.n_per_level=1", "eval.max_new_tokens=8"]  # fmt: skip
+    cfg = load_pipeline("recipes/instructgpt.yaml", [*PRETRAIN_TOY, *toy, f"output_dir={out}",
+                                                     f"stages.pretrain.output_dir={tmp_path / 'pt'}"])  # fmt: skip
+    report = run_pipeline(cfg).read_text()
+    assert "| task | level | pretrain | sft | ppo |" in report  # the reward model is not graded as a policy
+    assert "| rm | eval/pairwise_acc |" in report and "| ppo | reward/total_mean |" in report
+    ppo = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
+    assert ppo["rewards"] == [{"name": "rm", "weight": 1.0, "model": str(out / "rm" / "final"),
+                               "placement": "outcome", "agg": "min"}]  # fmt: skip
