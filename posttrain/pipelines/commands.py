@@ -26,11 +26,14 @@ class CommandSpec:
     run: str
     """``module:function`` taking the recipe, returning its main output path."""
     output: str
-    """Name of the main output in references: ``final``, ``data``, ``results`` or ``report``."""
+    """Name of the main output in references: ``final`` (a model folder), ``data`` (a data file),
+    ``results``, ``report`` or ``out`` (a folder)."""
     step_time_key: str = "step_time_s"
     """metrics.jsonl key of a training step's seconds (for equal-compute budgets)."""
     policy: bool = True
     """A ``final`` output is a policy that can be graded (a reward model's is not)."""
+    data_file: str | None = None
+    """A data file inside the returned folder, referenced as ``${stage.data}``."""
 
     def recipe_type(self) -> type:
         return _load(self.recipe)
@@ -39,7 +42,7 @@ class CommandSpec:
         return _load(self.run)
 
     def output_keys(self) -> list[str]:
-        return [self.output, "path", "output_dir"]
+        return [self.output, "path", "output_dir", *(["data"] if self.data_file else [])]
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -50,6 +53,9 @@ COMMANDS: dict[str, CommandSpec] = {
     "preference": CommandSpec("posttrain.train.preference:PreferenceRecipe", "posttrain.train.preference:run_preference", "final"),
     "rl": CommandSpec("posttrain.train.rl:RLRecipe", "posttrain.train.rl:run_rl", "final", "time/step_s"),
     "search": CommandSpec("posttrain.search.compare:SearchRecipe", "posttrain.search.compare:run_search_recipe", "report"),
+    "distill": CommandSpec("posttrain.train.distill:DistillRecipe", "posttrain.train.distill:run_distill", "final"),
+    "export": CommandSpec("posttrain.models.export:ExportRecipe", "posttrain.models.export:run_export", "out"),
+    "clean": CommandSpec("posttrain.data.quality.clean:CleanRecipe", "posttrain.data.quality.clean:run_clean", "out", data_file="kept.jsonl"),
 }  # fmt: skip
 """Every command a stage may name. A new stage command adds one line here."""
 
@@ -75,4 +81,7 @@ def stage_outputs(spec: CommandSpec, recipe: Any, returned: Path) -> dict[str, s
         out_dir = Path(returned).parent
     else:
         out_dir = Path(getattr(recipe, "output_dir", None) or Path(returned).parent)
-    return {spec.output: str(returned), "path": str(returned), "output_dir": str(out_dir)}
+    outputs = {spec.output: str(returned), "path": str(returned), "output_dir": str(out_dir)}
+    if spec.data_file:
+        outputs["data"] = str(Path(returned) / spec.data_file)
+    return outputs
