@@ -46,6 +46,7 @@ RECIPE_TYPES: dict[str, str] = {
     "sft": "posttrain.train.sft:SFTRecipe",
     "rm": "posttrain.train.rm:RMRecipe",
     "prm": "posttrain.train.prm:PRMRecipe",
+    "prm-label": "posttrain.search.prm_label:PRMLabelRecipe",
     "preference": "posttrain.train.preference:PreferenceRecipe",
     "search": "posttrain.search.compare:SearchRecipe",
     "rl": "posttrain.train.rl:RLRecipe",
@@ -53,6 +54,7 @@ RECIPE_TYPES: dict[str, str] = {
     "clean": "posttrain.data.quality.clean:CleanRecipe",
     "export": "posttrain.models.export:ExportRecipe",
     "run": "posttrain.pipelines.runner:PipelineRecipe",
+    "eval": "posttrain.eval.runner:EvalRecipe",
 }
 
 
@@ -114,6 +116,14 @@ def prm(recipe: Recipe = None, overrides: Overrides = None) -> None:
     prm_main(str(recipe) if recipe else None, overrides or [])
 
 
+@app.command("prm-label")
+def prm_label(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """PRM and value labels from Monte-Carlo rollouts of a policy (Math-Shepherd / OmegaPRM)."""
+    from posttrain.search.prm_label import prm_label_main
+
+    prm_label_main(str(recipe) if recipe else None, overrides or [])
+
+
 @app.command()
 def preference(recipe: Recipe = None, overrides: Overrides = None) -> None:
     """Offline preference optimisation: DPO, IPO, robust DPO, hinge, SimPO, ORPO, KTO."""
@@ -144,6 +154,27 @@ def search(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.search.compare import search_main
 
     search_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[str, typer.Argument(help="A recipe .yaml, or a model (default, a folder, final/).")],
+    overrides: Overrides = None,
+    data: Annotated[list[str] | None, typer.Option(help="Data file (repeatable); tasks: the suite.")] = None,
+    n: Annotated[int, typer.Option(help="Samples per problem (1: greedy).")] = 1,
+    k: Annotated[str | None, typer.Option(help="pass@k / maj@k, e.g. 1,4,8 (default: those <= n).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="A registered search strategy as the decoder.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default 0.8 if n > 1, else 0.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per sample.")] = 256,
+    limit: Annotated[int | None, typer.Option(help="At most this many problems per dataset.")] = None,
+    reference: Annotated[bool, typer.Option(help="Grade the data's reference solutions, no model.")] = False,
+    output_dir: Annotated[str, typer.Option(help="Where results.json and report.md go.")] = "runs/eval",
+) -> None:
+    """Evaluate a model on datasets: accuracy, pass@k, maj@k, reward, lengths, 95% intervals."""
+    from posttrain.eval.runner import eval_command
+
+    eval_command(target, overrides or [], data=data or [], n=n, k=k, strategy=strategy, temperature=temperature,
+                 max_new_tokens=max_new_tokens, limit=limit, reference=reference, output_dir=output_dir)  # fmt: skip
 
 
 @app.command()
