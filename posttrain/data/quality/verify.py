@@ -10,10 +10,10 @@ The completion scored is ``<think>{reasoning_content}</think>\\n{content}`` when
 is stored apart, which is what the model was trained to write.
 
 Chain consistency (`chain_consistent`): the stated answer (``\\boxed{}``, "answer is",
-"Answer:") must be the value the reasoning's last line ends on: the last number of that
-line equals the answer, or the answer evaluated as + - * / arithmetic (a countdown
-expression), or the line ends with the answer's text. Records without reasoning or without
-a stated answer are not checked by it. Other record kinds pass through unscored.
+"Answer:"), read as a number or as + - * / arithmetic (a countdown expression), must equal
+the last number of the reasoning's last line. Records without reasoning, without a stated
+answer, or whose answer is not a single value (a sorted list) are not checked by it.
+Other record kinds pass through unscored.
 """
 
 from __future__ import annotations
@@ -114,13 +114,11 @@ def chain_consistent(reasoning: str, answer_text: str) -> tuple[bool | None, str
         return None, "no reasoning or no stated answer"
     last = lines[-1]
     value = arith_value(answer)
+    if value is None:
+        return None, f"the answer {answer!r} is not a number or an arithmetic expression"
     ends_on = extract_math_answer(last, order=(*STATED, "last_number"))
-    if value is not None and ends_on is not None and arith_value(ends_on) == value:
+    if ends_on is not None and arith_value(ends_on) == value:
         return True, f"reasoning ends on {ends_on}"
-    squash = "".join(answer.split()).casefold()
-    tail = "".join(last.split()).casefold().rstrip(".")
-    if tail.endswith(squash) and (len(tail) == len(squash) or not tail[-len(squash) - 1].isalnum()):
-        return True, "reasoning ends with the answer"
     return False, f"stated answer {answer!r} but the reasoning ends on {last[-80:]!r}"
 
 
