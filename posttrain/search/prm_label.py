@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import DataError
 from posttrain.monitor.logger import console
 from posttrain.search.compare import SearchModelConfig, TaskSetConfig, load_policy
 from posttrain.search.mc_labels import (
@@ -97,6 +98,22 @@ def _label_all(recipe: PRMLabelRecipe, queries: list, policy) -> tuple[list[Labe
     return chains, total
 
 
+def _check_chains(chains: list[LabelledChain], stats: MCStats, step_sep: str) -> None:
+    """No chain with steps is an error; no verified chain is a warning (every label would be 0)."""
+    if not chains:
+        raise DataError(
+            f"none of the {stats.chains} sampled chains has a <think> block of steps split by {step_sep!r}",
+            where="mc.step_sep",
+            fix="use a policy that writes <think>s1<step>s2...</think> chains (the default model or an "
+            "SFT model on the task suite), or set mc.step_sep to the policy's separator",
+        )
+    if not any(c.correct for c in chains):
+        console.print(
+            "[yellow]warning[/yellow]: no sampled chain verifies, so every label is 0; "
+            "use easier problems (problems.levels) or a stronger policy"
+        )
+
+
 def run_prm_label(recipe: PRMLabelRecipe, policy: PolicyLike | None = None) -> Path:
     """Sample, label and write the files (see the module docstring); returns ``prm.jsonl``.
 
@@ -121,6 +138,7 @@ def run_prm_label(recipe: PRMLabelRecipe, policy: PolicyLike | None = None) -> P
     policy, tokenizer = load_policy(recipe.model) if policy is None else (policy, None)
     queries = queries_from_problems(problems, tokenizer)
     chains, stats = _label_all(recipe, queries, policy)
+    _check_chains(chains, stats, recipe.mc.step_sep)
     oracle = oracle_records(chains, queries)
     write_jsonl(out / "prm.jsonl", prm_records(chains, queries, recipe.mc.label))
     write_jsonl(out / "values.jsonl", value_records(chains, queries, recipe.mc.k))

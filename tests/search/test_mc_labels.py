@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from search_env import A1, A2, A3, B1, B2, B3, B9, C1, C2
 
+from posttrain.data.records import detect_kind, validate_record
 from posttrain.data.tasks import split_steps
 from posttrain.errors import ConfigError
 from posttrain.search.mc_labels import (
@@ -60,6 +61,8 @@ def test_full_scan_labels_on_the_scripted_tree(env):
     got = {(v["completion"][0]["content"], v["value"], v["visits"]) for v in values if not v["terminal"]}
     assert got == {("<think>a1<step>", 0.0, 4), (B1, 0.5, 4), (B1 + B2, 1.0, 4), ("<think>c1<step>", 0.0, 4)}
     assert sum(v["terminal"] for v in values) == 5  # the repeated c1-c2 chain once
+    for rec in rows + values:
+        validate_record(rec, detect_kind(rec), "mc")
 
 
 def test_binary_search_finds_the_full_scans_first_errors_with_fewer_rollouts(env):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from posttrain.data.loaders import load_records, write_jsonl
 from posttrain.data.tasks import get_task, task_problems
 from posttrain.data.tasks.prm_data import prm_records as synthetic_records
+from posttrain.errors import DataError
 from posttrain.search.compare import TaskSetConfig
 from posttrain.search.mc_labels import MCLabelConfig
 from posttrain.search.prm_label import PRMLabelRecipe, run_prm_label
@@ -87,3 +90,12 @@ def test_prm_trained_on_mc_labels_moves_step_auc_on_held_out_chains(tmp_path, ti
     run_prm(load_recipe(PRMRecipe, None, [f"{k}={v}" for k, v in keys.items()]))
     report = json.loads((out / "eval.json").read_text())
     assert report["after"]["step_auc"] > report["before"]["step_auc"] + 0.15, report  # 0.39 -> 0.67
+
+
+def test_a_policy_that_writes_no_steps_is_a_named_error(tmp_path):
+    problems = task_problems(["sort"], "train", 2, levels=[1])
+    plain = ScriptedPolicy({p.question + "\n": [("Answer: 1 2 3", -0.1)] for p in problems})
+    recipe = _recipe(tmp_path)
+    recipe.problems.n_per_level, recipe.problems.levels = 2, [1]
+    with pytest.raises(DataError, match="mc.step_sep"):
+        run_prm_label(recipe, plain)
