@@ -44,8 +44,10 @@ from posttrain.models.load import load_model, load_tokenizer, replace_dir, save_
 log = logging.getLogger(__name__)
 
 MANIFEST = "export.json"
-# Relative logit tolerance per GGUF type (measured on tiny models: f32 0, f16 ~2e-4, q8_0 ~5e-3).
-TOLERANCES: dict[str, float] = {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2}
+# max|logit diff| / max|logit| allowed per GGUF type. Measured: tiny test models f32 0,
+# f16 ~2e-4, q8_0 ~5e-3; SmolLM2-135M f16 1.1e-3, q8_0 3.7e-2 (mean |diff| 0.16 on a logit
+# scale of 39, same argmax at 97.6% of positions). A wrong tensor layout gives ~1.
+TOLERANCES: dict[str, float] = {"f32": 1e-5, "f16": 5e-3, "q8_0": 1e-1}
 CHECK_MESSAGES: list[dict[str, str]] = [
     {"role": "system", "content": "You are a careful assistant."},
     {"role": "user", "content": "Compute 12 + 7 * 3.  Héllo, 日本! (tabs\there)\n\nThanks."},
@@ -201,7 +203,8 @@ def check_gguf(
     with torch.no_grad():
         batch = torch.tensor([ids])
         want, got = source(batch).logits, reread(batch).logits
-    diff, scale = (got - want).abs().max().item(), want.abs().max().item()
+    abs_diff = (got - want).abs()
+    diff, scale = abs_diff.max().item(), want.abs().max().item()
     del reread
     gc.collect()
     figures = {
@@ -209,6 +212,8 @@ def check_gguf(
         "chat_template_equal": reread_tok.chat_template == tokenizer.chat_template,
         "sample_tokens": len(ids),
         "max_abs_logit_diff": diff,
+        "mean_abs_logit_diff": abs_diff.mean().item(),
+        "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
         "logit_scale": scale,
         "relative_diff": diff / max(scale, 1e-12),
         "tolerance": TOLERANCES[gguf_type],

@@ -75,7 +75,7 @@ def test_gguf_read_back_by_transformers(arch, model_dirs, tokenizer, tmp_path):
     source = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()
     want = logits(source, TEXT, tokenizer)
     rel = {}
-    for gguf_type, tolerance in (("f16", 5e-3), ("q8_0", 5e-2)):
+    for gguf_type, tolerance in (("f16", 2e-3), ("q8_0", 3e-2)):
         name = f"model-{gguf_type}.gguf"
         reread = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
         rel[gguf_type] = ((logits(reread, TEXT, tokenizer) - want).abs().max() / want.abs().max()).item()
@@ -216,3 +216,20 @@ def test_cli_arguments():
         cli_arguments(["m"], "gguf", None)
     with pytest.raises(ConfigError, match="gguf_types"):
         ExportRecipe(gguf_types=["q4_k"])
+
+
+def test_cli_short_form_and_recipe(model_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import RECIPE_TYPES, app
+
+    assert RECIPE_TYPES["export"] == "posttrain.models.export:ExportRecipe"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(model_dirs["llama"]), str(tmp_path / "hf"), "--format", "hf"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    recipe = tmp_path / "export.yaml"
+    recipe.write_text(f"model_dir: {tmp_path / 'hf'}\nformat: gguf\noutput_dir: {tmp_path / 'g'}\n")
+    result = runner.invoke(app, ["export", str(recipe), "check=false", "--gguf-types", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["export.json", "model-q8_0.gguf"]
