@@ -132,13 +132,15 @@ def _sink(
                 rec = {"rule": item.removed.rule, "where": item.where, "evidence": item.removed.evidence}
                 removed.write(_line({**rec, "record": item.raw}))
                 continue
-            first = kinds.setdefault(item.kind, item.source)
-            if len(kinds) > 1:
-                raise DataError(
-                    f"inputs hold different record kinds ({', '.join(kinds)}); kept.jsonl holds one kind",
-                    where=f"inputs[{item.source}] ({item.where}), vs inputs[{first}]",
-                    fix="clean each record kind with its own recipe",
-                )
+            if item.kind not in kinds:
+                for kind, source in kinds.items():
+                    raise DataError(
+                        f"inputs[{item.source}] holds {item.kind} records but inputs[{source}] holds {kind} "
+                        "records; kept.jsonl holds one kind (different record kinds)",
+                        where=item.where,
+                        fix="clean each record kind with its own recipe",
+                    )
+                kinds[item.kind] = item.source
             outs[item.source if split else 0].write(_line(item.raw))
             kept[item.source] += 1
             tokens[item.source] += item.n_tokens or 0
@@ -273,7 +275,14 @@ def print_report(report: dict, out: Path) -> None:
     Console().print(report_table(report, title=f"posttrain data clean -> {out}"))
 
 
-def clean_main(
+def clean_main(recipe_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """`run_clean` of the recipe at ``recipe_path`` with dotted ``overrides``."""
+    from posttrain.config import load_recipe
+
+    return run_clean(load_recipe(CleanRecipe, recipe_path, list(overrides)))
+
+
+def clean_command(
     args: list[str],
     decontaminate_with: list[str] | None = None,
     near_dup_threshold: float | None = None,

@@ -194,12 +194,6 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
                 yield line[:200], where, error
 
 
-def live(items: Iterable[Item]) -> Iterator[tuple[Item, bool]]:
-    """``(item, alive)`` pairs: a step works on alive items and passes the others through."""
-    for item in items:
-        yield item, item.removed is None
-
-
 def chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     """Lists of up to ``size`` items, for steps that work in batches (tokenizer, scorers)."""
     batch: list[Item] = []

@@ -209,3 +209,17 @@ def test_cli_short_form_and_recipe_form(tmp_path, jsonl, mixed_file):
     assert run["recipe"]["dedup"]["threshold"] == 0.5  # the option is applied after the overrides
     res = CliRunner().invoke(app, ["data", "clean", path])
     assert isinstance(res.exception, ConfigError)
+
+
+def test_shipped_recipe_cleans_the_task_suite(tmp_path):
+    from posttrain.data.quality.clean import clean_main
+
+    recipe_path = Path(__file__).parents[3] / "recipes" / "clean_tiny.yaml"
+    out = clean_main(str(recipe_path), [f"output_dir={tmp_path / 'tiny'}"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"] == 800 and report["removed"]["unverified"] == 0  # the suite's own chains verify
+    assert report["removed"]["exact_dup"] > 0  # easy levels repeat questions in the train split
+    removed = read_jsonl(out / "removed.jsonl")
+    # train and test are disjoint by question, so a contaminated train record only contains a test question
+    assert all(r["evidence"]["match"] != "exact question" for r in removed if r["rule"] == "contaminated")
+    assert report["kept"] + sum(report["removed"].values()) == 800
