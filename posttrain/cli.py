@@ -291,9 +291,9 @@ def data_clean(
     no_near_dup: Annotated[bool, typer.Option("--no-near-dup", help="Skip near dedup.")] = False,
 ) -> None:
     """Filter, verify, dedup (exact + MinHash), decontaminate and mix data into OUT (kept, removed, report)."""
-    from posttrain.data.quality.clean import clean_main
+    from posttrain.data.quality.clean import clean_command
 
-    clean_main(args or [], decontaminate, near_dup_threshold, no_near_dup)
+    clean_command(args or [], decontaminate, near_dup_threshold, no_near_dup)
 
 
 def main() -> None:
