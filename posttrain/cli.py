@@ -51,6 +51,8 @@ RECIPE_TYPES: dict[str, str] = {
     "search": "posttrain.search.compare:SearchRecipe",
     "rl": "posttrain.train.rl:RLRecipe",
     "distill": "posttrain.train.distill:DistillRecipe",
+    "generate": "posttrain.synth.generate:GenerateRecipe",
+    "filter": "posttrain.synth.rejection:FilterRecipe",
     "clean": "posttrain.data.quality.clean:CleanRecipe",
     "export": "posttrain.models.export:ExportRecipe",
     "run": "posttrain.pipelines.runner:PipelineRecipe",
@@ -146,6 +148,22 @@ def distill(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.train.distill import distill_main
 
     distill_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
+def generate(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Sample k completions per prompt (task suite or a prompt file) into JSONL with per-token log-probs."""
+    from posttrain.synth.generate import generate_main
+
+    generate_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command("filter")
+def filter_cmd(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Rejection sampling: score k completions per prompt, keep the best / all passing as SFT data."""
+    from posttrain.synth.rejection import filter_main
+
+    filter_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()
