@@ -119,12 +119,15 @@ def adapter_base(folder: Path) -> Path:
 
 def load_merged(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """fp32 CPU model + tokenizer of `folder`; an adapter is merged into its base first."""
-    tokenizer = load_tokenizer(folder)
     if not (folder / "adapter_config.json").is_file():
+        tokenizer = load_tokenizer(folder)
         return load_model(folder, dtype="float32", device="cpu", tokenizer=tokenizer).eval(), tokenizer
     import peft
 
-    base = load_model(adapter_base(folder), dtype="float32", device="cpu", tokenizer=tokenizer)
+    base_dir = adapter_base(folder)
+    # The adapter folder's own tokenizer (it may add tokens) wins over the base's.
+    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else base_dir)
+    base = load_model(base_dir, dtype="float32", device="cpu", tokenizer=tokenizer)
     wrapped = peft.PeftModel.from_pretrained(base, str(folder))
     if wrapped.peft_config["default"].is_prompt_learning:
         raise ModelError(

@@ -154,6 +154,16 @@ def test_hf_export_merges_lora_and_drops_heads(model_dirs, tokenizer, tmp_path):
     assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
 
 
+def test_prompt_tuning_adapter_cannot_merge(model_dirs, tokenizer, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"])
+    adapter = save_adapter_folder(
+        apply_peft(base, PeftConfig(method="prompt", num_virtual_tokens=4)), tokenizer, tmp_path / "a"
+    )
+    with pytest.raises(ModelError, match="cannot be merged"):
+        run_export(ExportRecipe(model_dir=str(adapter), format="hf", output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_architecture_errors_and_writes_nothing(tokenizer, tmp_path):
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     src = save_hf_folder(GPT2LMHeadModel(config), tokenizer, tmp_path / "gpt2")
