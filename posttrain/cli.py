@@ -297,7 +297,7 @@ def data_preview(
 def data_clean(
     args: Annotated[
         list[str] | None,
-        typer.Argument(help="RECIPE.yaml [key=value ...], or IN [IN ...] OUT [key=value ...]."),
+        typer.Argument(help="RECIPE.yaml, or IN... OUT (input files, output folder); then key=value overrides."),
     ] = None,
     decontaminate: Annotated[
         list[str] | None,
