@@ -223,3 +223,23 @@ def test_shipped_recipe_cleans_the_task_suite(tmp_path):
     # train and test are disjoint by question, so a contaminated train record only contains a test question
     assert all(r["evidence"]["match"] != "exact question" for r in removed if r["rule"] == "contaminated")
     assert report["kept"] + sum(report["removed"].values()) == 800
+
+
+def test_memory_is_flat_in_the_number_of_records(tmp_path):
+    """Without the dedup indexes, peak traced memory does not grow with the input (streaming)."""
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        path = write_jsonl(tmp_path / f"in{n}.jsonl", (chat(f"q {i} {LONG}", f"a {i}") for i in range(n)))
+        rec = recipe(
+            tmp_path, [path], output_dir=str(tmp_path / f"o{n}"), dedup={"exact": False, "near": False}
+        )
+        tracemalloc.start()
+        run_clean(rec)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    peak(200)  # first-use imports (rich, datasketch) allocate too
+    small, large = peak(1000), peak(4000)
+    assert large < 1.3 * small, (small, large)
