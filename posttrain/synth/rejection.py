@@ -256,9 +256,12 @@ def format_report(report: dict) -> str:
     head = ["group", "prompts", "samples", "pass rate", *ks, "kept", "kept frac", "dups"]
     rows = [[g, *_cells(s, ks)] for g, s in report["groups"].items()] + [["overall", *_cells(ov, ks)]]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-    )  # noqa: E731,E501
+
+    def line(r: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     return "\n".join([line(head), *(line(r) for r in rows)])
 
 
