@@ -249,8 +249,9 @@ def _resume_point(partial: Path, meta: dict, key: str, chunk: int) -> int:
         return 0
     data = partial.read_bytes()
     lines = data.count(b"\n")
-    done = lines - lines % chunk
-    keep = 0 if done == 0 else [i for i, b in enumerate(data) if b == 10][done - 1] + 1
+    done, keep = lines - lines % chunk, 0
+    for _ in range(done):
+        keep = data.index(b"\n", keep) + 1
     with partial.open("r+b") as f:
         f.truncate(keep)
     return done

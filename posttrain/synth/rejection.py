@@ -38,7 +38,7 @@ from posttrain.config import to_dict
 from posttrain.data.loaders import write_jsonl
 from posttrain.errors import ConfigError, DataError
 from posttrain.monitor.logger import console
-from posttrain.synth.generate import GenerateRecipe, read_generations, run_generate
+from posttrain.synth.generate import GenerateRecipe, model_fingerprint, read_generations, run_generate
 from posttrain.train.rl_data import RewardTermConfig
 
 SFT_FILE = "sft.jsonl"
@@ -292,7 +292,8 @@ def run_filter(recipe: FilterRecipe) -> Path:
     if not rows:
         raise DataError("the generations file holds no prompts", where=str(source))
     cfg = {k: v for k, v in to_dict(recipe).items() if k not in ("output_dir", "generate", "input")}
-    key = hashlib.sha256(json.dumps([cfg, _file_sha(source)], sort_keys=True).encode()).hexdigest()
+    models = [model_fingerprint(t.model) for t in recipe.rewards if t.model]  # a retrained RM rescores
+    key = hashlib.sha256(json.dumps([cfg, _file_sha(source), models], sort_keys=True).encode()).hexdigest()
     out, report_path, meta_path = out_dir / SFT_FILE, out_dir / REPORT_FILE, out_dir / META_FILE
     if out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         console.print(f"filter: {out} is complete for this input and recipe; skipped")
