@@ -32,9 +32,13 @@ def check(
         bool, typer.Option(help="Run without namespaces where they are unavailable (trusted code only!).")
     ] = False,
 ) -> None:
-    """Run each program against its tests; print one {"passed", "total", "reason"} line per input line."""
+    """Run each program against its tests; print one {"passed", "total", "reason"} line per input line,
+    after the line's own extra fields (``id``, ``task_id``...)."""
+    from posttrain.rewards.code_tests import record_extras
     from posttrain.rewards.sandbox import SandboxConfig, check_file
 
     config = SandboxConfig(workers=workers, timeout_s=timeout_s, mem_mb=mem_mb, allow_unsafe=allow_unsafe)
-    for row in check_file(file, config, detail=detail):
-        typer.echo(json.dumps(row))
+    rows = check_file(file, config, detail=detail)  # validates the whole file before the first row
+    lines = (line for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
+    for row in rows:
+        typer.echo(json.dumps({**record_extras(json.loads(next(lines))), **row}))

@@ -9,6 +9,7 @@ HumanEval-style ``def check(candidate)`` with an ``entry_point`` becomes the sin
 from __future__ import annotations
 
 import ast
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,16 +77,33 @@ def _split_assert_source(source: str, entry_point: str | None) -> tuple[str, str
     return "assert", setup, cases
 
 
+PROGRAM_KEYS = ("code", "tests", "entry_point", "timeout_s", "mem_mb")
+
+
+def record_extras(record: Any) -> dict[str, Any]:
+    """A program record's other fields (``id``, ``task_id``...), which results carry along."""
+    return {k: v for k, v in record.items() if k not in PROGRAM_KEYS} if isinstance(record, dict) else {}
+
+
 def program_from_record(record: Any, where: str = "record") -> Program:
-    """A `Program` from ``{"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?}``."""
+    """A `Program` from ``{"code", "tests", "entry_point"?, "timeout_s"?, "mem_mb"?}``.
+
+    Other fields (``id``, ``task_id``...) are allowed and ignored here (`record_extras`), but a
+    near-miss of a program key (``timeout`` for ``timeout_s``) is an error, not a silent default."""
     if not isinstance(record, dict) or not isinstance(record.get("code"), str) or "tests" not in record:
         raise DataError("a program record needs a string 'code' and 'tests'", where=where)
-    unknown = set(record) - {"code", "tests", "entry_point", "timeout_s", "mem_mb"}
-    if unknown:
+    typos = {
+        k: close[0]
+        for k in record_extras(record)
+        if (close := difflib.get_close_matches(str(k), PROGRAM_KEYS, n=1, cutoff=0.75))
+    }
+    if typos:
         raise DataError(
-            f"unknown keys {sorted(unknown)}",
+            f"unknown keys {sorted(typos)}",
             where=where,
-            fix="keys: code, tests, entry_point, timeout_s, mem_mb",
+            fix="did you mean "
+            + ", ".join(f"{v!r} for {k!r}" for k, v in sorted(typos.items()))
+            + "? keys: code, tests, entry_point, timeout_s, mem_mb (other fields are carried along)",
         )
     timeout, mem = record.get("timeout_s"), record.get("mem_mb")
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
