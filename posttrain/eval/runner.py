@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,8 @@ class EvalRecipe:
     """Decodings, each run over every problem (e.g. greedy and n = 20 sampling)."""
     k: list[int] = field(default_factory=lambda: [1, 4, 8])
     """pass@k / maj@k for decodings with n > 1 (a decoding's own ``k`` wins)."""
+    limit: int | None = None
+    """At most this many problems per dataset, for every source (None: each source's own ``limit``)."""
     success_threshold: float = 1.0
     """A sample is correct when its score is >= this."""
     reference: bool = False
@@ -261,7 +263,8 @@ def run_eval(recipe: EvalRecipe) -> Path:
     if previous is not None and previous.get("status") == "complete":
         print(f"eval: {out / 'results.json'} is complete for this recipe; nothing to do")
         return out / "results.json"
-    items = [item for src in recipe.data for item in load_items(src)]
+    sources = [replace(src, limit=recipe.limit) if recipe.limit is not None else src for src in recipe.data]
+    items = [item for src in sources for item in load_items(src)]
     labels = recipe.labels()
     ks = {d.title(): d.ks(recipe.k) for d in recipe.decodings} if not recipe.reference else {"reference": [1]}
     state = EvalState(items, ks)
@@ -355,15 +358,15 @@ def short_recipe(
     sources = []
     for path in data:
         if path == "tasks":
-            sources.append(EvalDataConfig(limit=limit))
+            sources.append(EvalDataConfig())
         elif path.endswith(".whl") or Path(path).name.lower().startswith("humaneval"):
-            sources.append(EvalDataConfig(path=path, format="humaneval", limit=limit))
+            sources.append(EvalDataConfig(path=path, format="humaneval"))
         else:
-            sources.append(EvalDataConfig(path=path, limit=limit))
+            sources.append(EvalDataConfig(path=path))
     temp = temperature if temperature is not None else (0.8 if n > 1 else 0.0)
     k = k if k is not None else [x for x in (1, 4, 8) if x <= n]
     dec = DecodingConfig(n=n, temperature=temp, max_new_tokens=max_new_tokens, k=k, strategy=strategy)
-    return EvalRecipe(model=SearchModelConfig(path=model), data=sources, decodings=[dec],
+    return EvalRecipe(model=SearchModelConfig(path=model), data=sources, decodings=[dec], limit=limit,
                       reference=reference, output_dir=output_dir)  # fmt: skip
 
 

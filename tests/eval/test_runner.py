@@ -157,3 +157,26 @@ def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model_dir, tmp_path):
     batched = [g[0] for g in generate_chunk(dec, decoder, items, 0)]
     alone = [generate_chunk(dec, decoder, [it], 0)[0][0] for it in items]
     assert batched == alone
+
+
+def test_short_form_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    data = write_rows(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "o"
+    args = ["eval", "default", "--data", str(data), "--reference", "--limit", "2", "--output-dir", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "reference: accuracy 0.500" in result.output
+    assert [p["id"] for p in load(out / "results.json")["problems"]] == ["q1", "q2"]
+    bad = CliRunner().invoke(app, ["eval", "default", "--data", str(data), "--k", "1,4"])
+    assert isinstance(bad.exception, ConfigError) and "n = 1" in str(bad.exception)
+    none = CliRunner().invoke(app, ["eval", "default"])
+    assert isinstance(none.exception, ConfigError) and "--data" in str(none.exception)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  - path: {data}\nreference: true\noutput_dir: {out}\n")
+    result = CliRunner().invoke(app, ["eval", str(recipe), "limit=1"])
+    assert result.exit_code == 0, result.output
+    assert len(load(out / "results.json")["problems"]) == 1
