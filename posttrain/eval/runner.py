@@ -166,7 +166,8 @@ class Decoder:
 
     engine: Any
     tokenizer: Any
-    path: str
+    path: str | None
+    """The model folder (its generation_config.json gives stop ids); None for an in-memory model."""
 
     def prompt(self, item: EvalItem, text: bool = False) -> Any:
         """Chat messages (or the templated text), or the plain prompt."""
@@ -252,8 +253,9 @@ def _previous(path: Path, config: dict) -> dict | None:
     return old if old.get("config") == config else None
 
 
-def run_eval(recipe: EvalRecipe) -> Path:
-    """Evaluate (module docstring); returns ``output_dir/results.json``."""
+def run_eval(recipe: EvalRecipe, decoder: Decoder | None = None) -> Path:
+    """Evaluate (module docstring); returns ``output_dir/results.json``. ``decoder``: an
+    already loaded policy (a trainer's model, `posttrain.eval.hook`) instead of ``recipe.model``."""
     from posttrain.config import to_dict
 
     recipe.validate()
@@ -271,7 +273,7 @@ def run_eval(recipe: EvalRecipe) -> Path:
     if previous is not None:
         state.restore(previous.get("problems", []))
     try:
-        _run_all(recipe, state, labels, out, config)
+        _run_all(recipe, state, labels, out, config, decoder)
     except BaseException as exc:
         write_results(
             out, state, config, "partial", recipe.n_boot, recipe.seed, error=f"{type(exc).__name__}: {exc}"
@@ -282,9 +284,12 @@ def run_eval(recipe: EvalRecipe) -> Path:
     return out / "results.json"
 
 
-def _run_all(recipe: EvalRecipe, state: EvalState, labels: list[str], out: Path, config: dict) -> None:
+def _run_all(
+    recipe: EvalRecipe, state: EvalState, labels: list[str], out: Path, config: dict, decoder: Decoder | None
+) -> None:
     items = state.items
-    decoder = None if recipe.reference else load_decoder(recipe.model)
+    if decoder is None and not recipe.reference:
+        decoder = load_decoder(recipe.model)
     decodings = [None] if recipe.reference else recipe.decodings
     for label, dec in zip(labels, decodings, strict=True):
         for c, start in enumerate(range(0, len(items), recipe.save_every)):

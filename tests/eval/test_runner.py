@@ -180,3 +180,26 @@ def test_short_form_command_line(tmp_path):
     result = CliRunner().invoke(app, ["eval", str(recipe), "limit=1"])
     assert result.exit_code == 0, result.output
     assert len(load(out / "results.json")["problems"]) == 1
+
+
+def test_recipe_evaluator_runs_on_a_model_in_memory(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.eval.hook import recipe_evaluator
+
+    data = write_rows(tmp_path / "held.jsonl", ROWS)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"data:\n  - path: {data}\ndecodings:\n  - max_new_tokens: 6\n")
+    evaluate = recipe_evaluator(recipe, tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.train()
+    metrics = evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), 5)
+    assert model.training  # restored
+    assert metrics["greedy/accuracy"] == 0.0 and metrics["greedy/response_length"] <= 6
+    assert metrics["greedy/accuracy/ci_high"] >= metrics["greedy/accuracy/ci_low"]
+    results = load(tmp_path / "run" / "eval" / "step_000005" / "results.json")
+    assert [p["id"] for p in results["problems"]] == ["q1", "q2", "q3"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data:\n  - path: {tmp_path / 'missing.jsonl'}\n")
+    with pytest.raises(DataError, match="not found"):
+        recipe_evaluator(bad, tmp_path / "run")  # before any training
