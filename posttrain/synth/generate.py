@@ -207,9 +207,13 @@ def read_generations(path: str | os.PathLike) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"invalid JSON: {err.msg}", where=f"{path}:{lineno}") from None
-            if not isinstance(row, dict) or not {"prompt", "completions"} <= set(row):
+            if (
+                not isinstance(row, dict)
+                or not {"prompt", "completions"} <= set(row)
+                or not row["completions"]
+            ):
                 raise DataError(
-                    "not a generation record (needs prompt and completions)",
+                    "not a generation record (needs a prompt and a non-empty completions list)",
                     where=f"{path}:{lineno}",
                     fix="pass a file written by `posttrain generate`",
                 )

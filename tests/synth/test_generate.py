@@ -135,3 +135,6 @@ def test_a_file_that_is_not_generations_is_named(tmp_path):
     bad.write_text('{"prompt": "a"}\n')
     with pytest.raises(DataError, match="x.jsonl:1"):
         read_generations(bad)
+    bad.write_text('{"prompt": "a", "completions": []}\n')
+    with pytest.raises(DataError, match="non-empty completions"):
+        read_generations(bad)
