@@ -26,8 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.data.quality.dedup import normalize_text
-from posttrain.data.quality.items import Item, question_text, read_source
+from posttrain.data.quality.items import Item, normalize_text, question_text, read_source
 from posttrain.errors import ConfigError, DataError
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -126,11 +125,12 @@ class DecontamIndex:
         where, question = self.items[idx]
         return {"eval": where, "question": question[:300], "match": match, "text": text[:300]}
 
-    def find(self, text: str, question: str = "") -> dict | None:
-        """Evidence of the first eval item found in ``text`` (or equal to ``question``), else None."""
+    def find(self, text: str, question: str = "", normalized: bool = False) -> dict | None:
+        """Evidence of the first eval item found in ``text`` (or equal to ``question``), else None.
+        ``normalized``: ``text`` is already `normalize_text`'d."""
         if self.exact and question and (idx := self.exact.get(normalize_text(question))) is not None:
             return self._evidence(idx, "exact question", question)
-        toks = tokens(text)
+        toks = _TOKEN_RE.findall(text if normalized else normalize_text(text))
         for n, table in self.tables.items():
             firsts = self.firsts[n]
             for i in range(len(toks) - n + 1):
@@ -152,7 +152,7 @@ def decontaminate(items: Iterable[Item], index: DecontamIndex) -> Iterator[Item]
     """Drop items whose text contains an eval question's n-gram or whose question is an eval question."""
     for item in items:
         if item.removed is None:
-            found = index.find(item.text, question_text(item.data, item.kind))
+            found = index.find(item.norm, question_text(item.data, item.kind), normalized=True)
             if found is not None:
                 item.drop("contaminated", **found)
         yield item

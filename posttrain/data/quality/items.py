@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class Item:
     n_tokens: int | None = None
     """Token count under the recipe's tokenizer, once a step has computed it."""
     _text: str | None = None
+    _norm: str | None = None
 
     @property
     def text(self) -> str:
@@ -70,9 +72,21 @@ class Item:
             self._text = record_text(self.data, self.kind) if self.data is not None else ""
         return self._text
 
+    @property
+    def norm(self) -> str:
+        """`normalize_text` of `text`, computed once (exact dedup, near dedup and decontamination read it)."""
+        if self._norm is None:
+            self._norm = normalize_text(self.text)
+        return self._norm
+
     def drop(self, rule: str, **evidence: Any) -> Item:
         self.removed = Removal(rule, evidence)
         return self
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, casefold, whitespace runs folded to one space, ends stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def messages_of(data: dict, kind: str) -> list[tuple[str, dict]]:
