@@ -89,12 +89,10 @@ class EvalState:
         """Take the finished pairs of an earlier partial run (same recipe, same items)."""
         for row in rows:
             i = row.get("index")
-            if (
-                not isinstance(i, int)
-                or not 0 <= i < len(self.items)
-                or row.get("where") != self.items[i].where
-            ):
+            if not isinstance(i, int) or not 0 <= i < len(self.items):
                 continue
+            if (row.get("where"), row.get("question")) != (self.items[i].where, self.items[i].question):
+                continue  # the data changed under this problem: decode it again
             for label, run in row.get("decodings", {}).items():
                 if label in self.ks:
                     self.record(label, i, DecodingRun(run["samples"], run.get("extra_tokens", 0)))
