@@ -305,7 +305,7 @@ def run_filter(recipe: FilterRecipe) -> Path:
     tmp = report_path.with_name(f".{REPORT_FILE}.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, report_path)
-    console.print(format_report(report), markup=False, highlight=False)
+    console.print(format_report(report), markup=False, highlight=False, soft_wrap=True)
     if not records:
         ov = report["overall"]
         raise DataError(
