@@ -132,15 +132,15 @@ def _sink(
                 rec = {"rule": item.removed.rule, "where": item.where, "evidence": item.removed.evidence}
                 removed.write(_line({**rec, "record": item.raw}))
                 continue
-            if item.kind not in kinds:
-                for kind, source in kinds.items():
-                    raise DataError(
-                        f"inputs[{item.source}] holds {item.kind} records but inputs[{source}] holds {kind} "
-                        "records; kept.jsonl holds one kind (different record kinds)",
-                        where=item.where,
-                        fix="clean each record kind with its own recipe",
-                    )
-                kinds[item.kind] = item.source
+            if kinds and item.kind not in kinds:
+                ((kind, source),) = kinds.items()
+                raise DataError(
+                    f"inputs[{item.source}] holds {item.kind} records but inputs[{source}] holds {kind} "
+                    "records; kept.jsonl holds one kind (different record kinds)",
+                    where=item.where,
+                    fix="clean each record kind with its own recipe",
+                )
+            kinds.setdefault(item.kind, item.source)
             outs[item.source if split else 0].write(_line(item.raw))
             kept[item.source] += 1
             tokens[item.source] += item.n_tokens or 0
