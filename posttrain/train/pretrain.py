@@ -12,10 +12,12 @@ hash of its recipe, so later runs (and `model.path: default`) reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -166,17 +168,45 @@ def build_model(cfg: TinyModelConfig, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (a ``.<name>.lock`` file beside it) while building it.
+
+    Concurrent processes that need the same model (tests each calling `ensure_default_model`)
+    then build it once: the others wait, and find the finished model when they get the lock."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another process that is building {out}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_pretrain(cfg: PretrainRecipe) -> Path:
-    """Train (or reuse) the model; returns its `final/` HF folder."""
+    """Train (or reuse) the model; returns its `final/` HF folder. One process at a time builds a
+    given output dir (`build_lock`)."""
+    out = resolve_output_dir(cfg)
+    final = out / "final"
+    with build_lock(out):
+        if (final / "config.json").is_file() and not cfg.force:
+            console.print(f"reusing pretrained model {final} (set force=true to retrain)")
+            return final
+        cfg.output_dir = str(out)
+        return _pretrain(cfg, out)
+
+
+def _pretrain(cfg: PretrainRecipe, out: Path) -> Path:
     from posttrain.models.load import save_hf_folder
     from posttrain.models.tokenizer import EOS_TOKEN, train_default_tokenizer
 
-    out = resolve_output_dir(cfg)
     final = out / "final"
-    if (final / "config.json").is_file() and not cfg.force:
-        console.print(f"reusing pretrained model {final} (set force=true to retrain)")
-        return final
-    cfg.output_dir = str(out)
     records, dropped = corpus_records(cfg.corpus, cfg.seed)
     write_corpus(out, records, cfg.corpus, cfg.seed, dropped)
     docs = [r["text"] for r in records]

@@ -72,3 +72,24 @@ def test_recipe_key_ignores_output_dir_and_force():
     contaminated = PretrainRecipe(corpus=CorpusConfig(exclude_test=False))
     assert recipe_key(contaminated) != recipe_key(PretrainRecipe())
     assert recipe_key(PretrainRecipe()) != "425ff4d45237"  # the contaminated default's key (corpus v1)
+
+
+def test_a_build_in_progress_is_waited_for_not_repeated(tmp_path):
+    """A second process asking for the same model waits for the lock, then reuses the result."""
+    import threading
+    import time
+
+    from posttrain.train.pretrain import build_lock
+
+    cfg = _tiny(tmp_path)
+    out = tmp_path / "pt"
+    got: list = []
+    with build_lock(out):
+        waiter = threading.Thread(target=lambda: got.append(run_pretrain(cfg)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not got  # blocked on the lock
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "config.json").write_text("{}")  # the "other process" finishes
+    waiter.join(timeout=30)
+    assert got == [out / "final"] and not (out / "metrics.jsonl").exists()  # reused, not retrained
