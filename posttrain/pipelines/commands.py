@@ -53,6 +53,8 @@ COMMANDS: dict[str, CommandSpec] = {
     "preference": CommandSpec("posttrain.train.preference:PreferenceRecipe", "posttrain.train.preference:run_preference", "final"),
     "rl": CommandSpec("posttrain.train.rl:RLRecipe", "posttrain.train.rl:run_rl", "final", "time/step_s"),
     "search": CommandSpec("posttrain.search.compare:SearchRecipe", "posttrain.search.compare:run_search_recipe", "report"),
+    "generate": CommandSpec("posttrain.synth.generate:GenerateRecipe", "posttrain.synth.generate:run_generate", "data"),
+    "filter": CommandSpec("posttrain.synth.rejection:FilterRecipe", "posttrain.synth.rejection:run_filter", "data"),
     "distill": CommandSpec("posttrain.train.distill:DistillRecipe", "posttrain.train.distill:run_distill", "final"),
     "export": CommandSpec("posttrain.models.export:ExportRecipe", "posttrain.models.export:run_export", "out"),
     "clean": CommandSpec("posttrain.data.quality.clean:CleanRecipe", "posttrain.data.quality.clean:run_clean", "out", data_file="kept.jsonl"),

@@ -189,6 +189,19 @@ def stage_metrics(run_dir: Path, window: int = 5) -> list[tuple[str, float, floa
     return out
 
 
+def filter_summary(name: str, out_dir: Path) -> list[str]:
+    """A rejection-sampling stage's overall pass rate, kept fraction and pass@k."""
+    path = out_dir / "filter_report.json"
+    if not path.is_file():
+        return []
+    ov = json.loads(path.read_text())["overall"]
+    ks = ", ".join(f"{k} {v:.3f}" for k, v in ov.items() if k.startswith("pass@"))
+    return [f"## Rejection sampling: stage {name}", "",
+            f"{ov['completions']} completions of {ov['prompts']} prompts: pass rate {ov['pass_rate']:.3f}, "
+            f"{ov['kept']} kept (kept fraction {ov['kept_fraction']:.3f}, prompts kept {ov['prompts_kept']:.3f}); "
+            f"{ks}. Per prompt: `{path}`.", ""]  # fmt: skip
+
+
 def search_table(name: str, out_dir: Path) -> list[str]:
     """A search stage's strategy table (from its results.json) as markdown lines."""
     from posttrain.search.report import StrategyRow, format_markdown
@@ -237,6 +250,8 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
             ]
         if r.command == "search":
             lines += search_table(r.name, Path(r.outputs["output_dir"]))
+        if r.command == "filter":
+            lines += filter_summary(r.name, Path(r.outputs["output_dir"]))
     rows = [(r.name, *m) for r in results for m in stage_metrics(Path(r.outputs["output_dir"]))]
     if rows:
         lines += ["## Stage metrics", "", "Each stage's own held-out metrics (first and last evaluation) and its "

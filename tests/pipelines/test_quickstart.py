@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import pytest
 import yaml
 
 from posttrain.eval.accuracy import AccuracyReport
@@ -158,3 +159,34 @@ def test_instructgpt_pipeline_trains_ppo_on_the_learned_reward(tmp_path):
     ppo = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
     assert ppo["rewards"] == [{"name": "rm", "weight": 1.0, "model": str(out / "rm" / "final"),
                                "placement": "outcome", "agg": "min"}]  # fmt: skip
+
+
+def _toy(stage: str, **sizes: int) -> list[str]:
+    return [o.replace("stages.pretrain.", f"stages.{stage}.") for o in PRETRAIN_TOY] + [
+        f"stages.{stage}.model.{k}={v}" for k, v in sizes.items()
+    ]
+
+
+@pytest.mark.slow
+def test_r1_pipeline_runs_every_stage_at_toy_size(tmp_path):
+    """cold start -> rejection sampling -> SFT -> GRPO -> DPO -> distillation, a column each."""
+    out = tmp_path / "r1"
+    toy = [*PRETRAIN_TOY, *_toy("student_base", hidden_size=16, intermediate_size=32),
+           "stages.cold_start.train.max_steps=3", "stages.cold_start.data.n_per_level=4",
+           "stages.rs.generate.data.n_per_level=3", "stages.rs.generate.sampling.n=4",
+           "stages.rs.generate.sampling.max_new_tokens=16", "stages.rs.threshold=-.inf",
+           "stages.rs.drop_truncated=false", "stages.rs_sft.train.max_steps=2",
+           "stages.grpo.train.max_steps=2", "stages.grpo.train.eval_every=0", "stages.grpo.rollout.prompts_per_step=2",
+           "stages.grpo.rollout.n=2", "stages.grpo.rollout.max_new_tokens=8", "stages.align.train.max_steps=2",
+           "stages.align.data.n_per_level=4", "stages.align.data.eval_n_per_level=2",
+           "stages.distill.train.max_steps=2", "stages.distill.data.n_per_level=4",
+           "eval.n_per_level=1", "eval.max_new_tokens=8", f"output_dir={out}",
+           f"stages.pretrain.output_dir={tmp_path / 'pt'}", f"stages.student_base.output_dir={tmp_path / 'st'}"]  # fmt: skip
+    report = run_pipeline(load_pipeline("recipes/r1.yaml", toy)).read_text()
+    header = "| task | level | pretrain | student_base | cold_start | rs_sft | grpo | align | distill |"
+    assert header in report and "## Rejection sampling: stage rs" in report
+    rs_sft = yaml.safe_load((out / "rs_sft" / "config.yaml").read_text())
+    assert rs_sft["data"]["train"] == str(out / "rs" / "sft.jsonl")
+    distill = yaml.safe_load((out / "distill" / "config.yaml").read_text())
+    assert distill["teacher"]["path"] == str(out / "align" / "final")
+    assert distill["student"]["path"] == str(tmp_path / "st" / "final")
