@@ -47,7 +47,8 @@ def teacher_model(args) -> str:
     from posttrain.config import load_recipe
     from posttrain.train.sft import SFTRecipe, run_sft
 
-    return str(run_sft(load_recipe(SFTRecipe, "recipes/sft_tiny.yaml", [f"output_dir={args.out}/teacher"])))
+    overrides = [f"output_dir={args.out}/teacher", f"model.path={args.teacher_base}"]
+    return str(run_sft(load_recipe(SFTRecipe, "recipes/sft_tiny.yaml", overrides)))
 
 
 def run_arm(arm: str, args, teacher: str, seed: int, student: str, steps: int, out: Path) -> str:
@@ -99,6 +100,7 @@ def _tokens(run_dir: Path) -> float:
 class Args:
     student: str
     teacher: str | None
+    teacher_base: str
     steps: int
     batch: int
     lr: float
@@ -112,7 +114,10 @@ class Args:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", required=True)
-    p.add_argument("--teacher", default=None)
+    p.add_argument(
+        "--teacher", default=None, help="an SFT'd teacher folder (default: SFT --teacher-base here)"
+    )
+    p.add_argument("--teacher-base", default="default", help="the model the teacher's SFT starts from")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -126,9 +131,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    teacher = teacher_model(args)
+    teacher = teacher_model(args) if set(args.arms) != {"sft"} else None  # the control needs none
     for name, path in (("teacher", teacher), ("student (start)", args.student)):
-        if name not in results:
+        if name not in results and path is not None:
             results[name] = {"acc": accuracy(path, args.n_eval), "path": path}
             results_file.write_text(json.dumps(results, indent=1))
     for seed in args.seeds:
