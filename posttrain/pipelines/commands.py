@@ -55,6 +55,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "search": CommandSpec("posttrain.search.compare:SearchRecipe", "posttrain.search.compare:run_search_recipe", "report"),
     "generate": CommandSpec("posttrain.synth.generate:GenerateRecipe", "posttrain.synth.generate:run_generate", "data"),
     "filter": CommandSpec("posttrain.synth.rejection:FilterRecipe", "posttrain.synth.rejection:run_filter", "data"),
+    "eval": CommandSpec("posttrain.eval.runner:EvalRecipe", "posttrain.eval.runner:run_eval", "results"),
     "distill": CommandSpec("posttrain.train.distill:DistillRecipe", "posttrain.train.distill:run_distill", "final"),
     "export": CommandSpec("posttrain.models.export:ExportRecipe", "posttrain.models.export:run_export", "out"),
     "clean": CommandSpec("posttrain.data.quality.clean:CleanRecipe", "posttrain.data.quality.clean:run_clean", "out", data_file="kept.jsonl"),
