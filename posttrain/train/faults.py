@@ -5,6 +5,7 @@ point, so tests can check that a real kill (no cleanup, no exception handlers)
 leaves checkpoints loadable and that resume is exact. Points:
 - `after-step:N`: right after optimiser step N (before any checkpoint of step N);
 - `mid-save:N`: while writing checkpoint N, after its files, before the rename.
+- `mid-export:N`: while staging export N (`posttrain export`), before the rename into OUT.
 Unset in normal use; reading one environment variable is the whole cost.
 """
 
