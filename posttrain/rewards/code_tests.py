@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import ast
 import difflib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import DataError
+
+PARSE_LOCK = threading.Lock()
+"""CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch" when the
+sandbox's thread pool parses tests concurrently): every parse and compile here holds this lock."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ def parse_tests(tests: Any, entry_point: str | None = None) -> tuple[str, str, l
     if isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests):
         for i, t in enumerate(tests):
             try:
-                compile(t, f"test_{i}", "exec")
+                with PARSE_LOCK:
+                    compile(t, f"test_{i}", "exec")
             except SyntaxError as exc:
                 raise DataError(f"test {i} is not valid Python: {exc.msg}", where=f"tests[{i}]") from exc
         return "assert", "", list(tests)
@@ -56,7 +62,8 @@ def parse_tests(tests: Any, entry_point: str | None = None) -> tuple[str, str, l
 def _split_assert_source(source: str, entry_point: str | None) -> tuple[str, str, list]:
     """Top-level asserts become cases, every other line setup; ``check(entry_point)`` if none."""
     try:
-        tree = ast.parse(source)
+        with PARSE_LOCK:
+            tree = ast.parse(source)
     except SyntaxError as exc:
         raise DataError(f"tests are not valid Python: {exc.msg}", where="tests") from exc
     lines = source.splitlines()

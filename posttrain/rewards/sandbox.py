@@ -226,8 +226,11 @@ def build_job(program: Program, config: SandboxConfig, isolation: str, workdir: 
 @functools.cache
 def _harness_code() -> CodeType:
     """The harness module compiled once; the launcher execs it (same interpreter binary)."""
+    from posttrain.rewards.code_tests import PARSE_LOCK
+
     path = Path(_sandbox_harness.__file__)
-    return compile(path.read_text(encoding="utf-8"), str(path), "exec")
+    with PARSE_LOCK:
+        return compile(path.read_text(encoding="utf-8"), str(path), "exec")
 
 
 def _stop(proc: subprocess.Popen) -> None:
