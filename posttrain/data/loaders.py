@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from posttrain.data.records import detect_kind, validate_record
 from posttrain.errors import DataError
@@ -78,7 +79,9 @@ def _iter_rows(path: Path, split: str) -> Iterator[tuple[dict, str]]:
     raise DataError(f"unsupported data file type: {path.name}", where=str(path), fix=f"use {_FORMATS}")
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+def jsonl_lines(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
+    """(row, "file:line", None) per non-blank JSONL line, or (the line's first 200 characters,
+    "file:line", its DataError) for a line that is not JSON; callers raise it or drop the line."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -86,14 +89,21 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                yield json.loads(line), where, None
             except json.JSONDecodeError as e:
-                raise DataError(
+                error = DataError(
                     f"invalid JSON: {e.msg} (column {e.colno})",
                     where=where,
                     fix="each line must be one complete JSON object",
-                ) from None
-            yield row, where
+                )
+                yield line[:200], where, error
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+    for row, where, error in jsonl_lines(path):
+        if error is not None:
+            raise error
+        yield row, where
 
 
 def _iter_json(path: Path) -> Iterator[tuple[dict, str]]:

@@ -10,15 +10,16 @@ it passes removed items through untouched and marks the ones it drops with a `Re
 
 from __future__ import annotations
 
-import gzip
-import json
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.loaders import _iter_rows  # the loader's own row readers (JSON, Parquet, HF folder)
+from posttrain.data.loaders import (  # the loader's own row readers (JSON, Parquet, HF folder)
+    _iter_rows,
+    jsonl_lines,
+)
 from posttrain.data.records import detect_kind, validate_record
 from posttrain.errors import DataError
 
@@ -191,21 +192,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
     """JSONL rows; a line that is not JSON comes back as its error, so the run can drop it and go on."""
     if not path.is_file():
         next(_iter_rows(path, "train"), None)  # the loader's own "not found" error
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield json.loads(line), where, None
-            except json.JSONDecodeError as e:
-                error = DataError(
-                    f"invalid JSON: {e.msg} (column {e.colno})",
-                    where=where,
-                    fix="each line must be one complete JSON object",
-                )
-                yield line[:200], where, error
+    yield from jsonl_lines(path)
 
 
 def chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
