@@ -13,7 +13,7 @@ lint:
 	.venv/bin/ruff check posttrain tests bench && .venv/bin/ruff format --check posttrain tests bench
 
 smollm2:
-	bash scripts/get_smollm2.sh
+	PYTHON=.venv/bin/python bash scripts/get_smollm2.sh
 
 bench:
 	.venv/bin/pip install -q -e ".[bench]" torch==2.13.0 && .venv/bin/python bench/sft_vs_trl.py

