@@ -42,6 +42,8 @@ class EvalState:
     """pass@k / maj@k values reported per decoding label."""
     done: dict[str, dict[int, DecodingRun]] = field(default_factory=dict)
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """Metrics computed apart from the decodings, by label (``perplexity/<set>``)."""
 
     def record(self, label: str, index: int, run: DecodingRun) -> None:
         self.done.setdefault(label, {})[index] = run
@@ -70,7 +72,7 @@ class EvalState:
                 name: breakdown(idx, key, lambda i, lb=label: self.values(lb, i), n_boot, seed)
                 for name, key in keys.items()
             }
-        return metrics, parts
+        return {**metrics, **self.extra}, parts
 
     def problem_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -173,7 +175,7 @@ def report_markdown(header: dict[str, Any], n_problems: int) -> str:
         if t:
             lines += ["", f"{t['generated_tokens']} tokens generated in {t['seconds']:.1f} s "
                       f"({t.get('tokens_per_s', 0):.0f} tokens/s)"]  # fmt: skip
-        parts = _clean(header["breakdown"][label])
+        parts = _clean(header["breakdown"].get(label, {}))
         for name in ("source", "level", "tag"):
             groups = parts.get(name) or {}
             if len(groups) < 2:

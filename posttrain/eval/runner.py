@@ -23,6 +23,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.eval.data import EvalDataConfig, EvalItem, load_items
+from posttrain.eval.perplexity import PerplexityConfig
 from posttrain.eval.results import DecodingRun, EvalState, write_results
 from posttrain.search.compare import SearchModelConfig
 
@@ -80,6 +81,9 @@ class EvalRecipe:
     """Datasets, evaluated together (each its own source in the breakdowns)."""
     decodings: list[DecodingConfig] = field(default_factory=lambda: [DecodingConfig()])
     """Decodings, each run over every problem (e.g. greedy and n = 20 sampling)."""
+    perplexity: list[PerplexityConfig] = field(default_factory=list)
+    """Text or chat sets whose perplexity is reported (masked like SFT), as ``perplexity/<name>``;
+    a perplexity-only recipe sets ``data: []``."""
     k: list[int] = field(default_factory=lambda: [1, 4, 8])
     """pass@k / maj@k for decodings with n > 1 (a decoding's own ``k`` wins)."""
     limit: int | None = None
@@ -99,9 +103,14 @@ class EvalRecipe:
     """Run directory: results.json, report.md."""
 
     def validate(self) -> None:
-        if not self.data:
+        if not self.data and not self.perplexity:
             raise ConfigError("no datasets", where="data", fix="list at least one, e.g. - path: data.jsonl")
-        if not self.decodings:
+        names = [f"perplexity/{p.label()}" for p in self.perplexity]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(f"two perplexity sets are named {name!r}", where=f"perplexity[{i}].name",
+                                  fix="give each a distinct name")  # fmt: skip
+        if self.data and not self.decodings:
             raise ConfigError("no decodings", where="decodings", fix="list at least one, e.g. - n: 1")
         if self.save_every < 1:
             raise ConfigError("save_every must be >= 1", where="save_every")
@@ -130,6 +139,8 @@ class EvalRecipe:
                                       fix=f"use one of {', '.join(SEARCH_SCORERS)} or a PRM/ORM folder")  # fmt: skip
 
     def labels(self) -> list[str]:
+        if not self.data:
+            return []
         return ["reference"] if self.reference else [d.title() for d in self.decodings]
 
 
@@ -272,8 +283,13 @@ def run_eval(recipe: EvalRecipe, decoder: Decoder | None = None) -> Path:
     state = EvalState(items, ks)
     if previous is not None:
         state.restore(previous.get("problems", []))
+    if previous is not None:
+        state.extra.update(
+            {k: v for k, v in previous.get("metrics", {}).items() if k.startswith("perplexity/")}
+        )
     try:
-        _run_all(recipe, state, labels, out, config, decoder)
+        decoder = _run_all(recipe, state, labels, out, config, decoder)
+        _run_perplexity(recipe, state, decoder)
     except BaseException as exc:
         write_results(
             out, state, config, "partial", recipe.n_boot, recipe.seed, error=f"{type(exc).__name__}: {exc}"
@@ -286,11 +302,11 @@ def run_eval(recipe: EvalRecipe, decoder: Decoder | None = None) -> Path:
 
 def _run_all(
     recipe: EvalRecipe, state: EvalState, labels: list[str], out: Path, config: dict, decoder: Decoder | None
-) -> None:
+) -> Decoder | None:
     items = state.items
-    if decoder is None and not recipe.reference:
+    if decoder is None and ((recipe.data and not recipe.reference) or recipe.perplexity):
         decoder = load_decoder(recipe.model)
-    decodings = [None] if recipe.reference else recipe.decodings
+    decodings = ([None] if recipe.reference else recipe.decodings) if recipe.data else []
     for label, dec in zip(labels, decodings, strict=True):
         for c, start in enumerate(range(0, len(items), recipe.save_every)):
             idx = [i for i in range(start, min(start + recipe.save_every, len(items)))
@@ -307,6 +323,20 @@ def _run_all(
             for i, run in zip(idx, score_runs(chunk, generated, recipe.success_threshold), strict=True):
                 state.record(label, i, run)
             write_results(out, state, config, "partial", recipe.n_boot, recipe.seed)
+    return decoder
+
+
+def _run_perplexity(recipe: EvalRecipe, state: EvalState, decoder: Decoder | None) -> None:
+    """Each perplexity set not already in ``state.extra`` (a resumed run keeps finished ones)."""
+    from posttrain.eval.perplexity import evaluate_perplexity
+
+    for cfg in recipe.perplexity:
+        label = f"perplexity/{cfg.label()}"
+        if label in state.extra:
+            continue
+        engine = decoder.engine
+        metrics, _ = evaluate_perplexity(cfg, engine.model, engine.tokenizer, recipe.n_boot, recipe.seed)
+        state.extra[label] = metrics
 
 
 def _reference(item: EvalItem) -> str:
@@ -323,7 +353,7 @@ def _print_summary(header: dict, out: Path) -> None:
         shown = ", ".join(
             f"{k} {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             for k, m in ms.items()
-            if k.startswith(("accuracy", "pass@", "maj@")) and m["value"] is not None
+            if k.startswith(("accuracy", "pass@", "maj@", "perplexity")) and m["value"] is not None
         )
         t = header["timing"].get(label)
         speed = (
