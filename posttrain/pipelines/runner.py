@@ -91,6 +91,9 @@ class GradeConfig:
     """Prompts per generate call."""
     seed: int = 0
     """Seed of the test split."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Models graded beside the stages, a column each before them: ``{name: model folder}``, e.g.
+    the checkpoint the first stage starts from (``{base: .cache/models/smollm2-135m-instruct}``)."""
 
 
 @dataclass
@@ -140,11 +143,16 @@ class PipelineRecipe:
                                     [s.name for s in self.stages])  # fmt: skip
             check_stage_recipe(st, spec)
             seen[st.name] = spec
+        for name in self.eval.models:
+            if name in seen:
+                raise ConfigError(f"eval.models.{name}: a stage has that name", where=f"eval.models.{name}",
+                                  fix="give the graded model another column name")  # fmt: skip
+        graded = [*self.eval.models, *seen]
         for i, c in enumerate(self.compare):
             for at in ("treatment", "control", "baseline"):
-                if getattr(c, at) not in seen:
+                if getattr(c, at) not in graded:
                     raise ConfigError(f"compare[{i}].{at}: no stage named {getattr(c, at)!r}",
-                                      where=f"compare[{i}].{at}", fix=_did_you_mean(getattr(c, at), seen))  # fmt: skip
+                                      where=f"compare[{i}].{at}", fix=_did_you_mean(getattr(c, at), graded))  # fmt: skip
 
 
 def _did_you_mean(name: str, names) -> str:
@@ -407,6 +415,16 @@ def run_stage(
     return StageResult(st.name, st.command, "resumed" if resuming else "ran", seconds, outputs, recipe)
 
 
+def grade_model(out: Path, name: str, path: str, grading: GradeConfig):
+    """Grade a model named in ``eval.models`` as if it were a finished stage's output."""
+    from posttrain.pipelines.report import grade_stage
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"eval.models.{name}: {path} is not a model folder (no config.json)",
+                          where=f"eval.models.{name}", fix="give a model folder, e.g. a stage's final/")  # fmt: skip
+    return grade_stage(out, name, {"digest": digest(Path(path)), "outputs": {"final": path}}, grading)
+
+
 def run_pipeline(cfg: PipelineRecipe) -> Path:
     """Run (or resume) every stage in order, grading models as they come; returns report.md."""
     from posttrain.pipelines.report import grade_stage, write_report
@@ -417,7 +435,7 @@ def run_pipeline(cfg: PipelineRecipe) -> Path:
     state = PipelineState(out)
     recipes: dict[str, Any] = {}
     results: list[StageResult] = []
-    grades = {}
+    grades = {name: grade_model(out, name, path, cfg.eval) for name, path in cfg.eval.models.items()}
     for st in cfg.stages:
         results.append(run_stage(st, cfg, state, recipes))
         spec = COMMANDS[st.command]

@@ -186,3 +186,23 @@ def test_equal_compute_gives_the_control_the_matched_stages_training_time(tmp_pa
     recipes = {"grpo": SimpleNamespace(train=SimpleNamespace(max_steps=30))}
     steps = equal_compute_steps(EqualComputeConfig(match="grpo", step_time_of="sft"), state, recipes)
     assert steps == 300  # 2 s mean x 30 steps = 60 s, at 0.2 s per SFT step
+
+
+def test_eval_models_are_graded_as_columns_before_the_stages(tmp_path, tiny_model_dir):
+    grading = {"tasks": ["arith"], "levels": [1], "n_per_level": 3, "max_new_tokens": 8,
+               "models": {"base": str(tiny_model_dir)}}  # fmt: skip
+    path = _pipeline(tmp_path, tiny_model_dir, eval=grading,
+                     compare=[{"treatment": "b", "control": "a", "baseline": "base"}])  # fmt: skip
+    run_pipeline(load_pipeline(path))
+    acc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert list(acc) == ["base", "a", "b"]  # the named model first, then the graded stages
+    cached = json.loads((tmp_path / "out" / "eval" / "base.json").read_text())
+    assert sum(n for *_, n in cached["cells"]) == 3
+
+    clash = _pipeline(tmp_path, tiny_model_dir, name="clash.yaml", eval={**grading, "models": {"a": "x"}})
+    with pytest.raises(ConfigError, match="eval.models.a: a stage has that name"):
+        load_pipeline(clash)
+    missing = _pipeline(tmp_path, tiny_model_dir, name="missing.yaml",
+                        eval={**grading, "models": {"base": str(tmp_path / "nowhere")}})  # fmt: skip
+    with pytest.raises(ConfigError, match="is not a model folder"):
+        run_pipeline(load_pipeline(missing))
