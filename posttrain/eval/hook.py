@@ -12,13 +12,23 @@ except ``model.prompt``: ``plain`` for the raw-question format, else the chat te
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from posttrain.eval.runner import Decoder, EvalRecipe, run_eval
-
 Evaluator = Callable[[Any, Any, int], dict[str, float]]
+
+
+@dataclass
+class EvalHookConfig:
+    """A trainer's held-out evaluation on the user's data: an eval recipe run every eval step."""
+
+    recipe: str | None = None
+    """An eval recipe (`posttrain eval` YAML: datasets, decodings, k, perplexity sets); its metrics
+    are logged under ``eval/`` every ``train.eval_every`` steps and at the end, and written to
+    ``RUN_DIR/eval/step_<step>/``. None: off."""
+    recipe_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides applied to that recipe (e.g. ``limit=50``)."""
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -35,7 +45,7 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def recipe_evaluator(
-    recipe: str | Path | EvalRecipe, run_dir: str | Path, overrides: Sequence[str] = ()
+    recipe: str | Path | Any, run_dir: str | Path, overrides: Sequence[str] = ()
 ) -> Evaluator:
     """``evaluate(model, tokenizer, step)`` over the recipe's data (module docstring). The recipe
     is loaded and its data checked now, so a bad path or scorer fails before training starts."""
@@ -43,6 +53,7 @@ def recipe_evaluator(
 
     from posttrain.config import load_recipe
     from posttrain.eval.data import load_items
+    from posttrain.eval.runner import Decoder, EvalRecipe, run_eval
 
     base = recipe if isinstance(recipe, EvalRecipe) else load_recipe(EvalRecipe, recipe, list(overrides))
     base.validate()
@@ -66,3 +77,24 @@ def recipe_evaluator(
         return flat_metrics(json.loads(path.read_text()))
 
     return evaluate
+
+
+def with_recipe_eval(
+    cfg: EvalHookConfig, run: Any, evaluate: Callable[[Any, int], Any] | None
+) -> Callable[[Any, int], None] | None:
+    """A trainer's ``evaluate(model, step)`` followed by the eval recipe of ``cfg`` (if any), whose
+    metrics go to ``run.logger`` under ``eval/`` and are printed. ``evaluate`` is returned as it
+    is when ``cfg.recipe`` is None; the recipe is checked now (before training)."""
+    if cfg.recipe is None:
+        return evaluate
+    held = recipe_evaluator(cfg.recipe, run.dir, cfg.recipe_overrides)
+
+    def both(model: Any, step: int) -> None:
+        if evaluate is not None:
+            evaluate(model, step)
+        metrics = held(model, run.tokenizer, step)
+        run.logger.log(step, metrics, prefix="eval/")
+        shown = {k: v for k, v in metrics.items() if "/ci_" not in k}
+        print(f"eval recipe @ step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:6]))
+
+    return both

@@ -40,6 +40,7 @@ from posttrain.algos.preference_losses import (
     get_preference_loss,
 )
 from posttrain.errors import ConfigError
+from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
 from posttrain.monitor.logger import console
 from posttrain.train.loop import (
@@ -161,6 +162,11 @@ class PreferenceEvalConfig:
     """Generation budget of the task-accuracy eval."""
     before: bool = True
     """Also evaluate the starting model (step 0) so the report shows before and after."""
+    recipe: str | None = None
+    """An eval recipe (`posttrain eval` YAML) run on the policy every eval step: the user's own
+    held-out metrics under ``eval/`` (results in ``RUN_DIR/eval/step_<step>/``). None: off."""
+    recipe_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides applied to that recipe (e.g. ``limit=50``)."""
 
 
 @dataclass
@@ -461,8 +467,9 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
     evaluate = None
     if eval_plan is not None or problems:
         evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)
-        if cfg.eval.before and run.resume_from is None:
-            evaluate(model, 0)
+    evaluate = with_recipe_eval(EvalHookConfig(cfg.eval.recipe, cfg.eval.recipe_overrides), run, evaluate)
+    if evaluate is not None and cfg.eval.before and run.resume_from is None:
+        evaluate(model, 0)
     step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference)
     model = run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate)
     (run.dir / "eval_summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))

@@ -18,6 +18,7 @@ import torch
 from posttrain.data.collate import verify_packed_attention
 from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
 from posttrain.errors import ConfigError
+from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
 from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run, run_loop, sft_evaluator
 from posttrain.train.optim import OptimConfig
@@ -34,6 +35,8 @@ class SFTRecipe:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+    """Held-out metrics on your own data: ``eval.recipe`` names an eval recipe run every eval step."""
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/."""
     seed: int = 0
@@ -74,6 +77,7 @@ def run_sft(cfg: SFTRecipe) -> Path:
     )
     sample_prompts = [s for s in eval_samples[: cfg.train.num_samples]] if eval_samples else []
     evaluate = sft_evaluator(run, eval_plan, sample_prompts, cfg.train) if eval_plan is not None else None
+    evaluate = with_recipe_eval(cfg.eval, run, evaluate)
     model = run_loop(run, model, plan, cfg.optim, cfg.train, evaluate=evaluate)
     final = export_model(model, tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
     run.finish(final)
