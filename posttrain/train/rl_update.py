@@ -29,7 +29,7 @@ import torch
 from posttrain.algos.advantages import ADVANTAGES, compute_advantages
 from posttrain.algos.aggregate import AggMode
 from posttrain.algos.kl import kl_in_loss
-from posttrain.algos.policy_losses import POLICY_LOSSES, entropy_bonus, get_policy_loss
+from posttrain.algos.policy_losses import POLICY_LOSSES, SEQUENCE_LOSSES, entropy_bonus, get_policy_loss
 from posttrain.algos.value_losses import clipped_value_loss
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import check_finite
@@ -64,7 +64,8 @@ class AlgorithmConfig:
     """gae (PPO, with a critic) | grpo | grpo_process | dr_grpo | rloo | reinforce | reinforce_baseline |
     reinforce_pp, or a name added with register_advantage."""
     policy_loss: str = "ppo_clip"
-    """ppo_clip | vanilla, or a name added with register_policy_loss."""
+    """ppo_clip | vanilla | gspo | cispo | gmpo | sapo | dppo | kl_cov, or a name added with
+    register_policy_loss (equations in `posttrain.algos.policy_losses`)."""
     gamma: float = 1.0
     """Discount (gae, reinforce family)."""
     lam: float = 0.95
@@ -77,6 +78,18 @@ class AlgorithmConfig:
     """PPO ratio clip above: 1 + clip_high (> clip_low = DAPO clip-higher)."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 for negative advantages; null = off."""
+    sapo_tau_pos: float = 1.0
+    """sapo: gate temperature of tokens with A > 0."""
+    sapo_tau_neg: float = 1.05
+    """sapo: gate temperature of tokens with A < 0 (larger = negative tokens damped sooner)."""
+    dppo_delta: float = 0.15
+    """dppo: divergence bound of the trust region."""
+    dppo_divergence: Literal["tv", "kl"] = "tv"
+    """dppo: tv = |p - q| | kl = Bernoulli KL, of the sampled token's probability."""
+    cov_frac: float = 0.002
+    """kl_cov: share of tokens (largest log-prob x advantage covariance) given the KL penalty."""
+    cov_coef: float = 1.0
+    """kl_cov: weight of |logp - old_logp| on the selected tokens."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (the entropy is logged either way)."""
     loss_agg: AggMode = "token-mean"
@@ -101,6 +114,14 @@ class AlgorithmConfig:
                     where=f"algorithm.{key}",
                     fix=f"use one of: {', '.join(sorted(registry))}",
                 )
+        if self.policy_loss in SEQUENCE_LOSSES and self.loss_agg == "seq-mean-token-sum":
+            raise ConfigError(
+                f"policy_loss={self.policy_loss} is one term per sequence (its ratio is already a "
+                "per-token mean of the sequence's log-probs); seq-mean-token-sum would weight each "
+                "sequence by its length / max_new_tokens, which gives no per-sequence objective",
+                where="algorithm.loss_agg",
+                fix="use seq-mean-token-mean (the paper's mean over sequences) or token-mean",
+            )
         if self.ppo_epochs < 1 or self.mini_batches < 1:
             raise ConfigError("ppo_epochs and mini_batches must be >= 1", where="algorithm.ppo_epochs")
         if self.kl.coef < 0 or (self.kl.target is not None and self.kl.target <= 0):
@@ -279,8 +300,10 @@ def minibatch_loss(
     mask = mb["mask"]
     fn = get_policy_loss(algo.policy_loss)
     kwargs = loss_kwargs(
-        fn, clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=agg, norm=norm
-    )
+        fn, clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=agg, norm=norm,
+        tau_pos=algo.sapo_tau_pos, tau_neg=algo.sapo_tau_neg, delta=algo.dppo_delta,
+        divergence=algo.dppo_divergence, cov_frac=algo.cov_frac, cov_coef=algo.cov_coef,
+    )  # fmt: skip
     loss, metrics = fn(logp, mb["old_logp"], mb["advantages"], mask, **kwargs)
     ent_loss, ent_metrics = entropy_bonus(entropy, mask, coef=algo.entropy_coef, agg=agg, norm=norm)
     metrics = {**metrics, **ent_metrics, "loss/policy": loss.detach()}
