@@ -205,6 +205,18 @@ def run(recipe: Recipe = None, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run output dirs (overlaid), or one pipeline dir.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: FIRST_DIR/report.html).")] = None,
+) -> None:
+    """Write a self-contained report.html (curves, anomalies, config, data, samples) of runs."""
+    from posttrain.monitor.html_report import report_main
+
+    for path in report_main(run_dirs, out):
+        typer.echo(str(path))
+
+
+@app.command()
 def export(
     args: Annotated[
         list[str] | None, typer.Argument(help="MODEL_DIR OUT [key=value ...], or RECIPE.yaml [key=value ...].")

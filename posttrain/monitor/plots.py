@@ -48,12 +48,19 @@ def line_chart(
     width: int = 420,
     height: int = 280,
     origin: tuple[float, float] = (0.0, 0.0),
+    markers: Sequence[tuple[float, str]] = (),
 ) -> list[str]:
-    """SVG elements of one chart with its top-left corner at `origin` (wrap them with `svg_document`)."""
+    """SVG elements of one chart with its top-left corner at `origin` (wrap them with `svg_document`).
+
+    markers: (step, label) pairs drawn as red dashed vertical lines (e.g. anomaly events).
+    Each series' polyline carries `class="series"` and `data-points` (its point count), so a
+    browser test can check the rendered DOM.
+    """
     ox, oy = origin
     left, right, top, bottom = ox + 52, ox + width - 12, oy + 30, oy + height - 58
     points = [p for s in series.values() for p in s]
-    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
+    xs = [p[0] for p in points] + [float(m[0]) for m in markers] or [0.0, 1.0]
+    ys = [p[1] for p in points] or [0.0, 1.0]
     xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
 
     def px(x: float) -> float:
@@ -81,18 +88,32 @@ def line_chart(
         parts.append(
             f'<text x="{ox + 12}" y="{mid:.0f}" text-anchor="middle" transform="rotate(-90 {ox + 12} {mid:.0f})">{escape(ylabel)}</text>'
         )
+    lx, ly = left + 8, bottom + 40
     for k, (name, pts) in enumerate(series.items()):
         color = PALETTE[k % len(PALETTE)]
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts))
-        if len(pts) > 1:
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        parts += [
-            f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"><title>{escape(name)}: {y:.4g} at {x:g}</title></circle>'
-            for x, y in pts
-        ]
-        lx = left + 8 + 130 * k
-        parts.append(f'<rect x="{lx}" y="{bottom + 40}" width="10" height="10" fill="{color}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{bottom + 49}">{escape(name)}</text>')
+        if pts:
+            parts.append(
+                f'<polyline class="series" data-name="{escape(name)}" data-points="{len(pts)}" points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>'
+            )
+        parts += (
+            []
+            if len(pts) > 60
+            else [  # dots (with a hover value) only where they stay readable
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"><title>{escape(name)}: {y:.4g} at {x:g}</title></circle>'
+                for x, y in pts
+            ]
+        )
+        item = 26 + 6 * len(name)  # legend entries flow left to right and wrap (about 6 px a character)
+        if lx + item > right and lx > left + 8:
+            lx, ly = left + 8, ly + 13
+        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>')
+        parts.append(f'<text x="{lx + 14}" y="{ly + 9}">{escape(name)}</text>')
+        lx += item
+    for x, label in markers:
+        parts.append(
+            f'<line class="marker" x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{bottom}" stroke="#d00" stroke-dasharray="4 3"><title>{escape(label)}</title></line>'
+        )
     return parts  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from posttrain.algos.aggregate import AggMode
 from posttrain.config import dump_yaml
@@ -80,7 +81,10 @@ class LoopConfig:
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
     tensorboard: bool = True
-    """Also write TensorBoard events to OUTPUT_DIR/tb."""
+    """Also write TensorBoard events to OUTPUT_DIR/tb (used when `loggers` is unset)."""
+    loggers: list[str] | None = None
+    """Trackers mirroring metrics.jsonl: tensorboard, mlflow, wandb, trackio, all local/offline
+    (posttrain.monitor.loggers); unset = [tensorboard] if `tensorboard` else none."""
 
 
 @dataclass
@@ -129,7 +133,10 @@ def prepare_run(
     """
     from posttrain.models.load import load_model, load_tokenizer
     from posttrain.models.peft import check_qlora_backend, load_peft_model
+    from posttrain.monitor.loggers import check_loggers
 
+    loggers = getattr(loop, "loggers", None)
+    check_loggers(loggers or [])  # a missing tracker fails before any model is loaded
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
     run_dir = Path(output_dir)
@@ -159,7 +166,7 @@ def prepare_run(
     if resume_from is not None:
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         console.print(f"resuming from {resume_from}")
-    logger = RunLogger(run_dir, tensorboard=loop.tensorboard, resume_step=step)
+    logger = RunLogger(run_dir, loop.tensorboard, step, loggers, yaml.safe_load(config_text))
     meta = {"python": platform.python_version(), "torch": torch.__version__, "model": path, "seed": seed}
     if Path(path).is_dir():  # record the sampling settings used for evaluation and for rollouts
         from posttrain.rollout.sampling import eval_defaults, rollout_defaults
