@@ -268,5 +268,9 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
     _write_atomic(out / "report.md", "\n".join(lines))
     acc = {name: rep.to_dict() for name, rep in grades.items()}
     _write_atomic(out / "accuracy.json", json.dumps(acc, indent=1))
+    if (out / "pipeline_state.json").is_file():  # report.html: the stage table, links to each stage's own
+        from posttrain.monitor.html_report import pipeline_html
+
+        pipeline_html(out)
     console.print(f"report: {out / 'report.md'}")
     return out / "report.md"
