@@ -48,7 +48,9 @@ from typing import Any
 import torch
 
 from posttrain.algos.advantages import compute_advantages
+from posttrain.algos.entropy import adaptive_entropy_coef
 from posttrain.algos.kl import KLController, kl_estimate
+from posttrain.algos.rollout_correction import correction_weights, mismatch_metrics
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console, progress_bar
@@ -211,6 +213,8 @@ class Session:
     scheduler: Any
     problems: list
     step: int = 0
+    entropy_coef: float = 0.0
+    """The entropy-bonus coefficient now (adapted after each step with algorithm.entropy_control)."""
     env: Any = None
     """The conversation environment with data.multi_turn, else None."""
 
@@ -264,6 +268,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         cfg, run, model, value_head, module, _engine(cfg, model, tok), reference,
         RewardSet(cfg.rewards, tok, ro.max_new_tokens, ro.overlong_buffer), PromptSampler(records, cfg.data.seed),
         KLController(algo.kl.coef, algo.kl.target, algo.kl.horizon), optimizer, scheduler, eval_problems(cfg),
+        entropy_coef=algo.entropy_coef,
     )  # fmt: skip
     if cfg.data.multi_turn is not None:
         from posttrain.rollout.multiturn import get_env
@@ -272,6 +277,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, module, optimizer, scheduler)
         s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
+        s.entropy_coef = state.get("entropy_coef", algo.entropy_coef)
     model.train()
     return s
 
@@ -299,10 +305,14 @@ def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[s
 
 
 def use_rollout_logprobs(s: Session) -> bool:
-    mode = s.cfg.algorithm.old_logprobs
+    """Old log-probs from the sampler (module docstring); never with a rollout correction or
+    autocast sampling, whose point is that the sampler's numbers are not the trainer's."""
+    mode, ro = s.cfg.algorithm.old_logprobs, s.cfg.rollout
     if mode != "auto":
         return mode == "rollout"
-    return s.cfg.rollout.backend == "hf" and next(s.model.parameters()).dtype == torch.float32
+    if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None:
+        return False
+    return ro.backend == "hf" and next(s.model.parameters()).dtype == torch.float32
 
 
 def prepare_batch(
@@ -324,7 +334,17 @@ def prepare_batch(
     if not use_rollout_logprobs(s) or s.value_head is not None:
         logp, values = score(s.model, s.value_head)
         if not use_rollout_logprobs(s):
-            data["old_logp"] = logp * data["valid"]
+            sampler_logp, data["old_logp"] = data["old_logp"], logp * data["valid"]
+            metrics.update(mismatch_metrics(data["old_logp"], sampler_logp, data["valid"]))
+            if algo.rollout_correction is not None:
+                rc = algo.rollout_correction
+                data["is_weight"], rc_metrics = correction_weights(
+                    data["old_logp"], sampler_logp, data["mask"], level=rc.level, mode=rc.mode, cap=rc.cap
+                )
+                metrics.update(rc_metrics)
+    if use_rollout_logprobs(s):  # measured by the update's first forward (`ppo_update`)
+        data["sampler_logp"] = data["old_logp"]
+    metrics = {k: float(v) for k, v in metrics.items()}
     rewards = data["rewards"]
     if s.reference is not None:
         data["ref_logp"] = score(s.reference.model, None, s.reference.context())[0]
@@ -376,7 +396,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     upd, tokens = ppo_update(
         s.module, s.model, s.value_head, data, s.optimizer, s.scheduler, algo, s.kl.coef, generator=gen,
         temperature=cfg.rollout.temperature, norm=norm, max_grad_norm=cfg.optim.max_grad_norm, step=step,
-        chunk_size=cfg.train.chunk_size,
+        chunk_size=cfg.train.chunk_size, entropy_coef=s.entropy_coef,
     )  # fmt: skip
     s.engine.update_weights(s.model)
     train_s = time.perf_counter() - t0
@@ -388,6 +408,13 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     if observed is not None:
         s.kl.update(observed, int(data["valid"].shape[0]))
     metrics["kl_coef"] = s.kl.coef
+    metrics["entropy_coef"] = s.entropy_coef
+    ec = algo.entropy_control
+    if ec is not None and "pg/entropy" in metrics:
+        s.entropy_coef = adaptive_entropy_coef(
+            s.entropy_coef, metrics["pg/entropy"], low=ec.low, high=ec.high, delta=ec.delta,
+            coef_min=ec.coef_min, coef_max=ec.coef_max,
+        )  # fmt: skip
     return metrics
 
 
@@ -414,6 +441,7 @@ def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
     state = {
         "sampler": sampler_state,
         "kl_coef": s.kl.coef,
+        "entropy_coef": s.entropy_coef,
         "rollout_seed": rollout_seed(s.cfg.seed, step, 0),
     }
     return save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, s.cfg.train.keep_last)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +46,10 @@ class RolloutConfig:
     """Stop strings (kept in the completion)."""
     max_batch_rows: int = 256
     """Rows decoded together by the hf engine."""
+    autocast: Literal["bfloat16", "float16"] | None = None
+    """Sample under torch.autocast in this dtype while the trainer stays fp32 (faster matmuls on
+    bf16-capable CPUs and GPUs); the sampler's log-probs then differ from the trainer's, so old
+    log-probs are recomputed and the gap is logged (mismatch/*); null = sample in the model's dtype."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample more prompts to refill."""
     max_refill_rounds: int = 3
@@ -66,6 +71,14 @@ class RolloutConfig:
 def rollout_seed(seed: int, step: int, round_: int) -> int:
     """The engine's sampling seed for (recipe seed, step, refill round): resume replays it."""
     return (seed * 1_000_003 + step * 1_009 + round_) % (2**62)
+
+
+def sampling_context(engine: Any, ro: RolloutConfig):
+    """torch.autocast around the engine's generate call when ``ro.autocast`` is set, else a no-op."""
+    if ro.autocast is None:
+        return nullcontext()
+    device = getattr(engine, "device", torch.device("cpu"))
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, ro.autocast))
 
 
 def sampling_params(cfg: RolloutConfig):
@@ -92,7 +105,8 @@ def generate_groups(
 
     def one_round(records: list[dict], round_: int) -> list[tuple[Scored, bool]]:
         t0 = time.perf_counter()
-        completions = engine.generate(records, params.replace(seed=rollout_seed(seed, step, round_)))
+        with sampling_context(engine, ro):
+            completions = engine.generate(records, params.replace(seed=rollout_seed(seed, step, round_)))
         t1 = time.perf_counter()
         rows = [records[c.prompt_index] for c in completions]
         outcome, steps, parts = rewards.score(rows, completions)
@@ -208,7 +222,8 @@ def generate_conversations(
     def one_round(records: list[dict], round_: int) -> list[tuple[list[Conversation], bool]]:
         t0 = time.perf_counter()
         seeds = lambda turn: rollout_seed(seed, step, round_ + 1000 * turn)  # noqa: E731
-        convs = rollout_conversations(engine, records, env, params, mt.max_turns, seeds)
+        with sampling_context(engine, ro):
+            convs = rollout_conversations(engine, records, env, params, mt.max_turns, seeds)
         times["time/generate_s"] += time.perf_counter() - t0  # the environment's verifiers included
         groups = [convs[g * ro.n : (g + 1) * ro.n] for g in range(len(records))]
         return [(g, _all_equal([conversation_return(c.rewards, mt.credit) for c in g])) for g in groups]

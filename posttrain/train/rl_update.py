@@ -28,8 +28,10 @@ import torch
 
 from posttrain.algos.advantages import ADVANTAGES, compute_advantages
 from posttrain.algos.aggregate import AggMode
+from posttrain.algos.entropy import high_entropy_mask
 from posttrain.algos.kl import kl_in_loss
 from posttrain.algos.policy_losses import POLICY_LOSSES, SEQUENCE_LOSSES, entropy_bonus, get_policy_loss
+from posttrain.algos.rollout_correction import mismatch_metrics
 from posttrain.algos.value_losses import clipped_value_loss
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import check_finite
@@ -54,6 +56,32 @@ class KLConfig:
     """Adaptive beta (Ziegler et al. 2019): target KL per sequence; null = fixed beta."""
     horizon: int = 10000
     """Adaptive rule horizon, in samples."""
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Importance weights of the trainer w.r.t. the sampler (`posttrain.algos.rollout_correction`)."""
+
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """token: exp(d_t) | sequence: exp(sum_t d_t) | geometric: exp(mean_t d_t), d = trainer - sampler log-prob."""
+    mode: Literal["truncate", "mask"] = "truncate"
+    """truncate (TIS): min(w, cap) | mask (masked IS): w where w <= cap, the token dropped otherwise."""
+    cap: float = 2.0
+    """C > 1."""
+
+
+@dataclass
+class EntropyControlConfig:
+    """Adaptive entropy-bonus coefficient (`posttrain.algos.entropy.adaptive_entropy_coef`)."""
+
+    low: float = 0.3
+    """Lower edge of the target band of mean token entropy (nats): below it the coefficient rises."""
+    high: float = 1.0
+    """Upper edge: above it the coefficient falls toward coef_min."""
+    delta: float = 1e-3
+    """Change of the coefficient per RL step."""
+    coef_min: float = 0.0
+    coef_max: float = 0.05
 
 
 @dataclass
@@ -91,13 +119,24 @@ class AlgorithmConfig:
     cov_coef: float = 1.0
     """kl_cov: weight of |logp - old_logp| on the selected tokens."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient (the entropy is logged either way)."""
+    """Entropy bonus coefficient (the entropy is logged either way); the starting value with entropy_control."""
+    entropy_control: EntropyControlConfig | None = None
+    """Adapt entropy_coef after every step to hold the entropy in [low, high]; null = fixed."""
+    high_entropy_frac: float | None = None
+    """"80/20" updates: only the top fraction (e.g. 0.2) of each micro-batch's tokens by entropy
+    keep their advantage (the others get A = 0: no policy gradient); null = every token."""
+    rollout_correction: RolloutCorrectionConfig | None = None
+    """Correct the policy loss for the sampler/trainer log-prob mismatch (forces recomputed old
+    log-probs); null = off. The mismatch is logged (mismatch/*) either way."""
     loss_agg: AggMode = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum (normalised by max_new_tokens)."""
     ppo_epochs: int = 1
     """Passes over each rollout."""
     mini_batches: int = 1
     """Optimiser steps per pass (rows split evenly)."""
+    micro_batches: int = 1
+    """Forward/backward passes per optimiser step (gradient accumulation, rows split evenly); the
+    gradient is the same as one pass over the mini-batch, whatever the split."""
     value_coef: float = 0.5
     """Critic loss weight (gae only)."""
     value_clip: float | None = 0.2
@@ -122,12 +161,41 @@ class AlgorithmConfig:
                 where="algorithm.loss_agg",
                 fix="use seq-mean-token-mean (the paper's mean over sequences) or token-mean",
             )
-        if self.ppo_epochs < 1 or self.mini_batches < 1:
-            raise ConfigError("ppo_epochs and mini_batches must be >= 1", where="algorithm.ppo_epochs")
+        if self.ppo_epochs < 1 or self.mini_batches < 1 or self.micro_batches < 1:
+            raise ConfigError(
+                "ppo_epochs, mini_batches and micro_batches must be >= 1", where="algorithm.ppo_epochs"
+            )
+        self._validate_control()
         if self.kl.coef < 0 or (self.kl.target is not None and self.kl.target <= 0):
             raise ConfigError("kl.coef must be >= 0 and kl.target > 0", where="algorithm.kl")
         if self.kl.target is not None and self.kl.coef == 0:
             raise ConfigError("an adaptive KL needs a starting coef > 0", where="algorithm.kl.coef")
+
+    def _validate_control(self) -> None:
+        rc, ec = self.rollout_correction, self.entropy_control
+        if rc is not None and rc.cap <= 1:
+            raise ConfigError(
+                f"a correction cap must be > 1, got {rc.cap} (w <= 1 would cut on-policy tokens)",
+                where="algorithm.rollout_correction.cap",
+                fix="e.g. cap: 2.0",
+            )
+        if rc is not None and self.old_logprobs == "rollout":
+            raise ConfigError(
+                "the correction weighs the trainer's log-probs against the sampler's; "
+                "old_logprobs=rollout makes them the same numbers",
+                where="algorithm.old_logprobs",
+                fix="use old_logprobs: auto or recompute",
+            )
+        if ec is not None and ec.low > ec.high:
+            raise ConfigError(
+                f"entropy band lower bound {ec.low} > upper bound {ec.high}",
+                where="algorithm.entropy_control.low",
+                fix="set low <= high",
+            )
+        if ec is not None and not (0 <= ec.coef_min <= ec.coef_max):
+            raise ConfigError("need 0 <= coef_min <= coef_max", where="algorithm.entropy_control.coef_min")
+        if self.high_entropy_frac is not None and not 0 < self.high_entropy_frac <= 1:
+            raise ConfigError("high_entropy_frac must be in (0, 1]", where="algorithm.high_entropy_frac")
 
 
 MULTI_TURN_ADVANTAGES_EXCLUDED = ("gae", "grpo_process")
@@ -282,32 +350,45 @@ def minibatch_loss(
     temperature: float,
     norm: float,
     chunk_size: int = 1024,
+    entropy_coef: float | None = None,
+    measure_mismatch: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one mini-batch (module docstring) and its detached metrics.
 
     mb: rows of the rollout with old_logp, advantages, mask (and ref_logp when the KL sits in
-    the loss; old_values and returns with a critic).
+    the loss; old_values and returns with a critic; is_weight with a rollout correction, applied
+    as A_t * w_t). ``entropy_coef``: the controller's current value (default algo.entropy_coef).
+    ``measure_mismatch``: the weights are those that sampled ``mb``; log the trainer/sampler gap.
     """
     agg = algo.loss_agg
+    c_h = algo.entropy_coef if entropy_coef is None else entropy_coef
     logp, entropy, values = policy_forward(
         model,
         value_head,
         mb,
         temperature=temperature,
-        entropy_grad=algo.entropy_coef != 0,
+        entropy_grad=c_h != 0 or algo.entropy_control is not None,
         chunk_size=chunk_size,
     )
     mask = mb["mask"]
+    metrics: dict[str, torch.Tensor] = {}
+    if measure_mismatch and "sampler_logp" in mb:
+        metrics.update(mismatch_metrics(logp, mb["sampler_logp"], mb["valid"]))
+    adv = mb["advantages"] * mb["is_weight"] if "is_weight" in mb else mb["advantages"]
+    if algo.high_entropy_frac is not None:  # A = 0 off the kept tokens: zero loss, same normaliser
+        keep = high_entropy_mask(entropy, mask, algo.high_entropy_frac)
+        adv = adv * keep
+        metrics["pg/high_entropy_frac"] = keep.sum() / mask.sum().clamp(min=1)
     fn = get_policy_loss(algo.policy_loss)
     kwargs = loss_kwargs(
         fn, clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=agg, norm=norm,
         tau_pos=algo.sapo_tau_pos, tau_neg=algo.sapo_tau_neg, delta=algo.dppo_delta,
         divergence=algo.dppo_divergence, cov_frac=algo.cov_frac, cov_coef=algo.cov_coef,
     )  # fmt: skip
-    loss, metrics = fn(logp, mb["old_logp"], mb["advantages"], mask, **kwargs)
-    ent_loss, ent_metrics = entropy_bonus(entropy, mask, coef=algo.entropy_coef, agg=agg, norm=norm)
-    metrics = {**metrics, **ent_metrics, "loss/policy": loss.detach()}
-    if algo.entropy_coef:
+    loss, pg_metrics = fn(logp, mb["old_logp"], adv, mask, **kwargs)
+    ent_loss, ent_metrics = entropy_bonus(entropy, mask, coef=c_h, agg=agg, norm=norm)
+    metrics = {**metrics, **pg_metrics, **ent_metrics, "loss/policy": loss.detach()}
+    if c_h:
         loss = loss + ent_loss
     if "ref_logp" in mb and algo.kl.placement == "loss":
         kl, kl_metrics = kl_in_loss(
@@ -320,6 +401,38 @@ def minibatch_loss(
         )
         loss, metrics = loss + algo.value_coef * vf, {**metrics, **vf_metrics, "loss/value": vf.detach()}
     return loss, {**metrics, "loss/total": loss.detach()}
+
+
+def micro_share(mb: dict[str, torch.Tensor], whole: dict[str, torch.Tensor], agg: str) -> float:
+    """Weight of a micro-batch's loss in its mini-batch's: its share of the aggregation's
+    denominator (loss tokens for token-mean, rows otherwise), so sum_k share_k * L_k = L."""
+    if agg == "token-mean":
+        return float(mb["mask"].sum()) / max(float(whole["mask"].sum()), 1.0)
+    return mb["mask"].shape[0] / whole["mask"].shape[0]
+
+
+def accumulate(
+    model, value_head, data, rows, algo, kl_coef, *, temperature, norm, chunk_size, entropy_coef, measure
+) -> tuple[float, list[dict[str, torch.Tensor]], int]:
+    """Forward/backward the mini-batch ``rows`` in ``algo.micro_batches`` parts (gradients summed).
+
+    Returns (the mini-batch loss, each part's metrics, tokens processed).
+    """
+    device = next(model.parameters()).device
+    whole = {"mask": data["mask"][rows]}
+    total, parts, tokens = 0.0, [], 0
+    for part in rows.tensor_split(min(algo.micro_batches, rows.numel())):
+        mb = {k: v.to(device) for k, v in select_rows(data, part).items()}
+        loss, metrics = minibatch_loss(
+            model, value_head, mb, algo, kl_coef, temperature=temperature, norm=norm,
+            chunk_size=chunk_size, entropy_coef=entropy_coef, measure_mismatch=measure,
+        )  # fmt: skip
+        share = micro_share(mb, whole, algo.loss_agg)
+        (loss * share).backward()
+        total += float(loss.detach()) * share
+        parts.append(metrics)
+        tokens += int(mb["attention_mask"].sum())
+    return total, parts, tokens
 
 
 def ppo_update(
@@ -338,34 +451,28 @@ def ppo_update(
     max_grad_norm: float,
     step: int,
     chunk_size: int = 1024,
+    entropy_coef: float | None = None,
 ) -> tuple[Metrics, int]:
-    """ppo_epochs x mini_batches optimiser steps on the rollout; returns (mean metrics, tokens processed).
+    """ppo_epochs x mini_batches optimiser steps on the rollout (each accumulating micro_batches
+    passes); returns (mean metrics, tokens processed). The first mini-batch, at the weights that
+    sampled the rollout, measures the sampler/trainer mismatch when ``data`` has sampler_logp.
 
     A non-finite loss or grad norm raises `TrainingAnomaly` before that optimiser step, with
     ``exc.applied`` = how many optimiser steps of this RL step had been taken.
     """
-    device = next(model.parameters()).device
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     applied, tokens = 0, 0
     for _ in range(algo.ppo_epochs):
         order = torch.randperm(data["valid"].shape[0], generator=generator)
         for rows in order.tensor_split(min(algo.mini_batches, order.numel())):
-            mb = {k: v.to(device) for k, v in select_rows(data, rows).items()}
-            loss, metrics = minibatch_loss(
-                model,
-                value_head,
-                mb,
-                algo,
-                kl_coef,
-                temperature=temperature,
-                norm=norm,
-                chunk_size=chunk_size,
-            )
-            loss.backward()
+            loss, parts, n = accumulate(
+                model, value_head, data, rows, algo, kl_coef, temperature=temperature, norm=norm,
+                chunk_size=chunk_size, entropy_coef=entropy_coef, measure=applied == 0,
+            )  # fmt: skip
             grad_norm = clip_grads(module, max_grad_norm)
             try:
-                check_finite(float(loss.detach()), "loss", step)
+                check_finite(loss, "loss", step)
                 check_finite(grad_norm, "grad norm", step)
             except TrainingAnomaly as exc:
                 optimizer.zero_grad(set_to_none=True)
@@ -373,14 +480,15 @@ def ppo_update(
                 raise
             optimizer_step(optimizer, scheduler)
             applied += 1
-            tokens += int(mb["attention_mask"].sum())
-            for key, value in {**metrics, "grad_norm": grad_norm}.items():
-                value = float(value)
-                if not math.isfinite(value):
-                    continue
-                if key.endswith("_max"):  # a maximum over the step, not a mean
-                    sums[key], counts[key] = max(sums.get(key, value), value), 1
-                else:
-                    sums[key] += value
-                    counts[key] += 1
+            tokens += n
+            for metrics in parts:
+                for key, value in {**metrics, "grad_norm": grad_norm}.items():
+                    value = float(value)
+                    if not math.isfinite(value):
+                        continue
+                    if key.endswith("_max"):  # a maximum over the step, not a mean
+                        sums[key], counts[key] = max(sums.get(key, value), value), 1
+                    else:
+                        sums[key] += value
+                        counts[key] += 1
     return {k: sums[k] / counts[k] for k in sums}, tokens

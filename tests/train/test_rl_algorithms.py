@@ -66,3 +66,46 @@ def test_sequence_loss_with_a_token_sum_aggregation_is_a_config_error(tmp_path, 
                 "algorithm.loss_agg=seq-mean-token-sum",
             )
         assert err.value.where == "algorithm.loss_agg"
+
+
+# ---------------------------------------------------------------- sampler / trainer mismatch
+
+
+MISMATCH_KEYS = ("mismatch/token_abs_diff_mean", "mismatch/seq_abs_diff_mean", "mismatch/ratio_mean",
+                 "mismatch/ratio_max", "mismatch/ratio_outside_frac")  # fmt: skip
+
+
+def test_mismatch_is_logged_every_step_and_tiny_in_fp32(tmp_path, tiny_model_dir):
+    """fp32 sampling, old log-probs from the sampler: measured by the update's first forward."""
+    out = tmp_path / "fp32"
+    run_rl(recipe(tiny_model_dir, out, "algorithm.mini_batches=2"))
+    for r in metrics(out):
+        assert all(k in r for k in MISMATCH_KEYS)
+        assert r["mismatch/token_abs_diff_mean"] < 1e-4  # KV-cache decoding vs one forward, fp32
+        assert r["mismatch/ratio_outside_frac"] == 0
+
+
+def test_bf16_sampling_mismatch_and_correction(tmp_path, tiny_model_dir):
+    """Sampling under bf16 autocast: old log-probs recomputed in fp32, the gap logged and corrected."""
+    out = tmp_path / "bf16"
+    extra = [
+        "rollout.autocast=bfloat16",
+        "algorithm.rollout_correction={level: token, mode: truncate, cap: 1.5}",
+    ]
+    run_rl(recipe(tiny_model_dir, out, *extra))
+    for r in metrics(out):
+        assert all(k in r for k in MISMATCH_KEYS)
+        assert r["mismatch/token_abs_diff_mean"] > 1e-4  # bf16 logits vs fp32: a real gap (fp32: ~1e-7)
+        assert 0 < r["correction/weight_mean"] <= 1.5
+        assert r["loss/policy"] == r["loss/policy"]  # finite (not NaN)
+
+
+def test_control_bad_inputs_are_config_errors(tmp_path, tiny_model_dir):
+    cases = {
+        "algorithm.rollout_correction={cap: 1.0}": "algorithm.rollout_correction.cap",
+        "algorithm.entropy_control={low: 2.0, high: 1.0}": "algorithm.entropy_control.low",
+    }
+    for override, where in cases.items():
+        with pytest.raises(ConfigError) as err:
+            recipe(tiny_model_dir, tmp_path, override)
+        assert err.value.where == where
