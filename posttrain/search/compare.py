@@ -10,9 +10,13 @@ best_of_n), ``plot.svg`` (accuracy vs generated tokens), ``results.html`` (the p
 table), and ``traces/<label>.jsonl`` (every search, reloadable with
 `posttrain.search.traces.load_results`).
 
-Scorers, by name: ``verifier`` (the task's true verifier, an outcome scorer), ``oracle_prm``
-(`TaskStepScorer`: each step checked against the task -- a perfect PRM), ``none``, or the path
-of a trained PRM / ORM folder (`RewardModelScorer`).
+Scorers, by name (`posttrain.search.scorer_specs`): ``verifier`` and ``oracle_prm`` (oracles:
+they know the answer), ``majority``, ``orm:PATH``, ``prm[:AGG]:PATH``, ``value:PATH``, ``none``.
+A row whose strategy selects with an oracle is marked ``(oracle)`` and listed after the learned
+rows, as the reference band: an upper bound, not a deployable method.
+
+Problems come from the task suite (``tasks``) or a user prompt file (``prompts``: records with
+``metadata.scorer`` and ``metadata.ground_truth``, `posttrain.search.prompt_files`).
 """
 
 from __future__ import annotations
@@ -33,15 +37,18 @@ from posttrain.search.protocols import PolicyLike, Query, Scorer
 from posttrain.search.registry import build_config, get_strategy, requires_scorer, run_search
 from posttrain.search.report import (
     COLUMNS,
+    ORACLE_NOTE,
     StrategyRow,
     compute_ratios,
     describe_ratio,
     html_page,
+    ordered,
     row_cells,
     svg_plot,
 )
+from posttrain.search.scorer_specs import PLAIN_SCORERS, build_scorer, is_oracle, parse_scorer
 
-SCORER_NAMES = ("verifier", "oracle_prm", "none")
+SCORER_NAMES = PLAIN_SCORERS
 
 
 @dataclass
@@ -127,8 +134,14 @@ class SearchRecipe:
 
     model: SearchModelConfig = field(default_factory=SearchModelConfig)
     tasks: TaskSetConfig = field(default_factory=TaskSetConfig)
+    prompts: str | None = None
+    """A prompt file (JSONL / JSON / Parquet / HF folder of ``{prompt, metadata: {scorer,
+    ground_truth}}``) to search instead of ``tasks``."""
+    prompts_limit: int | None = None
+    """Use only the first N records of ``prompts``."""
     scorer: str = "verifier"
-    """Default scorer: ``verifier``, ``oracle_prm``, ``none`` or a PRM/ORM folder (module docstring)."""
+    """Default scorer: ``verifier``, ``oracle_prm``, ``majority``, ``orm:PATH``, ``prm[:AGG]:PATH``,
+    ``value:PATH`` or ``none`` (module docstring)."""
     strategies: list[StrategySpec] = field(default_factory=default_strategies)
     """Strategies to compare, in table order."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -163,12 +176,8 @@ class SearchRecipe:
 
 
 def check_scorer_name(name: str, where: str) -> None:
-    if name not in SCORER_NAMES and not Path(name).is_dir():
-        raise ConfigError(
-            f"unknown scorer {name!r}",
-            where=where,
-            fix=f"use one of {', '.join(SCORER_NAMES)}, or the folder of a trained PRM/ORM",
-        )
+    """A ConfigError at ``where`` if ``name`` is no scorer (`posttrain.search.scorer_specs`)."""
+    parse_scorer(name, where)
 
 
 def strategy_config(spec: StrategySpec, where: str = "strategy") -> Any:
@@ -191,18 +200,11 @@ def strategy_config(spec: StrategySpec, where: str = "strategy") -> Any:
 def make_scorer(name: str | Scorer | None, step_sep: str = "<step>") -> Scorer | None:
     """A scorer by name (module docstring); a `Scorer` object passes through. ``step_sep`` is
     where the oracle PRM splits steps (the strategy's ``step.step_sep``)."""
-    from posttrain.search.scorers import RewardModelScorer, TaskStepScorer, task_verifier
-
     if name is None or name == "none":
         return None
     if not isinstance(name, str):
         return name
-    if name == "verifier":
-        return task_verifier()
-    if name == "oracle_prm":
-        return TaskStepScorer(step_sep=step_sep)
-    check_scorer_name(name, "scorer")
-    return RewardModelScorer(name)
+    return build_scorer(parse_scorer(name, "scorer"), step_sep)
 
 
 def scorer_cache(default: str | Scorer | None) -> Callable[[StrategySpec], Scorer | None]:
@@ -241,10 +243,11 @@ def load_policy(cfg: SearchModelConfig) -> tuple[PolicyLike, Any]:
 
 
 def grade(results: Sequence[SearchResult], problems: Sequence[Any]) -> list[bool]:
-    """Whether each result's text passes its problem's true verifier."""
+    """Whether each result's text passes its problem's true verifier (a prompt record's: its scorer)."""
     from posttrain.data.tasks import get_task
 
-    return [bool(get_task(p.task).verify(r.text, p.answer)) for r, p in zip(results, problems, strict=True)]
+    return [bool(p.verify(r.text) if hasattr(p, "verify") else get_task(p.task).verify(r.text, p.answer))
+            for r, p in zip(results, problems, strict=True)]  # fmt: skip
 
 
 def summarize_row(label: str, name: str, results, problems, ok: list[bool], seconds: float) -> StrategyRow:
@@ -289,10 +292,12 @@ def run_strategies(
     for spec in specs:
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        results = run_search(spec.name, policy, queries, scorer_for(spec), strategy_config(spec))
+        scorer, cfg = scorer_for(spec), strategy_config(spec)
+        results = run_search(spec.name, policy, queries, scorer, cfg)
         seconds = time.perf_counter() - t0
         row = summarize_row(spec.title(), spec.name, results, problems, grade(results, problems), seconds)
-        rows.append(replace(row, series=spec.series))
+        oracle = is_oracle(scorer) and requires_scorer(get_strategy(spec.name), cfg)
+        rows.append(replace(row, series=spec.series, oracle=oracle))
         if traces is not None:
             save_results(traces / f"{safe_name(spec.title())}.jsonl", results)
     return rows
@@ -392,7 +397,7 @@ def run_search_recipe(recipe: SearchRecipe) -> Path:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(recipe))
-    problems = task_problems(recipe.tasks)
+    problems = recipe_problems(recipe)
     policy, tokenizer = load_policy(recipe.model)
     scorer_for = scorer_cache(recipe.scorer)
 
@@ -401,11 +406,29 @@ def run_search_recipe(recipe: SearchRecipe) -> Path:
         cal = task_problems(recipe.tasks, recipe.calibration.split, recipe.calibration.n_per_level)
         specs, fitted = calibrate_specs(specs, recipe.calibration, policy,
                                         queries_from_problems(cal, tokenizer), cal, scorer_for)  # fmt: skip
-    queries = queries_from_problems(problems, tokenizer)
+    queries = problem_queries(problems, tokenizer)
     traces = out / "traces" if recipe.save_traces else None
     rows = run_strategies(policy, queries, problems, specs, scorer_for, recipe.seed, traces)
     write_outputs(out, rows, fitted, len(problems), recipe.model.path)
     return out
+
+
+def recipe_problems(recipe: SearchRecipe) -> list:
+    """The recipe's prompt file as `PromptProblem`s, else its task set."""
+    if recipe.prompts:
+        from posttrain.search.prompt_files import load_prompt_problems
+
+        return load_prompt_problems(recipe.prompts, recipe.prompts_limit)
+    return task_problems(recipe.tasks)
+
+
+def problem_queries(problems: Sequence[Any], tokenizer: Any = None) -> list[Query]:
+    """Queries of task problems or prompt-file problems."""
+    from posttrain.search.prompt_files import PromptProblem, prompt_queries
+
+    if problems and isinstance(problems[0], PromptProblem):
+        return prompt_queries(problems, tokenizer)
+    return queries_from_problems(problems, tokenizer)
 
 
 def write_outputs(out: Path, rows: list[StrategyRow], fitted: dict, n_problems: int, model: str) -> None:
@@ -424,11 +447,14 @@ def write_outputs(out: Path, rows: list[StrategyRow], fitted: dict, n_problems: 
     table = Table(title=title)
     for c in COLUMNS:
         table.add_column(c, justify="left" if c == "strategy" else "right", no_wrap=c == "strategy")
-    for r in rows:
-        table.add_row(*row_cells(r))
+    shown = ordered(rows)
+    for i, r in enumerate(shown):
+        table.add_row(*row_cells(r), end_section=i + 1 < len(shown) and shown[i + 1].oracle and not r.oracle)
     console = Console()
     console = Console(width=max(console.width, 120))  # a piped run is 80 columns wide by default
     console.print(table)
+    if any(r.oracle for r in rows):
+        console.print(ORACLE_NOTE)
     for r in ratios:
         console.print(describe_ratio(r))
     console.print(f"wrote {out / 'results.json'}, {out / 'plot.svg'}, {out / 'results.html'}")

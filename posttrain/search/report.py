@@ -1,6 +1,10 @@
 """Reports of a strategy comparison: one row per strategy, a markdown table, the matched-compute
 ratio, and a plot of accuracy against compute as a self-contained SVG (and an HTML page).
 
+Rows that select with an oracle (the true verifier or step checker, ``StrategyRow.oracle``)
+are labelled ``(oracle)``, listed after the learned rows under a reference-band note, drawn
+dashed, and never mixed into a learned row's matched-compute baseline: they are upper bounds.
+
 Compute is the number of generated tokens per problem (all samples, steps, rollouts, probes
 and critiques, as the strategies' `Cost` counts them). No plotting dependency: the SVG is
 written here, on a log-scaled token axis.
@@ -38,10 +42,17 @@ class StrategyRow:
     """Strategy-specific facts (e.g. compute_optimal's bin counts and probe tokens)."""
     series: str = ""
     """Plot series (default: the strategy name): its rows are joined by a line in token order."""
+    oracle: bool = False
+    """It selects with the ground truth (``verifier`` / ``oracle_prm``): an upper bound."""
 
     @property
     def line(self) -> str:
-        return self.series or self.strategy
+        name = self.series or self.strategy
+        return f"{name} (oracle)" if self.oracle and "oracle" not in name else name
+
+    @property
+    def display(self) -> str:
+        return f"{self.label} (oracle)" if self.oracle and "oracle" not in self.label else self.label
 
     @property
     def accuracy(self) -> float:
@@ -61,17 +72,35 @@ COLUMNS = ("strategy", "acc %", "correct", "tokens/problem", "tokens", "calls/pr
 scorer calls in all, wall-clock seconds."""
 
 
+ORACLE_NOTE = (
+    "Reference band (oracle): the rows below select with the true answer or step checker, "
+    "which no deployed system has; read them as upper bounds, not as methods."
+)
+
+
+def ordered(rows: Sequence[StrategyRow]) -> list[StrategyRow]:
+    """Learned / scorer-free rows first, then the oracle rows (each group in its given order)."""
+    return [r for r in rows if not r.oracle] + [r for r in rows if r.oracle]
+
+
 def row_cells(row: StrategyRow) -> list[str]:
-    """The table cells of one row, in `COLUMNS` order."""
+    """The table cells of one row, in `COLUMNS` order (an oracle row's label ends "(oracle)")."""
     per = row.policy_calls / row.n if row.n else 0.0
-    return [row.label, f"{100 * row.accuracy:.1f}", f"{row.correct}/{row.n}", f"{row.tokens_per_problem:.1f}",
+    return [row.display, f"{100 * row.accuracy:.1f}", f"{row.correct}/{row.n}", f"{row.tokens_per_problem:.1f}",
             str(row.generated_tokens), f"{per:.1f}", str(row.scorer_calls), f"{row.seconds:.1f}"]  # fmt: skip
 
 
 def format_markdown(rows: Sequence[StrategyRow], ratios: Sequence[dict[str, Any]] = ()) -> str:
-    """A markdown table of ``rows`` (see `COLUMNS`), then one line per matched-compute ratio."""
+    """A markdown table of ``rows`` (see `COLUMNS`): learned rows, then the oracle reference band
+    (a separating row names it), then one line per matched-compute ratio."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
+    rows = ordered(rows)
+    for i, r in enumerate(rows):
+        if r.oracle and (i == 0 or not rows[i - 1].oracle):
+            lines.append("| *reference band: oracle scorers, upper bounds* |" + " |" * (len(COLUMNS) - 1))
+        lines.append("| " + " | ".join(row_cells(r)) + " |")
+    if any(r.oracle for r in rows):
+        lines += ["", ORACLE_NOTE]
     for r in ratios:
         lines.append("")
         lines.append(describe_ratio(r))
@@ -102,10 +131,16 @@ def compute_ratios(
     ratio to the target's tokens (> 1: the target is cheaper). Needs baseline rows at two or
     more budgets for interpolation; ``baseline_tokens`` is None outside their range. When the
     target beats the baseline's best measured accuracy, ``ratio_at_least`` is that point's tokens
-    over the target's: a lower bound, if more baseline compute never lowers its accuracy."""
-    curve = [(r.tokens_per_problem, r.accuracy) for r in rows if r.strategy == baseline]
+    over the target's: a lower bound, if more baseline compute never lowers its accuracy.
+    A target is compared with baseline rows of its own kind (oracle with oracle, learned with
+    learned)."""
     out = []
     for r in rows:
+        curve = [
+            (b.tokens_per_problem, b.accuracy)
+            for b in rows
+            if b.strategy == baseline and b.oracle == r.oracle
+        ]
         if r.strategy != target or not curve:
             continue
         need = tokens_at_accuracy(curve, r.accuracy)
@@ -116,7 +151,7 @@ def compute_ratios(
             if need is None and best_a < r.accuracy and r.tokens_per_problem
             else None
         )
-        out.append({"label": r.label, "baseline": baseline, "accuracy": r.accuracy, "tokens": r.tokens_per_problem,
+        out.append({"label": r.display, "baseline": baseline + (" (oracle)" if r.oracle else ""), "accuracy": r.accuracy, "tokens": r.tokens_per_problem,
                     "baseline_tokens": need, "ratio": ratio, "ratio_at_least": bound,
                     "baseline_best": {"tokens": best_t, "accuracy": best_a}})  # fmt: skip
     return out
@@ -185,16 +220,17 @@ def svg_plot(rows: Sequence[StrategyRow], title: str = "Accuracy vs compute", wi
     for k, name in enumerate(names):
         color = PALETTE[k % len(PALETTE)]
         mine = sorted((r for r in rows if r.line == name), key=lambda r: r.tokens_per_problem)
+        dash = ' stroke-dasharray="5,3"' if mine and mine[0].oracle else ""
         if len(mine) > 1:
             pts = " ".join(f"{px(r.tokens_per_problem):.1f},{py(r.accuracy):.1f}" for r in mine)
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
         for r in mine:
             x, y = px(r.tokens_per_problem), py(r.accuracy)
-            tip = f"{r.label}: {100 * r.accuracy:.1f}% at {r.tokens_per_problem:.1f} tokens/problem"
+            tip = f"{r.display}: {100 * r.accuracy:.1f}% at {r.tokens_per_problem:.1f} tokens/problem"
             parts.append(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"><title>{escape(tip)}</title></circle>'
             )
-            parts.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" fill="{color}">{escape(r.label)}</text>')
+            parts.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" fill="{color}">{escape(r.display)}</text>')
         ly = top + 8 + 18 * k
         parts.append(f'<rect x="{x1 + 14}" y="{ly - 8}" width="10" height="10" fill="{color}"/>')
         parts.append(f'<text x="{x1 + 30}" y="{ly + 1}">{escape(name)}</text>')
@@ -207,7 +243,11 @@ def html_page(
 ) -> str:
     """A standalone HTML page: the plot inline, the table, the matched-compute ratios."""
     head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row_cells(r)) + "</tr>" for r in rows)
+    body, rows = "", ordered(rows)
+    for i, r in enumerate(rows):
+        if r.oracle and (i == 0 or not rows[i - 1].oracle):
+            body += f"<tr><td colspan='{len(COLUMNS)}'><em>{escape(ORACLE_NOTE)}</em></td></tr>"
+        body += "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row_cells(r)) + "</tr>"
     notes = "".join(f"<p>{escape(describe_ratio(r))}</p>" for r in ratios)
     style = "body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:right}th{border-bottom:1px solid #444}"
     return (

@@ -70,6 +70,28 @@ def task_verifier(pending: float = 0.0) -> VerifierScorer:
     return VerifierScorer(verify, pending)
 
 
+def any_verifier(pending: float = 0.0) -> VerifierScorer:
+    """The true answer check of any query: the task's verifier when ``metadata["task"]`` is set,
+    else the reward named by ``metadata["scorer"]`` (a prompt record's), passing at score >= 0.5."""
+
+    def verify(text: str, meta: dict[str, Any]) -> bool:
+        if "task" in meta:
+            task, gold = _task_and_gold(meta)
+            return task.verify(text, gold)
+        if not isinstance(meta.get("scorer"), str):
+            raise DataError(
+                "the verifier needs metadata 'task' or 'scorer' (and 'ground_truth')",
+                where="query.metadata",
+                fix="give each prompt record metadata.scorer, e.g. {scorer: math, ground_truth: '42'}",
+            )
+        from posttrain.rewards.registry import score_batch
+
+        prompt = [{"role": "user", "content": str(meta.get("question", ""))}]
+        return score_batch([prompt], [text], [meta])[0].score >= 0.5
+
+    return VerifierScorer(verify, pending)
+
+
 @dataclass
 class TaskStepScorer:
     """An oracle PRM from the task suite: step i scores 1 iff ``task.check_steps`` accepts it.

@@ -131,8 +131,10 @@ def test_strategy_table_for_the_quickstart(tiny_model_dir):
     rows = strategy_table(str(tiny_model_dir), problems, specs, scorer="none")
     assert [r.label for r in rows] == ["greedy", "prm_beam"] and all(r.n == 2 for r in rows)
     assert rows[0].generated_tokens <= 2 * 10 and rows[1].scorer_calls >= 2
-    table = format_markdown(rows)
-    assert table.count("\n") == 3 and "| prm_beam |" in table
+    assert [r.oracle for r in rows] == [False, True]  # beam selects with the oracle step checker
+    table = format_markdown(rows).splitlines()
+    assert table[2].startswith("| greedy |") and "reference band" in table[3]
+    assert table[4].startswith("| prm_beam (oracle) |") and "upper bounds" in table[-1]
 
 
 def test_cli_bad_strategy_is_one_paragraph(tmp_path, monkeypatch, capsys):
