@@ -35,12 +35,19 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tu
                 f"recipe file not found: {path}",
                 fix="pass the path of a YAML recipe, e.g. recipes/sft_tiny.yaml",
             )
+        data = path.read_bytes()
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(data.decode("utf-8-sig")) or {}
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            where = f"{path}:{line}"
+            raise ConfigError(f"not UTF-8 text (byte 0x{data[exc.start]:02x})", where=where,
+                              fix="save the recipe as UTF-8 text") from None  # fmt: skip
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+            raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where,
+                              fix="fix the YAML syntax at that line (indentation, brackets, quotes)") from None  # fmt: skip
         if not isinstance(raw, dict):
             raise ConfigError("a recipe must be a YAML mapping of keys to values", where=str(path))
     for item in overrides:

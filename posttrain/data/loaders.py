@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,10 @@ def load_records(
                 fix="keep one record kind per file (split mixed data into separate files)",
             )
         records.append(Record(validate_record(row, kind, where), where, kind))
+    if not records and limit != 0:
+        what = "is empty (0 bytes)" if Path(path).is_file() and Path(path).stat().st_size == 0 else "holds no records"
+        raise DataError(f"data file {what}", where=str(path),
+                        fix="point at a file with at least one record (was it written completely?)")  # fmt: skip
     return records
 
 
@@ -81,22 +86,43 @@ def _iter_rows(path: Path, split: str) -> Iterator[tuple[dict, str]]:
 
 def jsonl_lines(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
     """(row, "file:line", None) per non-blank JSONL line, or (the line's first 200 characters,
-    "file:line", its DataError) for a line that is not JSON; callers raise it or drop the line."""
+    "file:line", its DataError) for a line that is not UTF-8 or not JSON; callers raise it or
+    drop the line. A binary file (NUL bytes) or a corrupt .gz is a DataError at once."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield json.loads(line), where, None
-            except json.JSONDecodeError as e:
-                error = DataError(
-                    f"invalid JSON: {e.msg} (column {e.colno})",
-                    where=where,
-                    fix="each line must be one complete JSON object",
-                )
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                if b"\x00" in raw:
+                    raise DataError("binary data (NUL bytes), not JSON Lines text", where=where,
+                                    fix=f"point at a text data file ({_FORMATS})")  # fmt: skip
+                line, error = _decode(raw, where, first=lineno == 1)
+                if error is None and not line.strip():
+                    continue
+                if error is None:
+                    try:
+                        yield json.loads(line), where, None
+                        continue
+                    except json.JSONDecodeError as e:
+                        error = DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=where,
+                                          fix="each line must be one complete JSON object")  # fmt: skip
                 yield line[:200], where, error
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"corrupt or truncated gzip file ({e})", where=str(path),
+                        fix="re-create the .gz file, or decompress it and point at the .jsonl") from None  # fmt: skip
+
+
+def _decode(raw: bytes, where: str, first: bool) -> tuple[str, DataError | None]:
+    """A line's text (a UTF-8 byte-order mark on the first line dropped), or its DataError."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8"), None
+    except UnicodeDecodeError as e:
+        error = DataError(
+            f"bytes that are not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+            where=where,
+            fix="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)",
+        )
+        return raw.decode("utf-8", errors="replace"), error
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
@@ -107,8 +133,19 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[dict, str]]:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError("binary data (NUL bytes), not JSON text", where=str(path), fix=f"use {_FORMATS}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"bytes that are not UTF-8 text (byte 0x{raw[e.start]:02x})", where=f"{path}:{line}",
+                        fix="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)") from None  # fmt: skip
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(
             f"invalid JSON: {e.msg}", where=f"{path}:{e.lineno}", fix="fix the JSON syntax"
