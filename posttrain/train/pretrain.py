@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
-from posttrain.config import dump_yaml
+from posttrain.config import to_dict
 from posttrain.data.render import Sample
 from posttrain.data.sft_data import BatchPlan
 from posttrain.data.tasks.audit import MANIFEST_FILE, write_corpus
@@ -90,15 +91,21 @@ class PretrainRecipe:
     """Retrain even if a finished run with the same recipe exists."""
 
 
+LOGGING_ONLY = ("loggers",)
+"""Train keys left out of the cache key (they choose where metrics go, not what is learned)."""
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def recipe_key(cfg: PretrainRecipe) -> str:
-    """Cache key: the recipe (less output_dir/force/resume) and `CORPUS_VERSION`."""
-    body = dump_yaml(
-        PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True})
-    )
+    """Cache key: the recipe (less output_dir/force/resume and the `LOGGING_ONLY` train keys) and
+    `CORPUS_VERSION`. Logging settings do not change the weights: adding one keeps old caches valid."""
+    plain = PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True})
+    raw = to_dict(plain)
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in LOGGING_ONLY}
+    body = yaml.safe_dump(raw, sort_keys=False)
     return hashlib.sha256(f"corpus-v{CORPUS_VERSION}\n{body}".encode()).hexdigest()[:12]
 
 
