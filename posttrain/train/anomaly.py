@@ -1,0 +1,292 @@
+"""Anomaly detectors for training runs: each reads the metrics a step logs and says whether the
+run has gone wrong, with the recent values, the threshold and the settings that would change it.
+
+`AnomalyMonitor.update(step, metrics)` returns the anomalies found at that step. Detectors
+(every threshold has a default; 0 turns it off):
+
+- ``grad_spike``: ``grad_norm`` > k x the median of the previous ``window`` steps;
+- ``kl``: ``kl/token_mean`` above ``kl_max``, or grown by more than ``kl_rate`` per step over the
+  window;
+- ``entropy``: ``pg/entropy`` below ``entropy_min`` (collapse) or above ``entropy_max`` (explosion);
+- ``length``: ``response/length_mean`` grown by more than ``length_growth`` (a fraction) from the
+  start to the end of the window, or ``response/clipped_ratio`` above ``clipped_max``;
+- ``reward_hacking``: between two held-out evaluations the training reward (``reward/total_mean``,
+  mean over the steps before each) rose by more than ``hack_rise`` while the held-out metric
+  (``eval/<heldout>``) fell by more than ``hack_drop``; or a shaping term (``reward/<t>_mean`` for t
+  in ``shaping_terms``) rose over the window while every task term fell;
+- ``no_signal``: every group had equal rewards (``rollout/zero_variance_frac`` = 1) for
+  ``no_signal_steps`` steps in a row, so nothing updated;
+- ``loss_divergence`` (SFT and every trainer logging ``loss``): the window's mean loss above
+  ``loss_divergence`` x the best window mean so far.
+
+The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a
+resumed run judges its window as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.errors import ConfigError, PosttrainError
+
+OnAnomaly = Literal["pause", "warn", "rollback"]
+PAUSED_EXIT = 75
+"""Exit status of a run paused by an anomaly (EX_TEMPFAIL: fix the setting named, rerun to resume)."""
+
+
+@dataclass
+class AnomalyConfig:
+    """What counts as a run gone wrong, and what to do then. Any threshold 0 = that check off."""
+
+    on_anomaly: OnAnomaly = "pause"
+    """pause: save a checkpoint, explain, exit with status 75 (rerun resumes) | warn: go on with a
+    warning | rollback: reload the last good checkpoint, scale the lr by ``rollback_lr_factor``, go on."""
+    window: int = 10
+    """Steps the rate, growth and median checks look back over."""
+    grad_spike: float = 20.0
+    """grad_norm above this many times its running median."""
+    kl_max: float = 1.0
+    """Per-token KL to the reference above this."""
+    kl_rate: float = 0.0
+    """Per-token KL growing faster than this per step over the window."""
+    entropy_min: float = 0.0
+    """Mean token entropy below this (collapse)."""
+    entropy_max: float = 0.0
+    """Mean token entropy above this (explosion)."""
+    length_growth: float = 1.0
+    """Mean response length grown by more than this fraction over the window (1.0 = doubled)."""
+    clipped_max: float = 0.5
+    """Share of responses cut at the token limit above this."""
+    heldout: str = "accuracy"
+    """The held-out metric (logged as ``eval/<heldout>``) the reward-hacking check watches."""
+    hack_rise: float = 0.05
+    """Training-reward rise between two evaluations that, with a held-out fall, is hacking."""
+    hack_drop: float = 0.05
+    """Held-out fall (absolute) between two evaluations that, with a reward rise, is hacking."""
+    shaping_terms: list[str] = field(default_factory=list)
+    """Reward terms that shape rather than solve (e.g. [format]): rising while every other term
+    falls over the window is hacking."""
+    no_signal_steps: int = 5
+    """Steps in a row where every group had equal rewards."""
+    loss_divergence: float = 3.0
+    """Window mean loss above this many times the best window mean so far."""
+    rollback_lr_factor: float = 0.5
+    """rollback: the lr is multiplied by this after each rollback."""
+    max_rollbacks: int = 2
+    """rollback: after this many, the next anomaly pauses."""
+
+    def validate(self) -> None:
+        if self.on_anomaly not in ("pause", "warn", "rollback"):
+            raise ConfigError(f"on_anomaly={self.on_anomaly!r}", where="anomaly.on_anomaly",
+                              fix="use pause, warn or rollback")  # fmt: skip
+        if self.window < 2:
+            raise ConfigError("the anomaly window must be >= 2 steps", where="anomaly.window")
+        if self.entropy_max and self.entropy_min >= self.entropy_max:
+            raise ConfigError(f"entropy band {self.entropy_min}..{self.entropy_max} is empty",
+                              where="anomaly.entropy_min", fix="set entropy_min < entropy_max (or 0 = off)")  # fmt: skip
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ConfigError("rollback_lr_factor must be in (0, 1)", where="anomaly.rollback_lr_factor")
+
+
+@dataclass
+class Anomaly:
+    """One detection: which check, on which metric, its recent values and the threshold crossed."""
+
+    kind: str
+    metric: str
+    step: int
+    recent: list[float]
+    threshold: float
+    message: str
+    settings: list[str]
+    """The recipe keys that would change the outcome (the panel names them)."""
+
+    def event(self) -> dict[str, Any]:
+        """The ``anomaly`` record written to metrics.jsonl (the HTML report marks it)."""
+        return {"step": self.step, "event": "anomaly", "kind": self.kind, "metric": self.metric,
+                "recent": self.recent, "threshold": self.threshold, "message": self.message}  # fmt: skip
+
+
+class RunPaused(PosttrainError):
+    """An anomaly paused the run after a checkpoint; exits with `PAUSED_EXIT` (75)."""
+
+    def __init__(self, anomaly: Anomaly, checkpoint: str):
+        recent = ", ".join(f"{v:.4g}" for v in anomaly.recent[-6:])
+        super().__init__(
+            f"paused at step {anomaly.step}: {anomaly.message}\n  {anomaly.metric}, recent: [{recent}]; "
+            f"threshold {anomaly.threshold:.4g}\n  checkpoint: {checkpoint}",
+            fix=f"change {' or '.join(anomaly.settings)} (as key=value) and rerun the same command to resume",
+        )
+        self.exit_code = PAUSED_EXIT
+        self.anomaly = anomaly
+
+
+def _rising(values: list[float]) -> float:
+    """Mean of the window's second half minus mean of its first half."""
+    half = len(values) // 2
+    return statistics.fmean(values[half:]) - statistics.fmean(values[:half])
+
+
+class AnomalyMonitor:
+    """Keeps the recent history of the watched metrics and runs every enabled check on each step."""
+
+    WATCHED = ("grad_norm", "kl/token_mean", "pg/entropy", "response/length_mean",
+               "response/clipped_ratio", "reward/total_mean", "rollout/zero_variance_frac", "loss")  # fmt: skip
+
+    def __init__(self, cfg: AnomalyConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.history: dict[str, deque] = {}
+        self.evals: list[tuple[int, float, float]] = []  # (step, held-out metric, mean training reward)
+        self.rewards_since_eval: list[float] = []
+        self.no_signal_run = 0
+        self.best_loss = float("inf")
+
+    def _push(self, key: str, value: float) -> list[float]:
+        h = self.history.setdefault(key, deque(maxlen=self.cfg.window + 1))
+        h.append(float(value))
+        return list(h)
+
+    def update(self, step: int, metrics: dict[str, float]) -> list[Anomaly]:
+        """Record this step's metrics; return the anomalies they show (empty when all is well)."""
+        before = {k: list(v) for k, v in self.history.items()}
+        seen = {k: self._push(k, metrics[k]) for k in self.WATCHED if k in metrics}
+        for key, value in metrics.items():
+            if key.startswith("reward/") and key.endswith("_mean") and key not in seen:
+                seen[key] = self._push(key, value)
+        found = [a for check in (self._grad, self._kl, self._entropy, self._length, self._no_signal,
+                                 self._loss, self._shaping) if (a := check(step, seen, before))]  # fmt: skip
+        if "reward/total_mean" in metrics:
+            self.rewards_since_eval.append(float(metrics["reward/total_mean"]))
+        if (a := self._hacking(step, metrics)) is not None:
+            found.append(a)
+        return found
+
+    def _grad(self, step, seen, before):
+        c, prev = self.cfg, before.get("grad_norm", [])[-self.cfg.window :]
+        if not c.grad_spike or "grad_norm" not in seen or len(prev) < 3:
+            return None
+        med, now = statistics.median(prev), seen["grad_norm"][-1]
+        if now > c.grad_spike * med:
+            return Anomaly("grad_spike", "grad_norm", step, seen["grad_norm"], c.grad_spike * med,
+                           f"the gradient norm {now:.3g} is {now / med:.0f}x its recent median {med:.3g}",
+                           ["anomaly.grad_spike", "optim.lr", "optim.max_grad_norm"])  # fmt: skip
+        return None
+
+    def _kl(self, step, seen, before):
+        c, h = self.cfg, seen.get("kl/token_mean")
+        if not h:
+            return None
+        if c.kl_max and h[-1] > c.kl_max:
+            return Anomaly("kl", "kl/token_mean", step, h, c.kl_max,
+                           f"the KL to the reference ({h[-1]:.3g} per token) is above its limit",
+                           ["anomaly.kl_max", "optim.lr", "algorithm.kl.coef"])  # fmt: skip
+        if c.kl_rate and len(h) > c.window and (rate := (h[-1] - h[0]) / c.window) > c.kl_rate:
+            return Anomaly("kl", "kl/token_mean", step, h, c.kl_rate,
+                           f"the KL to the reference grows {rate:.3g} per step",
+                           ["anomaly.kl_rate", "optim.lr", "algorithm.kl.coef"])  # fmt: skip
+        return None
+
+    def _entropy(self, step, seen, before):
+        c, h = self.cfg, seen.get("pg/entropy")
+        if not h:
+            return None
+        if c.entropy_min and h[-1] < c.entropy_min:
+            return Anomaly("entropy", "pg/entropy", step, h, c.entropy_min,
+                           f"entropy collapsed to {h[-1]:.3g}: the policy stopped exploring",
+                           ["anomaly.entropy_min", "rollout.temperature", "optim.lr"])  # fmt: skip
+        if c.entropy_max and h[-1] > c.entropy_max:
+            return Anomaly("entropy", "pg/entropy", step, h, c.entropy_max,
+                           f"entropy exploded to {h[-1]:.3g}: the policy is near-uniform",
+                           ["anomaly.entropy_max", "optim.lr"])  # fmt: skip
+        return None
+
+    def _length(self, step, seen, before):
+        c = self.cfg
+        if c.clipped_max and (h := seen.get("response/clipped_ratio")) and h[-1] > c.clipped_max:
+            return Anomaly("length", "response/clipped_ratio", step, h, c.clipped_max,
+                           f"{100 * h[-1]:.0f}% of responses hit the token limit",
+                           ["anomaly.clipped_max", "rollout.max_new_tokens", "optim.lr"])  # fmt: skip
+        h = seen.get("response/length_mean")
+        if c.length_growth and h and len(h) > c.window and h[0] > 0 and h[-1] / h[0] - 1 > c.length_growth:
+            return Anomaly("length", "response/length_mean", step, h, h[0] * (1 + c.length_growth),
+                           f"mean response length grew {h[0]:.0f} -> {h[-1]:.0f} tokens in {c.window} steps",
+                           ["anomaly.length_growth", "rewards (a length-paying term?)", "optim.lr"])  # fmt: skip
+        return None
+
+    def _no_signal(self, step, seen, before):
+        c, h = self.cfg, seen.get("rollout/zero_variance_frac")
+        if not c.no_signal_steps or not h:
+            return None
+        self.no_signal_run = self.no_signal_run + 1 if h[-1] >= 1.0 else 0
+        if self.no_signal_run < c.no_signal_steps:
+            return None
+        reward = seen.get("reward/total_mean", [0.0])[-1]
+        why = ("the policy never succeeds: start from an SFT model (cold start) or ease the task"
+               if reward <= 0.5 else "the policy always succeeds: use harder prompts")  # fmt: skip
+        return Anomaly("no_signal", "rollout/zero_variance_frac", step, h, 1.0,
+                       f"every group had equal rewards for {self.no_signal_run} steps, so nothing updated; {why}",
+                       ["model.path", "data.levels", "rollout.n"])  # fmt: skip
+
+    def _loss(self, step, seen, before):
+        c, h = self.cfg, seen.get("loss")
+        if not c.loss_divergence or not h or len(h) <= c.window:
+            return None
+        mean = statistics.fmean(h[1:])
+        self.best_loss = min(self.best_loss, mean)
+        if self.best_loss > 0 and mean > c.loss_divergence * self.best_loss:
+            return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
+                           f"the loss diverged: window mean {mean:.3g} vs best {self.best_loss:.3g}",
+                           ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
+        return None
+
+    def _shaping(self, step, seen, before):
+        c = self.cfg
+        if not c.shaping_terms:
+            return None
+        terms = {k[len("reward/") : -len("_mean")]: v for k, v in seen.items()
+                 if k.startswith("reward/") and k.endswith("_mean") and k != "reward/total_mean"}  # fmt: skip
+        shaping = {t: v for t, v in terms.items() if t in c.shaping_terms and len(v) > c.window}
+        task = {t: v for t, v in terms.items() if t not in c.shaping_terms and len(v) > c.window}
+        if not shaping or not task:
+            return None
+        rise = {t: _rising(v) for t, v in shaping.items()}
+        if max(rise.values()) > c.hack_rise and all(_rising(v) < -c.hack_drop for v in task.values()):
+            t = max(rise, key=rise.get)
+            return Anomaly("reward_hacking", f"reward/{t}_mean", step, shaping[t], c.hack_rise,
+                           f"the shaping reward {t} rises while the task reward falls",
+                           ["anomaly.shaping_terms", "rewards (weights)"])  # fmt: skip
+        return None
+
+    def _hacking(self, step, metrics):
+        c, key = self.cfg, f"eval/{self.cfg.heldout}"
+        if key not in metrics or not c.hack_rise:
+            return None
+        since, self.rewards_since_eval = self.rewards_since_eval, []
+        self.evals.append((step, float(metrics[key]), statistics.fmean(since) if since else float("nan")))
+        if len(self.evals) < 2:
+            return None
+        (_, acc0, r0), (_, acc1, r1) = self.evals[-2], self.evals[-1]
+        # the reward's rise: between the steps before each evaluation, or within the steps since the
+        # last one when no reward came before it (an evaluation at step 0)
+        rise = r1 - r0 if r0 == r0 else (_rising(since) if len(since) >= 2 else 0.0)
+        if rise > c.hack_rise and acc0 - acc1 > c.hack_drop:
+            return Anomaly("reward_hacking", key, step, [e[1] for e in self.evals], acc0 - c.hack_drop,
+                           f"the training reward rose by {rise:.3g} while {key} fell {acc0:.3g} -> {acc1:.3g}",
+                           ["anomaly.hack_drop", "rewards", "eval.every"])  # fmt: skip
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "evals": self.evals,
+                "rewards_since_eval": self.rewards_since_eval, "no_signal_run": self.no_signal_run,
+                "best_loss": self.best_loss}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {k: deque(v, maxlen=self.cfg.window + 1) for k, v in state["history"].items()}
+        self.evals = [tuple(e) for e in state["evals"]]
+        self.rewards_since_eval = list(state["rewards_since_eval"])
+        self.no_signal_run = state["no_signal_run"]
+        self.best_loss = state["best_loss"]

@@ -1,0 +1,128 @@
+"""The anomaly detectors on hand-made metric streams: each fires exactly where its rule says."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.errors import ConfigError
+from posttrain.train.anomaly import PAUSED_EXIT, AnomalyConfig, AnomalyMonitor, RunPaused
+
+
+def _first(monitor: AnomalyMonitor, rows: list[dict], kind: str) -> int | None:
+    """The first step (1-based) at which `kind` fires."""
+    for step, row in enumerate(rows, 1):
+        if any(a.kind == kind for a in monitor.update(step, row)):
+            return step
+    return None
+
+
+def test_grad_spike_fires_on_the_spike_not_on_a_noisy_but_steady_run():
+    steady = [{"grad_norm": 1.0 + 0.3 * (i % 3)} for i in range(30)]
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), steady, "grad_spike") is None
+    spiky = steady[:12] + [{"grad_norm": 7.0}] + steady[12:]  # median of the 10 before is 1.3
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), spiky, "grad_spike") == 13
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=0.0)), spiky, "grad_spike") is None  # 0 = off
+
+
+def test_kl_limit_and_kl_rate():
+    rows = [{"kl/token_mean": 0.01 * i} for i in range(40)]  # +0.01 per step
+    assert _first(AnomalyMonitor(AnomalyConfig(kl_max=0.2)), rows, "kl") == 22  # 0.21 > 0.2 at i=21
+    # rate: over a window of 10 steps the KL grows 0.01/step; a 0.005 limit fires once the window is full
+    assert _first(AnomalyMonitor(AnomalyConfig(kl_max=0.0, kl_rate=0.005, window=10)), rows, "kl") == 11
+    assert _first(AnomalyMonitor(AnomalyConfig(kl_max=0.0, kl_rate=0.02, window=10)), rows, "kl") is None
+
+
+def test_entropy_band_and_its_config_error():
+    rows = [{"pg/entropy": e} for e in (1.0, 0.8, 0.5, 0.2, 0.04)]
+    assert _first(AnomalyMonitor(AnomalyConfig(entropy_min=0.05)), rows, "entropy") == 5
+    assert _first(AnomalyMonitor(AnomalyConfig(entropy_max=0.9)), rows, "entropy") == 1
+    with pytest.raises(ConfigError, match="entropy band"):
+        AnomalyMonitor(AnomalyConfig(entropy_min=0.5, entropy_max=0.3))
+
+
+def test_length_growth_over_the_window_and_the_clipped_share():
+    rows = [{"response/length_mean": 20.0 * 1.1**i, "response/clipped_ratio": 0.0} for i in range(20)]
+    # growth over the 11 values in the window: 1.1**10 - 1 = 1.59 > 1.0 at the first full window
+    assert _first(AnomalyMonitor(AnomalyConfig(length_growth=1.0, window=10)), rows, "length") == 11
+    assert _first(AnomalyMonitor(AnomalyConfig(length_growth=2.0, window=10)), rows, "length") is None
+    clipped = [{"response/clipped_ratio": c} for c in (0.1, 0.3, 0.6)]
+    assert _first(AnomalyMonitor(AnomalyConfig(clipped_max=0.5)), clipped, "length") == 3
+
+
+def test_no_signal_counts_consecutive_steps_and_says_why():
+    never = [{"rollout/zero_variance_frac": 1.0, "reward/total_mean": 0.0}] * 6
+    mon = AnomalyMonitor(AnomalyConfig(no_signal_steps=4))
+    found = [a for step, row in enumerate(never, 1) for a in mon.update(step, row)]
+    assert found[0].step == 4 and "never succeeds" in found[0].message and "SFT" in found[0].message
+    broken = [{"rollout/zero_variance_frac": f} for f in (1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0)]
+    assert _first(AnomalyMonitor(AnomalyConfig(no_signal_steps=4)), broken, "no_signal") is None
+    always = [{"rollout/zero_variance_frac": 1.0, "reward/total_mean": 1.0}] * 4
+    mon = AnomalyMonitor(AnomalyConfig(no_signal_steps=4))
+    assert "always succeeds" in [a for s, r in enumerate(always, 1) for a in mon.update(s, r)][0].message
+
+
+def test_reward_up_held_out_down_is_hacking_reward_up_held_out_up_is_not():
+    def stream(acc: list[float]) -> list[dict]:
+        rows = []
+        for i in range(30):  # the reward climbs 0.1 -> 0.68 throughout
+            row = {"reward/total_mean": 0.1 + 0.02 * i}
+            if i % 10 == 9:
+                row["eval/accuracy"] = acc[i // 10]
+            rows.append(row)
+        return rows
+
+    cfg = AnomalyConfig(hack_rise=0.05, hack_drop=0.05)
+    assert _first(AnomalyMonitor(cfg), stream([0.40, 0.30, 0.20]), "reward_hacking") == 20
+    assert _first(AnomalyMonitor(cfg), stream([0.40, 0.45, 0.50]), "reward_hacking") is None
+    # an evaluation at step 0 (before any reward): the rise is read within the steps since
+    rows = [{"eval/accuracy": 0.4}] + stream([0.2, 0.2, 0.2])[:10]
+    mon = AnomalyMonitor(cfg)
+    found = [a for step, row in enumerate(rows) for a in mon.update(step, row)]
+    assert [a.step for a in found] == [10]  # the second evaluation: stream row 9 is step 10
+
+
+def test_a_shaping_term_rising_while_the_task_term_falls_is_hacking():
+    rows = [{"reward/format_mean": 0.1 + 0.05 * i, "reward/scorer_mean": 0.5 - 0.03 * i} for i in range(15)]
+    cfg = AnomalyConfig(shaping_terms=["format"], window=10, hack_rise=0.05, hack_drop=0.05)
+    assert _first(AnomalyMonitor(cfg), rows, "reward_hacking") == 11
+    both_up = [
+        {"reward/format_mean": 0.1 + 0.05 * i, "reward/scorer_mean": 0.2 + 0.03 * i} for i in range(15)
+    ]
+    assert _first(AnomalyMonitor(cfg), both_up, "reward_hacking") is None
+
+
+def test_loss_divergence_against_the_best_window():
+    rows = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 20.0}] * 6
+    # best window mean: (1.0 + 0.9 + 0.8 + 0.7 + 0.6) / 5 = 0.8; at step 16 the window is
+    # 0.9, 0.8, 0.7, 0.6, 20 -> 4.6 > 3 x 0.8
+    assert _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), rows, "loss_divergence") == 16
+    slow = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 2.0}] * 6  # back up, not 3x
+    assert (
+        _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), slow, "loss_divergence") is None
+    )
+
+
+def test_state_round_trip_continues_the_window_exactly():
+    rows = [{"grad_norm": 1.0, "rollout/zero_variance_frac": 1.0, "reward/total_mean": 0.0}] * 3
+    whole, first = (
+        AnomalyMonitor(AnomalyConfig(no_signal_steps=5)),
+        AnomalyMonitor(AnomalyConfig(no_signal_steps=5)),
+    )
+    for step, row in enumerate(rows, 1):
+        whole.update(step, row)
+        first.update(step, row)
+    resumed = AnomalyMonitor(AnomalyConfig(no_signal_steps=5))
+    resumed.load_state_dict(first.state_dict())
+    tail = [*rows, {"grad_norm": 50.0, "rollout/zero_variance_frac": 1.0, "reward/total_mean": 0.0}]
+    a = [x.kind for s, r in enumerate(tail[:2], 4) for x in whole.update(s, r)]
+    b = [x.kind for s, r in enumerate(tail[:2], 4) for x in resumed.update(s, r)]
+    assert a == b == ["no_signal"]  # the 5th step in a row, whether or not the run was resumed
+
+
+def test_run_paused_names_the_metric_threshold_and_settings():
+    mon = AnomalyMonitor(AnomalyConfig(kl_max=0.1))
+    (anomaly,) = mon.update(7, {"kl/token_mean": 0.5})
+    err = RunPaused(anomaly, "runs/x/checkpoints/step_7")
+    assert err.exit_code == PAUSED_EXIT == 75
+    assert "kl/token_mean" in str(err) and "0.1" in str(err) and "algorithm.kl.coef" in err.fix
+    assert anomaly.event()["event"] == "anomaly" and anomaly.event()["step"] == 7
