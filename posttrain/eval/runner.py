@@ -23,6 +23,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.eval.data import EvalDataConfig, EvalItem, load_items
+from posttrain.eval.judge import JudgeConfig
 from posttrain.eval.perplexity import PerplexityConfig
 from posttrain.eval.results import DecodingRun, EvalState, write_results
 from posttrain.search.compare import SearchModelConfig
@@ -84,6 +85,9 @@ class EvalRecipe:
     perplexity: list[PerplexityConfig] = field(default_factory=list)
     """Text or chat sets whose perplexity is reported (masked like SFT), as ``perplexity/<name>``;
     a perplexity-only recipe sets ``data: []``."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """An LLM judge over the decodings' responses: pointwise or pairwise (both orders); verdicts
+    in ``judge.jsonl``, metrics as ``judge/<mode>``."""
     k: list[int] = field(default_factory=lambda: [1, 4, 8])
     """pass@k / maj@k for decodings with n > 1 (a decoding's own ``k`` wins)."""
     limit: int | None = None
@@ -110,6 +114,7 @@ class EvalRecipe:
             if name in names[:i]:
                 raise ConfigError(f"two perplexity sets are named {name!r}", where=f"perplexity[{i}].name",
                                   fix="give each a distinct name")  # fmt: skip
+        self.judge.check(self.labels())
         if self.data and not self.decodings:
             raise ConfigError("no decodings", where="decodings", fix="list at least one, e.g. - n: 1")
         if self.save_every < 1:
@@ -290,6 +295,7 @@ def run_eval(recipe: EvalRecipe, decoder: Decoder | None = None) -> Path:
     try:
         decoder = _run_all(recipe, state, labels, out, config, decoder)
         _run_perplexity(recipe, state, decoder)
+        _run_judge(recipe, state, labels, out)
     except BaseException as exc:
         write_results(
             out, state, config, "partial", recipe.n_boot, recipe.seed, error=f"{type(exc).__name__}: {exc}"
@@ -339,6 +345,19 @@ def _run_perplexity(recipe: EvalRecipe, state: EvalState, decoder: Decoder | Non
         state.extra[label] = metrics
 
 
+def _run_judge(recipe: EvalRecipe, state: EvalState, labels: list[str], out: Path) -> None:
+    """The judge section, once (a resumed run keeps its verdicts): metrics and ``judge.jsonl``."""
+    from posttrain.eval.judge import run_judge
+    from posttrain.eval.results import write_atomic
+
+    key = f"judge/{recipe.judge.mode}"
+    if recipe.judge.mode == "off" or key in state.extra:
+        return
+    metrics, rows = run_judge(recipe.judge, state, labels, recipe.n_boot, recipe.seed)
+    write_atomic(out / "judge.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    state.extra[key] = metrics
+
+
 def _reference(item: EvalItem) -> str:
     from posttrain.errors import DataError
 
@@ -353,7 +372,20 @@ def _print_summary(header: dict, out: Path) -> None:
         shown = ", ".join(
             f"{k} {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             for k, m in ms.items()
-            if k.startswith(("accuracy", "pass@", "maj@", "perplexity")) and m["value"] is not None
+            if k.startswith(
+                (
+                    "accuracy",
+                    "pass@",
+                    "maj@",
+                    "perplexity",
+                    "score",
+                    "pass_rate",
+                    "win_rate",
+                    "position_consistency",
+                    "unparsable",
+                )
+            )
+            and m["value"] is not None
         )
         t = header["timing"].get(label)
         speed = (
