@@ -60,8 +60,9 @@ class AnomalyConfig:
     """Mean response length grown by more than this fraction over the window (1.0 = doubled)."""
     clipped_max: float = 0.5
     """Share of responses cut at the token limit above this."""
-    heldout: str = "accuracy"
-    """The held-out metric (logged as ``eval/<heldout>``) the reward-hacking check watches."""
+    heldout: str = "task_accuracy/overall"
+    """The held-out metric (logged as ``eval/<heldout>``) the reward-hacking check watches: the RL
+    trainer's task-suite accuracy, or a metric of an eval recipe (``<decoding>/<metric>``)."""
     hack_rise: float = 0.05
     """Training-reward rise between two evaluations that, with a held-out fall, is hacking."""
     hack_drop: float = 0.05

@@ -67,7 +67,7 @@ def test_reward_up_held_out_down_is_hacking_reward_up_held_out_up_is_not():
         for i in range(30):  # the reward climbs 0.1 -> 0.68 throughout
             row = {"reward/total_mean": 0.1 + 0.02 * i}
             if i % 10 == 9:
-                row["eval/accuracy"] = acc[i // 10]
+                row["eval/task_accuracy/overall"] = acc[i // 10]
             rows.append(row)
         return rows
 
@@ -75,7 +75,7 @@ def test_reward_up_held_out_down_is_hacking_reward_up_held_out_up_is_not():
     assert _first(AnomalyMonitor(cfg), stream([0.40, 0.30, 0.20]), "reward_hacking") == 20
     assert _first(AnomalyMonitor(cfg), stream([0.40, 0.45, 0.50]), "reward_hacking") is None
     # an evaluation at step 0 (before any reward): the rise is read within the steps since
-    rows = [{"eval/accuracy": 0.4}] + stream([0.2, 0.2, 0.2])[:10]
+    rows = [{"eval/task_accuracy/overall": 0.4}] + stream([0.2, 0.2, 0.2])[:10]
     mon = AnomalyMonitor(cfg)
     found = [a for step, row in enumerate(rows) for a in mon.update(step, row)]
     assert [a.step for a in found] == [10]  # the second evaluation: stream row 9 is step 10
