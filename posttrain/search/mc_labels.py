@@ -210,13 +210,29 @@ def _label_binary(chains: Sequence[LabelledChain], pool: _Rollouts) -> None:
         ch.hard = [int(j < fe) for j in range(len(ch.steps))]
 
 
+def chains_of_texts(
+    texts: Sequence[tuple[int, str]], queries: Sequence[Query], cfg: MCLabelConfig, verify: Verify
+) -> list[LabelledChain]:
+    """Unlabelled chains from given completions ``(query index, text)``, e.g. a search's finished paths."""
+    out = []
+    for q, text in texts:
+        steps, cuts = step_cuts(text, cfg.step_sep)
+        out.append(LabelledChain(q, text, steps, cuts, bool(verify(text, queries[q].metadata))))
+    return out
+
+
 def label_chains(
-    policy: PolicyLike, queries: Sequence[Query], cfg: MCLabelConfig, verify: Verify
+    policy: PolicyLike,
+    queries: Sequence[Query],
+    cfg: MCLabelConfig,
+    verify: Verify,
+    given: Sequence[LabelledChain] | None = None,
 ) -> tuple[list[LabelledChain], MCStats]:
-    """Sample chains for every query and label their steps by rollouts (see the module docstring).
+    """Sample chains for every query (or take ``given`` ones, `chains_of_texts`) and label their
+    steps by rollouts (see the module docstring).
 
     Chains without steps (no ``<think>`` block) are dropped and counted."""
-    sampled = sample_chains(policy, queries, cfg, verify)
+    sampled = list(given) if given is not None else sample_chains(policy, queries, cfg, verify)
     chains = [ch for ch in sampled if ch.steps]
     pool = _Rollouts(policy, queries, cfg, verify)
     (_label_full if cfg.search == "full" else _label_binary)(chains, pool)
