@@ -1,0 +1,221 @@
+"""lm-evaluation-harness adapter: a posttrain model folder as the lm-eval model ``posttrain``.
+
+Behind the ``[eval]`` extra (``pip install 'posttrain[eval]'``: lm-eval); lm_eval is imported
+only when the adapter is used. `lm_class` builds (once) and registers ``PosttrainLM``, a
+``TemplateLM`` over our model folder (``path``: ``default``, a folder or a run's ``final/``):
+
+- ``loglikelihood``: lm-eval splits (context, continuation) into tokens; the concatenation
+  (left-truncated to ``max_length``) runs through the model in right-padded batches and the
+  continuation's log-prob is sum_t log softmax(logits_{t-1})[x_t]; ``is_greedy`` is whether every
+  continuation token is the argmax.
+- ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length``, summed.
+- ``generate_until``: our HF rollout engine (batched, KV cache) with the request's ``until`` as
+  stop strings (the text is cut at the first one), ``max_gen_toks`` and ``temperature`` (0 or
+  ``do_sample: false``: greedy).
+
+``posttrain eval MODEL --harness TASKS`` runs `run_harness` (``--harness-include DIR``: custom
+task YAMLs; the HF hub is switched off, so tasks must read local files); the lm-eval CLI works
+through ``python -m posttrain.eval.harness --model posttrain --model_args path=MODEL ...``
+(lm-eval has no plugin entry point for models, so the module registers ``posttrain`` first).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import BackendUnavailable
+
+
+def _lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise BackendUnavailable(
+            "the lm-evaluation-harness adapter needs lm-eval",
+            where="--harness",
+            fix="pip install 'posttrain[eval]' (or pip install lm-eval torch==<your torch>)",
+        ) from None
+    return lm_eval
+
+
+@functools.cache
+def lm_class() -> type:
+    """``PosttrainLM``, registered in lm-eval as ``posttrain`` (module docstring)."""
+    _lm_eval()
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+
+    @register_model("posttrain")
+    class PosttrainLM(TemplateLM):
+        def __init__(self, path: str = "default", batch_size: int | str = 8, max_length: int | None = None,
+                     max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto", **_: Any):  # fmt: skip
+            super().__init__()
+            from posttrain.models.load import load_model, load_tokenizer
+            from posttrain.rollout.engine import get_engine
+            from posttrain.train.loop import resolve_model_path
+
+            self.path = resolve_model_path(str(path))
+            self.tokenizer = load_tokenizer(self.path)
+            self.model = load_model(self.path, tokenizer=self.tokenizer, dtype=dtype, device=device).eval()
+            self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+            cfg = self.model.config
+            self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
+            self.max_gen_toks = int(max_gen_toks)
+            self.engine = get_engine("hf", model=self.model, tokenizer=self.tokenizer)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return self.path.replace("/", "__")
+
+        @property
+        def eot_token_id(self) -> int:
+            eos = self.tokenizer.eos_token_id
+            return eos if eos is not None else self.tokenizer.pad_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw: Any) -> list[int]:
+            return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"])
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)  # fmt: skip
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kw: Any) -> list:
+            pairs = [(ctx, cont) for _, ctx, cont in requests]
+            return continuation_logprobs(self.model, pairs, self.max_length, self.batch_size,
+                                         self.tokenizer.pad_token_id or 0)  # fmt: skip
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            out = []
+            for req in requests:
+                ids = self.tok_encode(req.args[0])
+                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                    ids, self.prefix_token_id, self.max_length, 1)]  # fmt: skip
+                scores = continuation_logprobs(self.model, windows, self.max_length, self.batch_size,
+                                               self.tokenizer.pad_token_id or 0)  # fmt: skip
+                out.append(sum(s for s, _ in scores))
+            return out
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            groups: dict[str, list[int]] = {}
+            for i, req in enumerate(requests):
+                groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+            out = [""] * len(requests)
+            for idx in groups.values():
+                kwargs = dict(requests[idx[0]].args[1])
+                texts = [requests[i].args[0] for i in idx]
+                for i, text in zip(idx, self.generate(texts, kwargs), strict=True):
+                    out[i] = text
+            return out
+
+        def generate(self, contexts: list[str], kwargs: dict) -> list[str]:
+            from posttrain.rollout.sampling import SamplingParams
+
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temp = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample", False) else 0.0
+            params = SamplingParams(temperature=temp, max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                                    stop=until, seed=0)  # fmt: skip
+            budget = self.max_length - params.max_new_tokens
+            prompts = [
+                self.tok_encode(c)[-budget:] if budget > 0 else self.tok_encode(c)[-1:] for c in contexts
+            ]
+            return [cut_at(c.text, until) for c in self.engine.generate(prompts, params)]
+
+    return PosttrainLM
+
+
+def cut_at(text: str, until: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cuts = [text.find(s) for s in until if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def continuation_logprobs(
+    model: Any, pairs: list[tuple[list[int], list[int]]], max_length: int, batch_size: int, pad_id: int
+) -> list[tuple[float, bool]]:
+    """Per (context ids, continuation ids): (sum of the continuation's log-probs, all greedy).
+    The concatenation keeps its last ``max_length + 1`` tokens (the input is all but the last)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[tuple[float, bool]] = []
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s : s + batch_size]
+            seqs = [(ctx + cont)[-(max_length + 1) :] for ctx, cont in chunk]
+            inputs = [q[:-1] for q in seqs]
+            width = max(len(q) for q in inputs)
+            ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(inputs), width), dtype=torch.long)
+            for i, q in enumerate(inputs):
+                ids[i, : len(q)] = torch.tensor(q)
+                mask[i, : len(q)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for i, (q, (_, cont)) in enumerate(zip(seqs, chunk, strict=True)):
+                n = len(cont)
+                rows = logits[i, len(q) - 1 - n : len(q) - 1].float()
+                target = torch.tensor(cont, device=device)
+                logp = torch.log_softmax(rows, -1).gather(1, target[:, None]).squeeze(1)
+                out.append((float(logp.sum()), bool((rows.argmax(-1) == target).all())))
+    return out
+
+
+def run_harness(
+    model: str,
+    tasks: list[str],
+    output_dir: str,
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    apply_chat_template: bool = False,
+) -> Path:
+    """lm-eval's ``simple_evaluate`` with the ``posttrain`` model; writes and returns
+    ``output_dir/harness_results.json`` (lm-eval's results, per-task metrics with stderr)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    lm_cls = lm_class()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from posttrain.errors import ConfigError
+    from posttrain.eval.results import write_atomic
+
+    manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm-eval has no task {unknown[0]!r}", where="--harness",
+                          fix=f"pass --harness-include DIR with its YAML; known: {', '.join(sorted(manager.all_tasks)[:20])}")  # fmt: skip
+    lm = lm_cls(path=model, batch_size=batch_size)
+    res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=False, apply_chat_template=apply_chat_template, bootstrap_iters=1000)  # fmt: skip
+    out = Path(output_dir) / "harness_results.json"
+    keep = {
+        k: res[k]
+        for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+        if k in res
+    }
+    write_atomic(out, json.dumps(keep, indent=1, default=str))
+    for task, metrics in res["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    print(f"results: {out}")
+    return out
+
+
+def main() -> None:
+    """``python -m posttrain.eval.harness ...``: lm-eval's own CLI with ``posttrain`` registered."""
+    lm_class()
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
