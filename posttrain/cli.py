@@ -47,6 +47,7 @@ RECIPE_TYPES: dict[str, str] = {
     "rm": "posttrain.train.rm:RMRecipe",
     "prm": "posttrain.train.prm:PRMRecipe",
     "prm-label": "posttrain.search.prm_label:PRMLabelRecipe",
+    "self-improve": "posttrain.search.self_improve:SelfImproveRecipe",
     "preference": "posttrain.train.preference:PreferenceRecipe",
     "search": "posttrain.search.compare:SearchRecipe",
     "rl": "posttrain.train.rl:RLRecipe",
@@ -124,6 +125,14 @@ def prm_label(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.search.prm_label import prm_label_main
 
     prm_label_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command("self-improve")
+def self_improve(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """The self-improvement loop: search -> verified traces train the policy, MC step values the PRM."""
+    from posttrain.search.self_improve import self_improve_main
+
+    self_improve_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()
