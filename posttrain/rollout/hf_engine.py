@@ -32,6 +32,7 @@ windows or other layer types keep their own cache layers.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -157,6 +158,14 @@ def decode_mask(model: Any, cache: DynamicCache, attn: torch.Tensor) -> torch.Te
     return attn
 
 
+def cache_kwarg(model: Any) -> str:
+    """The forward keyword of the KV cache: ``cache`` where transformers renamed it (5.x; passing
+    ``past_key_values`` there warns of its removal), else ``past_key_values``."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model  # PEFT wrappers forward **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -193,6 +202,7 @@ class HFEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.cache_kw = cache_kwarg(model)
 
     @property
     def device(self) -> torch.device:
@@ -271,12 +281,12 @@ class HFEngine:
             input_ids=ids,
             attention_mask=attn,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kw: cache},
         )
         attn = torch.cat([attn, attn.new_ones((len(prompts), steps))], dim=1)
-        return out.logits[:, -1].float(), out.past_key_values, attn
+        return out.logits[:, -1].float(), cache, attn  # the cache is filled in place
 
     @torch.inference_mode()
     def _decode(
@@ -314,8 +324,8 @@ class HFEngine:
                 input_ids=tok[:, None],
                 attention_mask=None if mask is None else mask[..., : width + t + 1],
                 position_ids=pos[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{self.cache_kw: cache},
             )
             logits, pos = out.logits[:, -1].float(), pos + 1
         return tokens, logps, lengths, stopped
