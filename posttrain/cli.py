@@ -196,12 +196,28 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="At most this many problems per dataset.")] = None,
     reference: Annotated[bool, typer.Option(help="Grade the data's reference solutions, no model.")] = False,
     output_dir: Annotated[str, typer.Option(help="Where results.json and report.md go.")] = "runs/eval",
+    harness: Annotated[str | None, typer.Option(help="lm-eval tasks, e.g. t1,t2 ([eval] extra).")] = None,
+    harness_include: Annotated[str | None, typer.Option(help="Folder of custom lm-eval task YAMLs.")] = None,
 ) -> None:
     """Evaluate a model on datasets: accuracy, pass@k, maj@k, reward, lengths, 95% intervals."""
     from posttrain.eval.runner import eval_command
 
     eval_command(target, overrides or [], data=data or [], n=n, k=k, strategy=strategy, temperature=temperature,
-                 max_new_tokens=max_new_tokens, limit=limit, reference=reference, output_dir=output_dir)  # fmt: skip
+                 max_new_tokens=max_new_tokens, limit=limit, reference=reference, output_dir=output_dir,
+                 harness=harness, harness_include=harness_include)  # fmt: skip
+
+
+@app.command("human-eval")
+def human_eval(
+    action: Annotated[str, typer.Argument(help="export (a sheet of an eval run) | import.")],
+    path: Annotated[str, typer.Argument(help="export: the run's output_dir; import: sheet.csv.")],
+    out: Annotated[str | None, typer.Option(help="export: the sheet's folder (RUN_DIR/human).")] = None,
+    scale: Annotated[str, typer.Option(help="Pointwise scale: 1-10 or pass_fail.")] = "1-10",
+) -> None:
+    """Human ratings: export a side-by-side sheet (HTML + CSV), import it (win rates, kappa vs the judge)."""
+    from posttrain.eval.human import human_command
+
+    human_command(action, path, out, scale)
 
 
 @app.command()

@@ -238,3 +238,26 @@ def import_ratings(csv_path: str | Path, key_path: str | Path | None = None, n_b
     path = csv_path.with_name("human_results.json")
     write_atomic(path, json.dumps(out, indent=1))
     return path
+
+
+def human_command(action: str, path: str, out: str | None = None, scale: str = "1-10", seed: int = 0) -> Path:
+    """``posttrain human-eval export RUN_DIR`` / ``posttrain human-eval import SHEET.csv``."""
+    from posttrain.errors import ConfigError
+
+    if action == "export":
+        sheet = export_sheet(path, out, seed=seed, scale=scale)
+        print(f"rating sheet: {sheet.with_suffix('.html')} (open in a browser) and {sheet}; key: "
+              f"{sheet.with_name('sheet_key.json')}")  # fmt: skip
+        return sheet
+    if action == "import":
+        res_path = import_ratings(path)
+        res = json.loads(res_path.read_text())
+        for name, m in res["metrics"].items():
+            print(f"{name}: {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] (n={m['n']})")
+        agree = res["agreement_with_judge"]
+        if agree.get("items"):
+            print(f"vs the LLM judge on {agree['items']} items: Cohen's kappa {agree['kappa']:.3f}, "
+                  f"raw agreement {agree['raw_agreement']:.3f}")  # fmt: skip
+        print(f"results: {res_path}")
+        return res_path
+    raise ConfigError(f"unknown action {action!r}", where="human-eval", fix="use export or import")

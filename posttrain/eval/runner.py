@@ -439,7 +439,17 @@ def short_recipe(
 
 def eval_command(target: str, overrides: list[str], *, k: str | None = None, **options: Any) -> Path:
     """``posttrain eval``: a ``.yaml`` target is a recipe (`eval_main`); anything else is the
-    model of the short form (`short_recipe` with ``options``), to which overrides apply too."""
+    model of the short form (`short_recipe` with ``options``), to which overrides apply too;
+    ``harness="task1,task2"`` (``harness_include``: a folder of task YAMLs) evaluates the model
+    with lm-evaluation-harness instead (`posttrain.eval.harness.run_harness`)."""
+    harness, include = options.pop("harness", None), options.pop("harness_include", None)
+    if harness:
+        from posttrain.eval.harness import run_harness
+
+        tasks = [t.strip() for t in harness.split(",") if t.strip()]
+        return run_harness(
+            target, tasks, options.get("output_dir", "runs/eval"), include, options.get("limit")
+        )
     if target.endswith((".yaml", ".yml")):
         return eval_main(target, overrides)
     from posttrain.config import apply_override, from_dict, to_dict

@@ -89,8 +89,12 @@ def test_local_tasks_through_lm_eval_evaluator(tiny_model_dir, tmp_path):
               "metric_list:\n  - metric: acc\n")  # fmt: skip
     task_yaml(tmp_path, "pt_tiny_gen", GEN, "output_type: generate_until\ngeneration_kwargs:\n"
               '  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n')  # fmt: skip
-    path = run_harness(str(tiny_model_dir), ["pt_tiny_mc", "pt_tiny_gen"], str(tmp_path / "out"),
-                       include_path=str(tmp_path))  # fmt: skip
+    from posttrain.eval.runner import (
+        eval_command,
+    )  # `posttrain eval MODEL --harness ... --harness-include DIR`
+
+    path = eval_command(str(tiny_model_dir), [], harness="pt_tiny_mc,pt_tiny_gen", harness_include=str(tmp_path),
+                        output_dir=str(tmp_path / "out"))  # fmt: skip
     res = json.loads(path.read_text())["results"]
     scores = iter(s for s, _ in want)
     picks = [

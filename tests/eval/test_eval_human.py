@@ -121,3 +121,20 @@ def test_pointwise_sheet_from_results_without_a_judge(tmp_path):
     fill(sheet, lambda r: {"rating": "11"})
     with pytest.raises(DataError, match="1 to 10"):
         import_ratings(sheet)
+
+
+def test_cli_export_and_import(tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "judge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JUDGED))
+    res = CliRunner().invoke(app, ["human-eval", "export", str(run), "--out", str(tmp_path / "sheet")])
+    assert res.exit_code == 0, res.output
+    sheet = tmp_path / "sheet" / "sheet.csv"
+    fill(sheet, lambda r: {"preference": "tie"})
+    res = CliRunner().invoke(app, ["human-eval", "import", str(sheet)])
+    assert res.exit_code == 0, res.output
+    assert "win_rate: 0.500" in res.output and "Cohen's kappa" in res.output
