@@ -8,6 +8,7 @@ User errors (`PosttrainError`) print as one paragraph and exit non-zero;
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -351,6 +352,16 @@ def data_clean(
     clean_command(args or [], decontaminate, near_dup_threshold, no_near_dup)
 
 
+_USER_OS_ERRORS = {
+    errno.EACCES: "check the permissions of that path, or choose a writable output_dir",
+    errno.EPERM: "check the permissions of that path, or choose a writable output_dir",
+    errno.EROFS: "that file system is read-only: choose another output_dir",
+    errno.ENOSPC: "free disk space (or choose an output_dir on a larger disk) and rerun; runs resume",
+    errno.EDQUOT: "free space within your disk quota and rerun; runs resume",
+    errno.EFBIG: "the file outgrew the allowed file size (ulimit -f): raise the limit and rerun",
+}
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-paragraph messages."""
     try:
@@ -363,15 +374,21 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted; the last complete checkpoint is intact", err=True)
         sys.exit(130)
+    except OSError as exc:  # permissions, disk full, read-only file system: name the file, no traceback
+        if os.environ.get("POSTTRAIN_DEBUG") or exc.errno not in _USER_OS_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"error: {where}{exc.strerror}\nFix: {_USER_OS_ERRORS[exc.errno]}", err=True, fg="red")
+        sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
     except Exception as exc:  # click usage errors arrive as ClickException in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # by name: typer may raise its vendored click's classes (typer._click), not click's own
+        names = {c.__name__ for c in type(exc).__mro__}
+        if "ClickException" in names:
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if "Abort" in names:
             sys.exit(1)
         raise
 

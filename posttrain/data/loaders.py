@@ -59,7 +59,11 @@ def load_records(
             )
         records.append(Record(validate_record(row, kind, where), where, kind))
     if not records and limit != 0:
-        what = "is empty (0 bytes)" if Path(path).is_file() and Path(path).stat().st_size == 0 else "holds no records"
+        what = (
+            "is empty (0 bytes)"
+            if Path(path).is_file() and Path(path).stat().st_size == 0
+            else "holds no records"
+        )
         raise DataError(f"data file {what}", where=str(path),
                         fix="point at a file with at least one record (was it written completely?)")  # fmt: skip
     return records
@@ -89,9 +93,11 @@ def jsonl_lines(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
     "file:line", its DataError) for a line that is not UTF-8 or not JSON; callers raise it or
     drop the line. A binary file (NUL bytes) or a corrupt .gz is a DataError at once."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    seen = False
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                seen = seen or bool(raw.strip())
                 where = f"{path}:{lineno}"
                 if b"\x00" in raw:
                     raise DataError("binary data (NUL bytes), not JSON Lines text", where=where,
@@ -110,6 +116,9 @@ def jsonl_lines(path: Path) -> Iterator[tuple[Any, str, DataError | None]]:
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"corrupt or truncated gzip file ({e})", where=str(path),
                         fix="re-create the .gz file, or decompress it and point at the .jsonl") from None  # fmt: skip
+    if not seen:
+        raise DataError("data file is empty" + (" (0 bytes)" if path.stat().st_size == 0 else ""), where=str(path),
+                        fix="point at a file with at least one record (was it written completely?)")  # fmt: skip
 
 
 def _decode(raw: bytes, where: str, first: bool) -> tuple[str, DataError | None]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -110,6 +111,11 @@ def load_tokenizer(
     if padding_side not in ("left", "right"):
         raise ConfigError(f"padding_side must be left or right, got {padding_side!r}", where="padding_side")
     check_model_source(path, gguf_file, need_config=False)
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if _is_local(path) and gguf_file is None and not any((Path(path) / f).is_file() for f in files):
+        # transformers would build an empty (1-token) tokenizer from config.json alone
+        raise ModelError("the folder has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)",
+                         where=str(path), fix="copy the tokenizer files of the base model into the folder")  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side, gguf_file=gguf_file)
     except (OSError, ValueError) as err:
@@ -159,6 +165,9 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         hint = MODEL_FOLDER_HINT + ("" if _is_local(path) else "; a hub id needs network access")
         raise ModelError(f"cannot load the model: {err}", where=str(path), fix=hint) from err
+    except SafetensorError as err:  # a truncated or corrupt weights file
+        raise ModelError(f"cannot read the weights (*.safetensors): {err}", where=str(path),
+                         fix="the file is truncated or corrupt: copy or export the model again") from err  # fmt: skip
     model.to(target)
     if tokenizer is None:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import PosttrainError
@@ -91,18 +93,19 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(
-        json.dumps({"step": step, **trainer_state}, indent=1, default=str)
-    )
-    (tmp / "COMPLETE").write_text("ok\n")
-    _fsync_tree(tmp)
+    try:
+        _write_files(tmp, step, model, optimizer, scheduler, trainer_state)
+    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        free = shutil.disk_usage(root).free
+        raise PosttrainError(
+            f"could not write checkpoint step-{step}: {reason} ({free / 2**20:.1f} MiB free on that disk)",
+            where=str(getattr(exc, "filename", None) or tmp),
+            fix=f"free disk space (or fix permissions) and rerun to resume; the last complete checkpoint "
+            f"({previous or 'none yet'}) is intact",
+        ) from exc
     maybe_kill("mid-save", step)
     if final.exists():  # re-saving the same step (e.g. after an anomaly): swap in place
         old = root / f"step-{step}.old-{os.getpid()}"
@@ -115,6 +118,21 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_files(tmp: Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any]) -> None:
+    tmp.mkdir()
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({"step": step, **trainer_state}, indent=1, default=str)
+    )
+    (tmp / "COMPLETE").write_text("ok\n")
+    _fsync_tree(tmp)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -149,7 +167,10 @@ def load_checkpoint(
             f"checkpoint {path} is incomplete or missing",
             fix="resume from another checkpoint or start a new run",
         )
-    saved = load_file(path / "trainable.safetensors")
+    try:
+        saved = load_file(path / "trainable.safetensors")
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt(path / "trainable.safetensors", exc) from exc
     params = dict(model.named_parameters())
     missing = [n for n in saved if n not in params]
     if missing:
@@ -161,9 +182,27 @@ def load_checkpoint(
         for name, tensor in saved.items():
             params[name].copy_(tensor)
     if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
     if scheduler is not None and (path / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
     if restore_rng:
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+        set_rng_state(_torch_load(path / "rng.pt"))
+    try:
+        return json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _corrupt(path / "trainer_state.json", exc) from exc
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        return torch.load(file, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _corrupt(file, exc) from exc
+
+
+def _corrupt(file: Path, exc: BaseException) -> PosttrainError:
+    return PosttrainError(
+        f"checkpoint file is truncated or corrupt ({exc})",
+        where=str(file),
+        fix=f"delete {file.parent} to resume from the checkpoint before it, or set resume=false to start over",
+    )

@@ -4,7 +4,8 @@ One optimiser step = `grad_accum` micro-batches from a `BatchPlan`; the loss of
 each micro-batch is weighted by the token (or sequence) totals of the whole
 step, so accumulation gives exactly the gradient of the full batch. Before
 each optimiser step the loss and grad norm are checked: a NaN/inf stops the
-run with a checkpoint of the last good state (`TrainingAnomaly`).
+run with a checkpoint of the last good state (`TrainingAnomaly`). SIGINT / SIGTERM
+finish the current step, save a checkpoint and exit 130 / 143 (`faults.StopRequest`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from posttrain.config import dump_yaml
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import RunLogger, check_finite, console, progress_bar
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.train.faults import maybe_kill
+from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.lm_loss import causal_lm_loss, loss_targets
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_grads, optimizer_step
 
@@ -295,7 +296,7 @@ def run_loop(
         step = state["step"]
     model.train()
     ckpt = lambda s: save_checkpoint(run.dir, s, model, optimizer, scheduler, state, loop.keep_last)  # noqa: E731
-    with progress_bar(steps, "train") as bar:
+    with progress_bar(steps, "train") as bar, StopRequest() as stop:
         task = bar.add_task("train", total=steps, completed=step, stats="")
         while step < steps:
             t0 = time.perf_counter()
@@ -333,8 +334,11 @@ def run_loop(
             )
             if evaluate is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
                 evaluate(model, step)
-            if (loop.save_every and step % loop.save_every == 0) or step == steps:
-                ckpt(step)
+            if (loop.save_every and step % loop.save_every == 0) or step == steps or stop.signum:
+                saved = ckpt(step)
+            if stop.signum is not None and step < steps:  # SIGINT / SIGTERM: saved above, now stop
+                run.logger.close()
+                raise RunInterrupted(stop.signum, step, str(saved))
     return model
 
 
