@@ -22,7 +22,8 @@ that guides the next round's search. Round r (1..``rounds``), in ``OUTPUT_DIR/ro
 ``round_0.json`` holds the starting policy's figures. A round with no verified trace is skipped
 with its reason (policy and PRM carry over). A finished round (its ``round.json``) is skipped on
 a rerun; SFT and PRM training resume from their checkpoints. A replay buffer written with
-another tokenizer is an error. Returns ``OUTPUT_DIR/self_improve.json`` (every round's figures).
+another tokenizer is an error. Returns ``OUTPUT_DIR/self_improve.json`` (every round's figures); ``self_improve.md`` holds
+the per-round table (held-out greedy accuracy, best learned-scorer search accuracy, PRM step AUC).
 """
 
 from __future__ import annotations
@@ -434,8 +435,12 @@ def run_self_improve(recipe: SelfImproveRecipe, loader: Loader | None = None) ->
     _atomic_json(result, {"rounds": rounds, "final_policy": state.policy, "final_prm": state.prm,
                           "greedy_rises_every_round": all(b > a for a, b in zip(greedy, greedy[1:], strict=False)),
                           "seconds_this_call": time.perf_counter() - start})  # fmt: skip
-    console.print(summary_table(rounds))
-    console.print(f"wrote {result}")
+    table = summary_table(rounds)
+    (out / "self_improve.md").write_text(
+        f"# Self-improvement: {recipe.model.path}, {len(rounds) - 1} rounds\n\n{table}\n"
+    )
+    console.print(table)
+    console.print(f"wrote {result}, {out / 'self_improve.md'}")
     return result
 
 

@@ -122,3 +122,28 @@ def test_a_trained_prm_scores_by_name_with_its_aggregation(tmp_path, tiny_model_
     assert len(raw) == 2 and all(0.0 < p < 1.0 for p in raw)
     with pytest.raises(ConfigError, match="not a orm"):
         load_recipe(SearchRecipe, None, [f"scorer=orm:{final}"])
+
+
+def test_a_ppo_critic_scores_as_value_path_batched_like_one_by_one(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoConfig
+
+    from posttrain.models.heads import ScalarHead, save_value_head
+    from posttrain.search.scorer_specs import CriticScorer
+
+    folder = tmp_path / "ppo_final"
+    shutil.copytree(tiny_model_dir, folder)
+    save_value_head(ScalarHead(AutoConfig.from_pretrained(folder).hidden_size, seed=3), folder)
+    spec = parse_scorer(f"value:{folder}")
+    assert spec.kind == "value" and parse_scorer(str(folder)).kind == "value"
+    scorer = build_scorer(spec)
+    assert isinstance(scorer, CriticScorer)
+    reqs = [ScoreRequest("Compute 1 + 2\n", ["a", "b"], "<think>1 + 2 = 3</think>\nAnswer: 3", True, {}),
+            ScoreRequest("Sort 2 1\n", ["a"], "<think>1 2", False, {}),
+            ScoreRequest("Q\n", [], "", False, {})]  # fmt: skip
+    together = scorer.score(reqs)
+    alone = [scorer.score([r])[0] for r in reqs]
+    assert [len(x) for x in together] == [2, 1, 1] and together[0][0] == 0.0
+    assert [x[-1] for x in together] == pytest.approx([x[-1] for x in alone], abs=1e-5)
+    assert len({round(x[-1], 6) for x in together}) == 3  # the value depends on the path
