@@ -48,6 +48,7 @@ def test_missing_backend_names_the_extra():
     assert "posttrain[wandb]" in str(exc.value) and "train.loggers" in str(exc.value)
 
 
+@pytest.mark.slow  # a real SFT run plus MLflow's database set-up: ~15 s
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # mlflow's own use of sqlalchemy
 @pytest.mark.skipif(
     importlib.util.find_spec("mlflow") is None, reason="mlflow not installed: pip install 'posttrain[mlflow]'"
