@@ -30,8 +30,8 @@ def demo_rows(steps: int = 30) -> list[dict]:
         })  # fmt: skip
         if s % 10 == 0:
             rows.append({"step": s, "time": 1.7e9 + 5 * s + 1, "eval/task_accuracy/overall": 0.5 - 0.01 * s})
-    rows.append({"step": 24, "time": 1.7e9 + 121, "event": "anomaly", "detector": "length_explosion",
-                 "metric": "response/length_mean", "value": 168.0, "threshold": 120.0, "action": "warn",
+    rows.append({"step": 24, "time": 1.7e9 + 121, "event": "anomaly", "kind": "length_growth",
+                 "metric": "response/length_mean", "recent": [72.0, 112.0, 168.0], "threshold": 120.0, "action": "warn",
                  "message": "demo: mean response length grew more than 50% over 5 steps"})  # fmt: skip
     return rows
 

@@ -10,15 +10,17 @@ counts the drawn curves and points into `#render-check` once the browser has lai
 which is what `scripts/check_report_browser.sh` and tests/monitor read back from headless
 Chromium.
 
-Anomaly events are lines of `metrics.jsonl` of this form (`RunLogger.event` writes them):
+Anomaly events are lines of `metrics.jsonl` of this form (`posttrain.train.anomaly.Anomaly.event`
+builds them; `RunLogger.event` writes any event):
 
-    {"step": 37, "time": 1700000000.0, "event": "anomaly", "detector": "kl_limit",
-     "metric": "kl/token_mean", "value": 0.81, "threshold": 0.5, "action": "pause",
-     "message": "KL to the reference 0.81 > train.anomaly.kl_max 0.5"}
+    {"step": 37, "time": 1700000000.0, "event": "anomaly", "kind": "kl_limit",
+     "metric": "kl/token_mean", "recent": [0.12, 0.35, 0.81], "threshold": 0.5,
+     "action": "pause", "message": "KL to the reference 0.81 > anomaly.kl_max 0.5"}
 
-`step`, `event` and `detector` are required; `metric` (the metrics.jsonl key the detector
-watched; its chart gets a red marker at `step`), `value`, `threshold`, `action`
-(pause | warn | rollback) and `message` are optional. An event line holds no metric values.
+`step` and `event` are required; `kind` (the detector; `detector` is read too), `metric` (the
+metrics.jsonl key it watched: that chart gets a red marker at `step`), `recent` (the last
+values, newest last; or one `value`), `threshold`, `action` (pause | warn | rollback) and
+`message` are optional. An event line holds no metric values.
 
 `pipeline_html(PIPELINE_DIR)` renders the stage table of a pipeline (`pipeline_state.json`) with
 a link to each stage's own report.html (written when missing) and the pipeline's report.md.
@@ -172,10 +174,15 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _event_value(e: dict) -> Any:
+    recent = e.get("recent")
+    return recent[-1] if isinstance(recent, list) and recent else e.get("value", "")
+
+
 def _event_label(e: dict) -> str:
-    parts = [f"step {e['step']}: {e.get('detector', 'anomaly')}"]
-    if "value" in e:
-        parts.append(f"{e.get('metric', 'value')} = {e['value']}")
+    parts = [f"step {e['step']}: {e.get('kind', e.get('detector', 'anomaly'))}"]
+    if _event_value(e) != "":
+        parts.append(f"{e.get('metric', 'value')} = {_event_value(e)}")
     if "threshold" in e:
         parts.append(f"threshold {e['threshold']}")
     return ", ".join(parts)
@@ -268,13 +275,16 @@ def anomalies_html(runs: dict[str, list[dict]]) -> str:
     rows = [(label, e) for label, rs in runs.items() for e in anomaly_events(rs)]
     if not rows:
         return "<p id='anomalies'>No anomaly events.</p>"
-    cols = ("step", "detector", "metric", "value", "threshold", "action", "message")
-    head = "".join(f"<th>{c}</th>" for c in ("run", *cols))
-    body = "".join(
-        "<tr class='anomaly'>" + f"<td>{escape(label)}</td>" + "".join(f"<td>{escape(str(e.get(c, '')))}</td>" for c in cols) + "</tr>"
-        for label, e in rows
-    )  # fmt: skip
-    return f"<table id='anomalies'><tr>{head}</tr>{body}</table>"
+    head = "".join(f"<th>{c}</th>" for c in ("run", "step", "kind", "metric", "recent values", "threshold",
+                                             "action", "message"))  # fmt: skip
+    body = []
+    for label, e in rows:
+        recent = e.get("recent", [e["value"]] if "value" in e else [])
+        cells = [label, e["step"], e.get("kind", e.get("detector", "")), e.get("metric", ""),
+                 ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in recent[-6:]),
+                 e.get("threshold", ""), e.get("action", ""), e.get("message", "")]  # fmt: skip
+        body.append("<tr class='anomaly'>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f"<table id='anomalies'><tr>{head}</tr>{''.join(body)}</table>"
 
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1250px}h1{font-size:1.4em}

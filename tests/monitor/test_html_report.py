@@ -75,7 +75,7 @@ def test_anomaly_event_marks_its_metric_chart_and_table(tmp_path):
     run = write_demo_run(tmp_path / "demo", steps=30)
     html = run_html([run]).read_text()
     assert html.count('class="marker"') == 1  # only the response/length chart
-    assert "length_explosion" in html and "<tr class='anomaly'>" in html
+    assert "length_growth" in html and "72, 112, 168" in html and "<tr class='anomaly'>" in html
     series = re.findall(r'data-name="([^"]+)" data-points="(\d+)"', html)
     assert ("mean", "30") in series  # every step's point of response/length_mean
     assert len(series) == 11

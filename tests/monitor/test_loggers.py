@@ -78,3 +78,19 @@ def test_mlflow_round_trip_of_a_real_run(tmp_path, tiny_model_dir, monkeypatch):
         assert all(math.isclose(v, r[key], rel_tol=1e-12) for (_, v), r in zip(history, logged, strict=True))
     assert not (out / "tb").exists()  # loggers replaces the tensorboard default
     assert 'data-name="loss"' in (out / "report.html").read_text()
+
+
+def test_the_anomaly_detectors_event_is_marked_in_the_report(tmp_path):
+    from posttrain.train.anomaly import Anomaly
+
+    found = Anomaly(kind="kl_limit", metric="kl/token_mean", step=2, recent=[0.1, 0.9], threshold=0.5,
+                    message="KL 0.9 > 0.5", settings=["anomaly.kl_max"])  # fmt: skip
+    log = RunLogger(tmp_path, loggers=[])
+    for step, kl in ((1, 0.1), (2, 0.9)):
+        log.log(step, {"kl/token_mean": kl})
+    event = found.event()
+    log.event(event.pop("step"), event.pop("event"), **event)
+    log.close()
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('class="marker"') == 1 and "step 2: kl_limit, kl/token_mean = 0.9" in html
+    assert "<td>kl_limit</td><td>kl/token_mean</td><td>0.1, 0.9</td><td>0.5</td>" in html
