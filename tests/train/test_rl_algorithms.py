@@ -109,3 +109,21 @@ def test_control_bad_inputs_are_config_errors(tmp_path, tiny_model_dir):
         with pytest.raises(ConfigError) as err:
             recipe(tiny_model_dir, tmp_path, override)
         assert err.value.where == where
+
+
+# ---------------------------------------------------------------- entropy control
+
+
+def test_adaptive_entropy_coef_moves_and_is_restored_on_resume(tmp_path, tiny_model_dir):
+    """A random tiny model's entropy (~5 nats) is above the band [0.1, 1.0]: the coefficient falls by
+    delta each step (0.01 -> 0.006 -> 0.002); a resumed run continues from the checkpointed value."""
+    out = tmp_path / "ent"
+    extra = ["algorithm.entropy_coef=0.01", "algorithm.entropy_control={low: 0.1, high: 1.0, delta: 0.004}",
+             "train.save_every=1", "train.keep_last=5"]  # fmt: skip
+    run_rl(recipe(tiny_model_dir, out, *extra))
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["entropy_coef"] == pytest.approx(0.002)
+    run_rl(recipe(tiny_model_dir, out, *extra, "train.max_steps=3"))
+    logged = [r["entropy_coef"] for r in metrics(out)]
+    assert logged == pytest.approx([0.01, 0.006, 0.002])  # step 3 used the restored value, not 0.01
+    assert all(r["pg/entropy"] > 1.0 for r in metrics(out))
