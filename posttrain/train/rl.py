@@ -30,8 +30,17 @@ reinforce_pp with the KL in the reward; RLOO = rloo; Dr.GRPO = dr_grpo + seq-mea
   rewrites history, else one masked episode); the advantage estimator runs over the group's
   conversations (or turns, ``baseline: turn``), every episode token gets its turn's advantage
   (`posttrain.train.rl_update.turn_advantages`), and the update is the single-turn one.
+- Sampler/trainer mismatch: every step logs ``mismatch/*`` (`posttrain.algos.rollout_correction`):
+  the trainer's log-probs at the sampling weights (the recompute pass, or the update's first
+  forward when the sampler's are used as old log-probs) against the sampler's, token and
+  sequence level. ``rollout.autocast: bfloat16`` samples in bf16 while training in fp32;
+  ``algorithm.rollout_correction`` weighs each token's policy loss by the capped (TIS) or masked
+  importance ratio trainer / sampler.
+- Entropy: ``algorithm.entropy_control`` adapts the entropy-bonus coefficient after each step
+  to hold the mean token entropy in a band (`posttrain.algos.entropy`); ``high_entropy_frac``
+  restricts the policy gradient to the highest-entropy tokens ("80/20").
 - Checkpoints: weights (and the critic head), optimizer, scheduler, RNG, the prompt sampler's
-  position and the KL coefficient. The engine's generator is re-seeded at every generate call
+  position, the KL coefficient and the entropy coefficient. The engine's generator is re-seeded at every generate call
   from (seed, step, refill round), so resuming at step k replays step k+1 exactly; an
   interrupted run resumed equals an uninterrupted one bit for bit.
 """
@@ -130,6 +139,12 @@ class RLEvalConfig:
     max_new_tokens: int = 128
     before: bool = True
     """Also evaluate the starting policy (step 0)."""
+    recipe: str | None = None
+    """An eval recipe (`posttrain eval` YAML: your datasets, decodings, k) run at the same steps as
+    the task-suite accuracy, its metrics logged under eval/ beside it
+    (`posttrain.eval.hook.recipe_evaluator`); null = off."""
+    recipe_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides of that recipe (e.g. ``limit=50``)."""
 
 
 @dataclass
@@ -437,6 +452,20 @@ def make_evaluator(s: Session, results: dict):
     return evaluate
 
 
+def build_evaluator(s: Session, results: dict):
+    """evaluate(step): the task-suite accuracy (if any problems) then the eval recipe (if any); None if neither.
+
+    The recipe is loaded and its data checked here, before the first step."""
+    task = make_evaluator(s, results) if s.problems else None
+    if s.cfg.eval.recipe is None:
+        return task
+    from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
+
+    hook = EvalHookConfig(s.cfg.eval.recipe, list(s.cfg.eval.recipe_overrides))
+    both = with_recipe_eval(hook, s.run, None if task is None else lambda model, step: task(step))
+    return lambda step: both(s.model, step)
+
+
 def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
     state = {
         "sampler": sampler_state,
@@ -482,7 +511,7 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
 
     s = setup(cfg, model, tokenizer)
     tc, results, warned = cfg.train, {}, {}
-    evaluate = make_evaluator(s, results) if s.problems else None
+    evaluate = build_evaluator(s, results)
     if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
         evaluate(0)
     with progress_bar(tc.max_steps, "rl") as bar:

@@ -8,7 +8,10 @@ Per mini-batch (rows of the rollout, all tensors (B, T) over completion tokens):
         + c_V * 1/2 max((V - R)^2, (V_old + clip(V - V_old, +-eps_V) - R)^2)   PPO critic
 
 each term aggregated by `posttrain.algos.aggregate.aggregate_loss` (``loss_agg``; the
-seq-mean-token-sum constant is max_new_tokens). One optimiser step per mini-batch;
+seq-mean-token-sum constant is max_new_tokens). With a rollout correction the advantages are
+A_t * w_t (w the capped importance weight trainer / sampler). One optimiser step per mini-batch,
+accumulated over ``micro_batches`` forward/backward passes whose losses are weighted by their share
+of the mini-batch's tokens (token-mean) or rows, so the gradient does not depend on the split;
 ``ppo_epochs`` passes over the rollout in a fresh row order each (a generator seeded by the
 recipe seed and the step). The critic is a `ScalarHead` on the policy's last hidden states:
 one backbone forward gives the log-probs (LM head at completion positions only) and V(s_t),
