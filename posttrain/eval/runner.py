@@ -367,25 +367,16 @@ def _reference(item: EvalItem) -> str:
     return item.reference
 
 
+_SHOWN = ("accuracy", "pass@", "maj@", "perplexity", "score", "pass_rate", "win_rate", "position_consistency",
+          "unparsable")  # fmt: skip
+
+
 def _print_summary(header: dict, out: Path) -> None:
     for label, ms in header["metrics"].items():
         shown = ", ".join(
             f"{k} {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             for k, m in ms.items()
-            if k.startswith(
-                (
-                    "accuracy",
-                    "pass@",
-                    "maj@",
-                    "perplexity",
-                    "score",
-                    "pass_rate",
-                    "win_rate",
-                    "position_consistency",
-                    "unparsable",
-                )
-            )
-            and m["value"] is not None
+            if k.startswith(_SHOWN) and m["value"] is not None and m["value"] == m["value"]  # not NaN
         )
         t = header["timing"].get(label)
         speed = (
