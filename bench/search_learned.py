@@ -1,0 +1,193 @@
+"""Learned scorers in search on arith_mag levels 2-3 (issue 14's targets), learned scorers only.
+
+Policy: an SFT model (default runs/quickstart/sft/final). Every scorer is trained here from the
+policy's backbone, on the train split; every figure is measured on the test split.
+
+1. Step labels: MC rollouts of the policy's chains on training questions (Math-Shepherd soft
+   labels, `posttrain.search.prm_label`). Three scorers, each `posttrain prm` for --steps steps:
+   ``prm_mc`` (MC soft labels), ``prm_synth`` (the task suite's synthetic corrupted chains) and
+   ``orm`` (outcome supervision: every step of a chain labelled with its final correctness, read at
+   the last step). Step AUC and first-error accuracy of each on held-out chains the policy writes
+   for test questions, with true step labels (target: prm_mc step AUC >= 0.85).
+2. Best-of-8 on the same 8 samples: PRM-ranked (min over steps) vs majority vote vs ORM-ranked
+   (target: PRM beats both); the true verifier (oracle) as the upper bound.
+3. PRM-guided beam and MCTS vs ORM best-of-N at equal generated tokens: ORM best-of-N is run at
+   N = 1, 2, 4, 8, 16 and its accuracy interpolated (linearly in tokens) at each search's tokens.
+4. Compute-optimal (PRM-scored probe, agreement bins) vs PRM best-of-N: the tokens PRM
+   best-of-N needs for compute-optimal's accuracy (interpolated on its curve) over
+   compute-optimal's tokens (target: >= 2, i.e. <= 50% of the tokens).
+
+results.json and a markdown table go to --out. The last line names the machine, its load, and
+the ratios.
+
+    python bench/search_learned.py [--policy runs/quickstart/sft/final] [--n-train 60] [--n-test 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+STEP = {"max_step_tokens": 24, "max_new_tokens": 96, "max_depth": 8, "step_sep": "<step>"}
+LEVELS = [2, 3]
+
+
+def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, search: str) -> Path:
+    """MC-labelled chains of the policy (prm.jsonl, oracle.jsonl) for ``n`` questions per level."""
+    from posttrain.search.compare import SearchModelConfig, TaskSetConfig
+    from posttrain.search.mc_labels import MCLabelConfig
+    from posttrain.search.prm_label import PRMLabelRecipe, run_prm_label
+
+    recipe = PRMLabelRecipe(
+        model=SearchModelConfig(path=policy),
+        problems=TaskSetConfig(tasks=["arith_mag"], levels=LEVELS, n_per_level=n, split=split),
+        mc=MCLabelConfig(n_chains=chains, k=k, search=search, max_new_tokens=96),  # type: ignore[arg-type]
+        output_dir=str(out),
+    )
+    return Path(run_prm_label(recipe)).parent
+
+
+def outcome_records(prm_file: Path, out: Path) -> Path:
+    """The MC chains with every step labelled by the chain's own outcome (ORM supervision)."""
+    rows = [json.loads(x) for x in prm_file.read_text().splitlines() if x.strip()]
+    for r in rows:
+        r["labels"] = [float(r["metadata"]["correct"])] * len(r["labels"])
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def train_scorer(policy: str, train: str, held_out: Path, out: Path, steps: int, extra: list[str]) -> dict:
+    from posttrain.config import load_recipe
+    from posttrain.train.prm import PRMRecipe, run_prm
+
+    keys = [f"model.path={policy}", f"data.train={train}", f"data.eval={held_out}", f"output_dir={out}",
+            f"train.max_steps={steps}", "train.batch_size=16", "train.save_every=0", "optim.lr=1e-3",
+            "optim.warmup_steps=10", "train.tensorboard=false", *extra]  # fmt: skip
+    final = run_prm(load_recipe(PRMRecipe, None, keys))
+    report = json.loads((out / "eval.json").read_text())
+    return {"path": str(final), "before": report.get("before", {}), "after": report.get("after", {})}
+
+
+def specs(prm: str, orm: str) -> list[dict]:
+    """The strategies: every learned row, then the oracle upper bound."""
+    p, o = f"prm:min:{prm}", f"prm:last:{orm}"
+    bon = {"select": "prm_last", "step": STEP}
+    rows = [{"name": "greedy", "config": {"step": STEP}},
+            {"name": "best_of_n", "label": "majority@8", "config": {"n": 8, "select": "majority", "step": STEP},
+             "series": "majority"}]  # fmt: skip
+    for n in (1, 2, 4, 8, 16):
+        rows.append({"name": "best_of_n", "label": f"prm_bon@{n}", "config": {"n": n, **bon}, "scorer": p,
+                     "series": "prm_best_of_n"})  # fmt: skip
+        rows.append({"name": "best_of_n", "label": f"orm_bon@{n}", "config": {"n": n, **bon}, "scorer": o,
+                     "series": "orm_best_of_n"})  # fmt: skip
+    co = {"probe_n": 4, "difficulty": "agreement", "edges": [0.25, 0.6], "probe_select": "majority",
+          "bins": [{"strategy": "probe"}, {"strategy": "best_of_n", "config": {"n": 4, **bon}},
+                   {"strategy": "best_of_n", "config": {"n": 12, **bon}}], "step": STEP}  # fmt: skip
+    rows += [{"name": "beam", "label": "prm_beam", "config": {"beam_width": 2, "expand_k": 4, "step": STEP},
+              "scorer": p},
+             {"name": "mcts", "label": "prm_mcts", "config": {"n_simulations": 8, "expand_k": 3, "step": STEP},
+              "scorer": p},
+             {"name": "compute_optimal", "label": "prm_compute_optimal", "config": co, "scorer": p},
+             {"name": "best_of_n", "label": "verifier_bon@8", "config": {"n": 8, "select": "verifier",
+              "step": STEP}, "scorer": "verifier"}]  # fmt: skip
+    return rows
+
+
+def accuracy_at(curve: list[tuple[float, float]], tokens: float) -> float | None:
+    """A (tokens, accuracy) curve's accuracy at ``tokens``, linear between measured points."""
+    pts = sorted(curve)
+    for (t0, a0), (t1, a1) in zip(pts, pts[1:], strict=False):
+        if t0 <= tokens <= t1:
+            return a0 + (a1 - a0) * (tokens - t0) / (t1 - t0) if t1 > t0 else a1
+    return None
+
+
+def compare_rows(rows) -> dict:
+    from posttrain.search.report import tokens_at_accuracy
+
+    by = {r.label: r for r in rows}
+    curve = {s: [(r.tokens_per_problem, r.accuracy) for r in rows if r.series == s]
+             for s in ("prm_best_of_n", "orm_best_of_n")}  # fmt: skip
+    out = {"bo8": {k: by[k].accuracy for k in ("prm_bon@8", "majority@8", "orm_bon@8", "verifier_bon@8")}}
+    for name in ("prm_beam", "prm_mcts"):
+        r = by[name]
+        orm_acc = accuracy_at(curve["orm_best_of_n"], r.tokens_per_problem)
+        out[name] = {
+            "accuracy": r.accuracy,
+            "tokens": r.tokens_per_problem,
+            "orm_bon_at_equal_tokens": orm_acc,
+        }
+    co = by["prm_compute_optimal"]
+    need = tokens_at_accuracy(curve["prm_best_of_n"], co.accuracy)
+    out["compute_optimal"] = {"accuracy": co.accuracy, "tokens": co.tokens_per_problem, "bon_tokens": need,
+                              "ratio": need / co.tokens_per_problem if need and co.tokens_per_problem else None}  # fmt: skip
+    return out
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policy", default="runs/quickstart/sft/final")
+    ap.add_argument("--out", default="runs/bench_search_learned")
+    ap.add_argument("--n-train", type=int, default=60, help="training questions per level (MC labels)")
+    ap.add_argument("--k", type=int, default=4, help="rollouts per step prefix")
+    ap.add_argument("--n-test", type=int, default=50, help="test questions per level")
+    ap.add_argument("--steps", type=int, default=150, help="optimiser steps of each scorer")
+    args = ap.parse_args()
+    out, t0 = Path(args.out), time.time()
+    from posttrain.search.compare import strategy_table
+    from posttrain.search.report import format_markdown
+
+    train = label(args.policy, out / "mc_train", "train", args.n_train, args.k, 4, "full")
+    test = label(args.policy, out / "mc_test", "test", args.n_test, 1, 2, "binary")  # only true labels used
+    held = test / "oracle.jsonl"
+    orm_file = outcome_records(train / "prm.jsonl", out / "orm_train.jsonl")
+    synth = ["data.tasks=[arith_mag]", "data.levels=[2,3]", "data.n_per_level=200"]
+    scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", args.steps, []),
+               "prm_synth": train_scorer(args.policy, "tasks", held, out / "prm_synth", args.steps, synth),
+               "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", args.steps, [])}  # fmt: skip
+    from posttrain.data.tasks import task_problems
+
+    problems = task_problems(["arith_mag"], "test", args.n_test, 0, LEVELS)
+    rows = strategy_table(
+        args.policy, problems, specs(scorers["prm_mc"]["path"], scorers["orm"]["path"]), "none"
+    )
+    figures = compare_rows(rows)
+    table = format_markdown(rows)
+    mc_stats = json.loads((train / "stats.json").read_text())
+    result = {"scorers": scorers, "figures": figures, "rows": [r.to_dict() for r in rows], "mc": mc_stats,
+              "args": vars(args), "seconds": time.time() - t0, "loadavg": os.getloadavg()}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    for name, s in scorers.items():
+        print(f"{name}: step AUC {fmt(s['before'].get('step_auc'))} -> {fmt(s['after'].get('step_auc'))}, "
+              f"first-error acc {fmt(s['after'].get('first_error_acc'))}")  # fmt: skip
+    f, co = figures, figures["compute_optimal"]
+    print(f"best-of-8 on the same samples: prm {f['bo8']['prm_bon@8']:.3f}, majority {f['bo8']['majority@8']:.3f}, "
+          f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}")  # fmt: skip
+    for name in ("prm_beam", "prm_mcts"):
+        print(f"{name}: {f[name]['accuracy']:.3f} at {f[name]['tokens']:.0f} tokens/problem; ORM best-of-N at "
+              f"equal tokens {fmt(f[name]['orm_bon_at_equal_tokens'])}")  # fmt: skip
+    print(f"compute_optimal: {co['accuracy']:.3f} at {co['tokens']:.0f} tokens; PRM best-of-N needs "
+          f"{fmt(co['bon_tokens'], '.0f')} -> ratio {fmt(co['ratio'], '.2f')}")  # fmt: skip
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, loadavg {load}, "
+          f"{time.time() - t0:.0f} s | prm_mc step AUC {fmt(scorers['prm_mc']['after'].get('step_auc'))} | "
+          f"bo8 prm/majority {f['bo8']['prm_bon@8']:.3f}/{f['bo8']['majority@8']:.3f} prm/orm "
+          f"{f['bo8']['prm_bon@8']:.3f}/{f['bo8']['orm_bon@8']:.3f} | beam vs orm-bon@equal-tokens "
+          f"{f['prm_beam']['accuracy']:.3f}/{fmt(f['prm_beam']['orm_bon_at_equal_tokens'])} | mcts "
+          f"{f['prm_mcts']['accuracy']:.3f}/{fmt(f['prm_mcts']['orm_bon_at_equal_tokens'])} | "
+          f"compute-optimal token ratio {fmt(co['ratio'], '.2f')}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
