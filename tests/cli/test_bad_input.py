@@ -87,7 +87,8 @@ def test_tokenizer_without_chat_template(tmp_path, monkeypatch, capsys, tiny_mod
 def test_debug_flag_shows_traceback(tmp_path, monkeypatch, capsys):
     from posttrain.errors import ConfigError
 
-    monkeypatch.setenv("POSTTRAIN_DEBUG", "")  # recorded, so the "1" that --debug sets is undone after the test
+    # recorded, so the "1" that --debug sets is undone after the test
+    monkeypatch.setenv("POSTTRAIN_DEBUG", "")
     monkeypatch.setattr(sys, "argv", ["posttrain", "--debug", "sft", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError):
         main()
