@@ -67,6 +67,25 @@ def lm_class() -> type:
             self.max_gen_toks = int(max_gen_toks)
             self.engine = get_engine("hf", model=self.model, tokenizer=self.tokenizer)
 
+        @classmethod
+        def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Any:
+            """``--model_args`` win over the CLI's batch size / device; lm-eval's default ``cuda:0`` is
+            dropped on a machine without CUDA (our ``device: auto`` picks the device)."""
+            import torch
+
+            extra = {
+                k: v for k, v in (additional_config or {}).items() if k in ("batch_size", "device") and v
+            }
+            if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+                extra.pop("device")
+            return cls(**{**extra, **arg_dict})
+
+        @classmethod
+        def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Any:
+            from lm_eval.utils import simple_parse_args_string
+
+            return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
         @property
         def tokenizer_name(self) -> str:
             return self.path.replace("/", "__")

@@ -114,3 +114,18 @@ def test_unknown_task_is_a_clear_error(tiny_model_dir, tmp_path):
     task_yaml(tmp_path, "pt_only", MC, 'output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\n')
     with pytest.raises(ConfigError, match="no task 'pt_nope'"):
         run_harness(str(tiny_model_dir), ["pt_nope"], str(tmp_path / "out"), include_path=str(tmp_path))
+
+
+def test_lm_eval_cli_arguments(tiny_model_dir):
+    """What ``lm_eval --model posttrain --model_args ...`` passes: model_args win; the CLI's default
+    cuda:0 is dropped without CUDA; the class is in lm-eval's registry under ``posttrain``."""
+    from lm_eval.api.registry import get_model
+
+    cls = lm_class()
+    assert get_model("posttrain") is cls
+    lm = cls.create_from_arg_string(
+        f"path={tiny_model_dir},batch_size=2", {"batch_size": 8, "device": "cuda:0"}
+    )
+    assert lm.batch_size == 2
+    if not torch.cuda.is_available():
+        assert next(lm.model.parameters()).device.type == "cpu"
