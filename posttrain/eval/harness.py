@@ -15,7 +15,7 @@ only when the adapter is used. `lm_class` builds (once) and registers ``Posttrai
 
 ``posttrain eval MODEL --harness TASKS`` runs `run_harness` (``--harness-include DIR``: custom
 task YAMLs; the HF hub is switched off, so tasks must read local files); the lm-eval CLI works
-through ``python -m posttrain.eval.harness --model posttrain --model_args path=MODEL ...``
+through ``python -m posttrain.eval.harness run --model posttrain --model_args path=MODEL ...``
 (lm-eval has no plugin entry point for models, so the module registers ``posttrain`` first).
 """
 
@@ -229,7 +229,7 @@ def run_harness(
 
 
 def main() -> None:
-    """``python -m posttrain.eval.harness ...``: lm-eval's own CLI with ``posttrain`` registered."""
+    """``python -m posttrain.eval.harness run ...``: lm-eval's own CLI with ``posttrain`` registered."""
     lm_class()
     from lm_eval.__main__ import cli_evaluate
 
