@@ -69,16 +69,7 @@ def lm_class() -> type:
 
         @classmethod
         def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Any:
-            """``--model_args`` win over the CLI's batch size / device; lm-eval's default ``cuda:0`` is
-            dropped on a machine without CUDA (our ``device: auto`` picks the device)."""
-            import torch
-
-            extra = {
-                k: v for k, v in (additional_config or {}).items() if k in ("batch_size", "device") and v
-            }
-            if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
-                extra.pop("device")
-            return cls(**{**extra, **arg_dict})
+            return cls(**lm_kwargs(arg_dict, additional_config))
 
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Any:
@@ -108,45 +99,61 @@ def lm_class() -> type:
                                          self.tokenizer.pad_token_id or 0)  # fmt: skip
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-            out = []
-            for req in requests:
-                ids = self.tok_encode(req.args[0])
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    ids, self.prefix_token_id, self.max_length, 1)]  # fmt: skip
-                scores = continuation_logprobs(self.model, windows, self.max_length, self.batch_size,
-                                               self.tokenizer.pad_token_id or 0)  # fmt: skip
-                out.append(sum(s for s, _ in scores))
-            return out
+            return rolling_logprobs(self, [req.args[0] for req in requests])
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            groups: dict[str, list[int]] = {}
-            for i, req in enumerate(requests):
-                groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-            out = [""] * len(requests)
-            for idx in groups.values():
-                kwargs = dict(requests[idx[0]].args[1])
-                texts = [requests[i].args[0] for i in idx]
-                for i, text in zip(idx, self.generate(texts, kwargs), strict=True):
-                    out[i] = text
-            return out
-
-        def generate(self, contexts: list[str], kwargs: dict) -> list[str]:
-            from posttrain.rollout.sampling import SamplingParams
-
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            temp = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample", False) else 0.0
-            params = SamplingParams(temperature=temp, max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                    stop=until, seed=0)  # fmt: skip
-            budget = self.max_length - params.max_new_tokens
-            prompts = [
-                self.tok_encode(c)[-budget:] if budget > 0 else self.tok_encode(c)[-1:] for c in contexts
-            ]
-            return [cut_at(c.text, until) for c in self.engine.generate(prompts, params)]
+            return generate_until(self, [req.args for req in requests])
 
     return PosttrainLM
+
+
+def lm_kwargs(arg_dict: dict, additional_config: dict | None) -> dict:
+    """``--model_args`` win over the CLI's batch size / device; lm-eval's default ``cuda:0`` is
+    dropped on a machine without CUDA (our ``device: auto`` picks the device)."""
+    import torch
+
+    extra = {k: v for k, v in (additional_config or {}).items() if k in ("batch_size", "device") and v}
+    if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+        extra.pop("device")
+    return {**extra, **arg_dict}
+
+
+def rolling_logprobs(lm: Any, texts: list[str]) -> list[float]:
+    """Each text's log-likelihood over lm-eval's disjoint rolling windows of ``lm.max_length``."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    out = []
+    for text in texts:
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+            lm.tok_encode(text), lm.prefix_token_id, lm.max_length, 1)]  # fmt: skip
+        scores = continuation_logprobs(lm.model, windows, lm.max_length, lm.batch_size,
+                                       lm.tokenizer.pad_token_id or 0)  # fmt: skip
+        out.append(sum(s for s, _ in scores))
+    return out
+
+
+def generate_until(lm: Any, args: list[tuple[str, dict]]) -> list[str]:
+    """Completions of ``(context, gen_kwargs)`` requests, batched per distinct gen_kwargs through the
+    engine: ``until`` as stop strings (cut at the first), ``max_gen_toks``, greedy unless
+    ``do_sample`` with a temperature; contexts keep their last ``max_length - max_gen_toks`` tokens."""
+    from posttrain.rollout.sampling import SamplingParams
+
+    groups: dict[str, list[int]] = {}
+    for i, (_, kwargs) in enumerate(args):
+        groups.setdefault(json.dumps(kwargs, sort_keys=True, default=str), []).append(i)
+    out = [""] * len(args)
+    for idx in groups.values():
+        kwargs = dict(args[idx[0]][1])
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        temp = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample", False) else 0.0
+        params = SamplingParams(temperature=temp, max_new_tokens=int(kwargs.get("max_gen_toks", lm.max_gen_toks)),
+                                stop=until, seed=0)  # fmt: skip
+        keep = max(lm.max_length - params.max_new_tokens, 1)
+        prompts = [lm.tok_encode(args[i][0])[-keep:] for i in idx]
+        for i, c in zip(idx, lm.engine.generate(prompts, params), strict=True):
+            out[i] = cut_at(c.text, until)
+    return out
 
 
 def cut_at(text: str, until: list[str]) -> str:
