@@ -70,6 +70,12 @@ class RunLogger:
         for backend in self._backends:
             backend.log(step, scalars)
 
+    def rewind(self, step: int) -> None:
+        """Drop the lines of steps after ``step`` (a rollback to that step's checkpoint)."""
+        self._file.close()
+        self._truncate_after(step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+
     def event(self, step: int, event: str, **fields: Any) -> None:
         """Append an event line (no metric values), e.g. an anomaly: `event(37, "anomaly",
         detector="kl_limit", metric="kl/token_mean", value=0.81, threshold=0.5, action="pause",

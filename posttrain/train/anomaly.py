@@ -9,7 +9,8 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   window;
 - ``entropy``: ``pg/entropy`` below ``entropy_min`` (collapse) or above ``entropy_max`` (explosion);
 - ``length``: ``response/length_mean`` grown by more than ``length_growth`` (a fraction) from the
-  start to the end of the window, or ``response/clipped_ratio`` above ``clipped_max``;
+  start to the end of the window, or ``response/clipped_ratio`` jumping above ``clipped_max`` from
+  a window mean below it (a run that clipped from its first step is not a change);
 - ``reward_hacking``: between two held-out evaluations the training reward (``reward/total_mean``,
   mean over the steps before each) rose by more than ``hack_rise`` while the held-out metric
   (``eval/<heldout>``) fell by more than ``hack_drop``; or a shaping term (``reward/<t>_mean`` for t
@@ -59,14 +60,15 @@ class AnomalyConfig:
     length_growth: float = 1.0
     """Mean response length grown by more than this fraction over the window (1.0 = doubled)."""
     clipped_max: float = 0.5
-    """Share of responses cut at the token limit above this."""
+    """Share of responses cut at the token limit jumping above this (from a window mean below it)."""
     heldout: str = "task_accuracy/overall"
     """The held-out metric (logged as ``eval/<heldout>``) the reward-hacking check watches: the RL
     trainer's task-suite accuracy, or a metric of an eval recipe (``<decoding>/<metric>``)."""
     hack_rise: float = 0.05
     """Training-reward rise between two evaluations that, with a held-out fall, is hacking."""
-    hack_drop: float = 0.05
-    """Held-out fall (absolute) between two evaluations that, with a reward rise, is hacking."""
+    hack_drop: float = 0.1
+    """Held-out fall (absolute) between two evaluations that, with a reward rise, is hacking (above
+    the noise of a 100-problem accuracy, about 0.05)."""
     shaping_terms: list[str] = field(default_factory=list)
     """Reward terms that shape rather than solve (e.g. [format]): rising while every other term
     falls over the window is hacking."""
@@ -206,10 +208,11 @@ class AnomalyMonitor:
         return None
 
     def _length(self, step, seen, before):
-        c = self.cfg
-        if c.clipped_max and (h := seen.get("response/clipped_ratio")) and h[-1] > c.clipped_max:
+        c, prev = self.cfg, before.get("response/clipped_ratio", [])[-self.cfg.window :]
+        h = seen.get("response/clipped_ratio")
+        if c.clipped_max and h and prev and h[-1] > c.clipped_max and statistics.fmean(prev) <= c.clipped_max:
             return Anomaly("length", "response/clipped_ratio", step, h, c.clipped_max,
-                           f"{100 * h[-1]:.0f}% of responses hit the token limit",
+                           f"{100 * h[-1]:.0f}% of responses hit the token limit (before: {100 * statistics.fmean(prev):.0f}%)",
                            ["anomaly.clipped_max", "rollout.max_new_tokens", "optim.lr"])  # fmt: skip
         h = seen.get("response/length_mean")
         if c.length_growth and h and len(h) > c.window and h[0] > 0 and h[-1] / h[0] - 1 > c.length_growth:
@@ -291,3 +294,82 @@ class AnomalyMonitor:
         self.rewards_since_eval = list(state["rewards_since_eval"])
         self.no_signal_run = state["no_signal_run"]
         self.best_loss = state["best_loss"]
+
+
+class AnomalyGuard:
+    """Applies ``on_anomaly`` to what the monitor finds at each step (see `AnomalyConfig`).
+
+    The trainer calls `check` after each step (and with the held-out metrics after each
+    evaluation), passing ``save() -> checkpoint path`` and ``rollback(lr_factor) -> step or None``
+    (restore the newest checkpoint, scale the lr; None when there is none). Each anomaly is written
+    to metrics.jsonl as an ``anomaly`` event with the action taken.
+    """
+
+    def __init__(self, cfg: AnomalyConfig, logger):
+        self.cfg, self.logger = cfg, logger
+        self.monitor = AnomalyMonitor(cfg)
+        self.rollbacks = 0
+
+    def check(self, step: int, metrics: dict[str, float], save, rollback=None) -> int | None:
+        """None to go on; the restored step after a rollback. Raises RunPaused on pause."""
+        from posttrain.monitor.logger import console
+
+        found = self.monitor.update(step, metrics)
+        if not found:
+            return None
+        action = self.cfg.on_anomaly
+        if action == "rollback" and self.rollbacks >= self.cfg.max_rollbacks:
+            action = "pause"
+        for a in found:
+            console.print(f"[yellow]step {step}: {a.kind}: {a.message}[/yellow] ({action}; settings: "
+                          f"{', '.join(a.settings)})")  # fmt: skip
+        if action == "rollback":
+            restored = rollback(self.cfg.rollback_lr_factor)
+            if restored is not None:
+                self.rollbacks += 1
+                self._record(step, found, f"rollback to step {restored}, lr x{self.cfg.rollback_lr_factor}")
+                return restored
+            action = "pause"  # nothing to roll back to
+        if action == "warn":
+            self._record(step, found, "warn")
+            return None
+        self._record(step, found, "pause")
+        path = save()
+        self.logger.close()
+        raise RunPaused(found[0], str(path))
+
+    def _record(self, step: int, found: list[Anomaly], action: str) -> None:
+        for a in found:
+            fields = {k: v for k, v in a.event().items() if k not in ("step", "event")}
+            self.logger.event(step, "anomaly", action=action, **fields)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.monitor.load_state_dict(state["monitor"])
+            self.rollbacks = state["rollbacks"]
+
+
+ALARM_EVERY = 10
+"""Steps between two printed RL warnings of the same kind (every step still logs ``alarm/<kind>``)."""
+
+
+def alarms(metrics: dict[str, float], kl_limit: float, clipped_limit: float) -> dict[str, str]:
+    """Kind -> what went wrong and what to do, for the step's metrics past their limits (0 = off)."""
+    out = {}
+    kl = metrics.get("kl/token_mean")
+    if kl_limit > 0 and kl is not None and kl > kl_limit:
+        out["kl"] = (
+            f"KL to the reference is {kl:.3f} per token (> train.alarm_kl={kl_limit}): the policy is "
+            "drifting; lower optim.lr or raise algorithm.kl.coef"
+        )
+    clipped = metrics.get("response/clipped_ratio")
+    if clipped_limit > 0 and clipped is not None and clipped > clipped_limit:
+        out["clipped"] = (
+            f"{clipped:.0%} of completions hit rollout.max_new_tokens (> train.alarm_clipped="
+            f"{clipped_limit}): raise max_new_tokens, or shape lengths with rollout.overlong_filter / "
+            "an overlong reward term"
+        )
+    return out

@@ -110,6 +110,14 @@ class Run:
         console.print(f"[green]done[/green]: model saved to {final}")
 
 
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix] if old != new else []
+    return [k for key in sorted(set(old) | set(new))
+            for k in changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]  # fmt: skip
+
+
 def resolve_model_path(path: str) -> str:
     if path == "default":
         from posttrain.train.pretrain import ensure_default_model
@@ -144,10 +152,13 @@ def prepare_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if getattr(recipe, "resume", True) else None
     config_text = dump_yaml(recipe)
-    previous = run_dir / "config.yaml"
+    previous, changed = run_dir / "config.yaml", []
     if resume_from is not None and previous.is_file() and previous.read_text() != config_text:
+        changed = changed_keys(yaml.safe_load(previous.read_text()), yaml.safe_load(config_text))
+        changed = [k for k in changed if k != "output_dir"]  # a moved run folder is the same run
+    if changed:
         console.print(
-            f"[yellow]warning[/yellow]: resuming {run_dir} with a recipe that differs from its config.yaml; "
+            f"[yellow]warning[/yellow]: resuming {run_dir} with changed settings ({', '.join(changed)}); "
             "the result will not equal an uninterrupted run (old config kept as config.previous.yaml)"
         )
         previous.replace(run_dir / "config.previous.yaml")
@@ -168,6 +179,8 @@ def prepare_run(
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         console.print(f"resuming from {resume_from}")
     logger = RunLogger(run_dir, loop.tensorboard, step, loggers, yaml.safe_load(config_text))
+    if changed:  # the run records that its settings changed on resume (e.g. after an anomaly pause)
+        logger.event(step, "resume_changed", keys=changed)
     meta = {"python": platform.python_version(), "torch": torch.__version__, "model": path, "seed": seed}
     if Path(path).is_dir():  # record the sampling settings used for evaluation and for rollouts
         from posttrain.rollout.sampling import eval_defaults, rollout_defaults

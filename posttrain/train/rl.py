@@ -63,8 +63,9 @@ from posttrain.algos.rollout_correction import correction_weights, mismatch_metr
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console, progress_bar
-from posttrain.train.checkpoint import load_checkpoint, save_checkpoint
-from posttrain.train.faults import maybe_kill
+from posttrain.train.anomaly import ALARM_EVERY, AnomalyConfig, AnomalyGuard, alarms
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.loop import ModelConfig, Run, prepare_run
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler
 from posttrain.train.rl_data import (
@@ -98,8 +99,6 @@ from posttrain.train.rl_update import (
 )
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3")
-ALARM_EVERY = 10
-"""Steps between two printed warnings of the same kind (every step still logs ``alarm/<kind>``)."""
 
 
 @dataclass
@@ -117,6 +116,9 @@ class RLTrainConfig:
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     tensorboard: bool = True
+    loggers: list[str] | None = None
+    """Trackers mirroring metrics.jsonl (tensorboard, mlflow, wandb, trackio; local/offline);
+    unset = [tensorboard] if `tensorboard` else none."""
     chunk_size: int = 1024
     """Rows per chunk of the LM head + log-softmax."""
     alarm_kl: float = 0.5
@@ -160,6 +162,9 @@ class RLRecipe:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """What counts as a run gone wrong (KL, entropy, length, reward hacking, no learning signal, ...)
+    and what then: pause with a checkpoint (exit 75), warn, or roll back (`posttrain.train.anomaly`)."""
     output_dir: str = "runs/rl"
     """Run directory: config.yaml, metrics.jsonl, eval_summary.json, checkpoints/, final/."""
     seed: int = 0
@@ -171,6 +176,7 @@ class RLRecipe:
         check_reward_terms(self.rewards)
         self.algorithm.validate()
         self.rollout.validate()
+        self.anomaly.validate()
         if self.data.multi_turn is not None:
             check_multi_turn(self.data.multi_turn, self.algorithm, self.rewards)
         if self.peft.method in ("prefix", "prompt"):
@@ -232,6 +238,8 @@ class Session:
     """The entropy-bonus coefficient now (adapted after each step with algorithm.entropy_control)."""
     env: Any = None
     """The conversation environment with data.multi_turn, else None."""
+    guard: AnomalyGuard | None = None
+    """The anomaly detectors and their action (cfg.anomaly)."""
 
 
 def _engine(cfg: RLRecipe, model, tokenizer):
@@ -293,6 +301,9 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         state = load_checkpoint(run.resume_from, module, optimizer, scheduler)
         s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
         s.entropy_coef = state.get("entropy_coef", algo.entropy_coef)
+    s.guard = AnomalyGuard(cfg.anomaly, run.logger)
+    if run.resume_from is not None:
+        s.guard.load_state_dict(state.get("anomaly"))
     model.train()
     return s
 
@@ -472,8 +483,28 @@ def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
         "kl_coef": s.kl.coef,
         "entropy_coef": s.entropy_coef,
         "rollout_seed": rollout_seed(s.cfg.seed, step, 0),
+        "anomaly": s.guard.state_dict() if s.guard is not None else None,
     }
     return save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, s.cfg.train.keep_last)
+
+
+def rollback(s: Session, lr_factor: float) -> int | None:
+    """Restore the newest checkpoint (policy, optimiser, sampler, KL state, detector history) and
+    scale the learning rate by ``lr_factor``; its step, or None when there is no checkpoint."""
+    path = latest_checkpoint(s.run.dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path, s.module, s.optimizer, s.scheduler)
+    s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
+    s.entropy_coef = state.get("entropy_coef", s.entropy_coef)
+    if state.get("anomaly"):
+        s.guard.monitor.load_state_dict(state["anomaly"]["monitor"])
+    s.scheduler.base_lrs = [lr * lr_factor for lr in s.scheduler.base_lrs]
+    for group in s.optimizer.param_groups:
+        group["lr"] *= lr_factor
+    s.engine.update_weights(s.model)
+    s.run.logger.rewind(s.step)
+    return s.step
 
 
 def _on_anomaly(s: Session, exc: TrainingAnomaly, step: int, sampler_before: dict) -> None:
@@ -486,25 +517,6 @@ def _on_anomaly(s: Session, exc: TrainingAnomaly, step: int, sampler_before: dic
         exc.message += f"; resume from the last checkpoint ({latest_checkpoint(s.run.dir) or 'none yet'})"
 
 
-def alarms(metrics: dict[str, float], kl_limit: float, clipped_limit: float) -> dict[str, str]:
-    """Kind -> what went wrong and what to do, for the step's metrics past their limits (0 = off)."""
-    out = {}
-    kl = metrics.get("kl/token_mean")
-    if kl_limit > 0 and kl is not None and kl > kl_limit:
-        out["kl"] = (
-            f"KL to the reference is {kl:.3f} per token (> train.alarm_kl={kl_limit}): the policy is "
-            "drifting; lower optim.lr or raise algorithm.kl.coef"
-        )
-    clipped = metrics.get("response/clipped_ratio")
-    if clipped_limit > 0 and clipped is not None and clipped > clipped_limit:
-        out["clipped"] = (
-            f"{clipped:.0%} of completions hit rollout.max_new_tokens (> train.alarm_clipped="
-            f"{clipped_limit}): raise max_new_tokens, or shape lengths with rollout.overlong_filter / "
-            "an overlong reward term"
-        )
-    return out
-
-
 def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
     """Train and export the policy; returns the exported `final/` folder."""
     from posttrain.models.peft import export_model
@@ -514,7 +526,7 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
     evaluate = build_evaluator(s, results)
     if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
         evaluate(0)
-    with progress_bar(tc.max_steps, "rl") as bar:
+    with progress_bar(tc.max_steps, "rl") as bar, StopRequest() as stop:
         task = bar.add_task("rl", total=tc.max_steps, completed=s.step, stats="")
         while s.step < tc.max_steps:
             step, before = s.step + 1, dict(s.sampler.state)
@@ -540,8 +552,17 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
                 (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
             ):
                 evaluate(step)
-            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
-                checkpoint(s, step, s.sampler.state)
+                metrics.update({f"eval/{k}": v for k, v in results[step].items()})
+            restored = s.guard.check(step, metrics, lambda: checkpoint(s, s.step, s.sampler.state),
+                                     lambda factor: rollback(s, factor))  # fmt: skip
+            if restored is not None:
+                bar.update(task, completed=restored)
+                continue
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps or stop.signum:
+                saved = checkpoint(s, step, s.sampler.state)
+            if stop.signum is not None and step < tc.max_steps:  # SIGINT / SIGTERM: saved above, now stop
+                s.run.logger.close()
+                raise RunInterrupted(stop.signum, step, str(saved))
     if results:
         (s.run.dir / "eval_summary.json").write_text(
             json.dumps({str(k): v for k, v in results.items()}, indent=1)

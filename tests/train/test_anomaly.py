@@ -47,6 +47,8 @@ def test_length_growth_over_the_window_and_the_clipped_share():
     assert _first(AnomalyMonitor(AnomalyConfig(length_growth=2.0, window=10)), rows, "length") is None
     clipped = [{"response/clipped_ratio": c} for c in (0.1, 0.3, 0.6)]
     assert _first(AnomalyMonitor(AnomalyConfig(clipped_max=0.5)), clipped, "length") == 3
+    always = [{"response/clipped_ratio": 1.0}] * 5  # clipped from the start: not a change
+    assert _first(AnomalyMonitor(AnomalyConfig(clipped_max=0.5)), always, "length") is None
 
 
 def test_no_signal_counts_consecutive_steps_and_says_why():

@@ -323,7 +323,7 @@ def test_resume_is_bit_identical(tmp_path, tiny_model_dir):
 
 
 def test_alarms_fire_past_their_limits_only():
-    from posttrain.train.rl import alarms
+    from posttrain.train.anomaly import alarms
 
     calm = {"kl/token_mean": 0.1, "response/clipped_ratio": 0.2}
     assert alarms(calm, kl_limit=0.5, clipped_limit=0.5) == {}
