@@ -34,6 +34,14 @@ TOY = [
     "stages.grpo.eval.max_new_tokens=8",
     "stages.control.data.n_per_level=4",
     "stages.control.data.eval_n_per_level=1",
+    "stages.prm.data.n_per_level=2",
+    "stages.prm.data.eval_n_per_level=1",
+    "stages.prm.train.max_steps=2",
+    "stages.prm.train.batch_size=4",
+    "stages.orm.data.n_per_level=2",
+    "stages.orm.data.eval_n_per_level=1",
+    "stages.orm.train.max_steps=2",
+    "stages.orm.train.batch_size=4",
     "stages.search.tasks.tasks=[arith]",
     "stages.search.tasks.levels=[1]",
     "stages.search.tasks.n_per_level=1",
@@ -51,7 +59,8 @@ def test_quickstart_pipeline_runs_every_stage_and_reports(tmp_path):
     report = run_pipeline(cfg).read_text()
     header = next(line for line in report.splitlines() if line.startswith("| task"))
     assert header == "| task | level | pretrain | sft | grpo | control |"
-    assert "## grpo vs control" in report and "compute_optimal(oracle verifier)" in report
+    assert "## grpo vs control" in report and "compute_optimal(PRM)" in report
+    assert "| best_of_n(n=8) (oracle) |" in report and "Reference band (oracle)" in report
     for stage in ("pretrain", "sft", "grpo", "control", "search"):
         assert f"| {stage} | " in report
     svg = ET.fromstring((out / "grpo_curves.svg").read_text())
