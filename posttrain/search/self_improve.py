@@ -221,6 +221,13 @@ def verify_finished(results: list, verify) -> tuple[int, int]:
     return ok, total
 
 
+def well_formed(chain: Any) -> bool:
+    """A chain the PRM can train or be measured on: steps, a closed think block, an answer line,
+    and no think tag inside a step (a degenerate sample renders as an empty reply)."""
+    tags = ("<think>", "</think>")
+    return bool(chain.steps) and bool(chain.final()) and not any(t in s for s in chain.steps for t in tags)
+
+
 def round_texts(results: list, cap: int) -> list[tuple[int, str]]:
     """Up to ``cap`` distinct finished path texts per result: ``(query index, text)``."""
     out = []
@@ -259,7 +266,9 @@ def search_and_label(
              "sft": buffer.add(export_sft(results, 1.0, paths="all"), "sft", source=src)}  # fmt: skip
     t1 = time.perf_counter()
     mc = dataclasses.replace(recipe.mc, seed=None if recipe.mc.seed is None else recipe.mc.seed + r)
-    given = chains_of_texts(round_texts(results, mc.n_chains), queries, mc, verify)
+    given = [
+        c for c in chains_of_texts(round_texts(results, mc.n_chains), queries, mc, verify) if well_formed(c)
+    ]
     chains, stats = label_chains(policy, queries, mc, verify, given)
     added["prm"] = buffer.add(prm_records(chains, queries, mc.label), "prm", source=src)
     added["value"] = buffer.add(value_records(chains, queries, mc.k), "value", source=src)
@@ -291,7 +300,7 @@ def heldout_chains(
         return 0
     queries = queries_from_problems(task_problems(recipe.eval_problems), tokenizer)
     sampled = sample_chains(policy, queries, dataclasses.replace(mc, n_chains=recipe.prm_eval_chains), verify)
-    rows = oracle_records([c for c in sampled if c.steps], queries)
+    rows = oracle_records([c for c in sampled if well_formed(c)], queries)
     if rows:
         write_jsonl(rdir / "prm_heldout.jsonl", rows)
     return len(rows)

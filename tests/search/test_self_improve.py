@@ -96,3 +96,13 @@ def test_bad_settings_and_another_tokenizer_are_named(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="another tokenizer"):
         check_buffer_tokenizer(tmp_path, tok)
 
+
+def test_degenerate_chains_are_kept_out_of_prm_data():
+    from posttrain.search.mc_labels import chains_of_texts
+    from posttrain.search.protocols import Query
+    from posttrain.search.self_improve import well_formed
+
+    texts = [(0, "<think>1 + 2 = 3<step>3 + 1 = 4</think>\nAnswer: 4"), (0, "<think>11 + 9 = 2<think>"),
+             (0, "<think>1 + 2 = 3<step>3 + 1"), (0, "Answer: 4")]  # fmt: skip
+    chains = chains_of_texts(texts, [Query("q", {})], MCLabelConfig(), lambda text, meta: False)
+    assert [well_formed(c) for c in chains] == [True, False, False, False]
