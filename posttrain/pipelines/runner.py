@@ -365,8 +365,18 @@ def resolve_stage(st: StageConfig, cfg: PipelineRecipe, state: PipelineState, re
         if isinstance(raw.get("optim"), dict) and "warmup_steps" in raw["optim"]:
             raw["optim"]["warmup_steps"] = min(raw["optim"]["warmup_steps"], steps)
     recipe = from_dict(spec.recipe_type(), raw, source=f"stage {st.name}")
-    body = json.dumps({"command": st.command, "recipe": to_dict(recipe), "inputs": used}, sort_keys=True)
+    settings = non_default(to_dict(recipe), to_dict(spec.recipe_type()()))
+    body = json.dumps({"command": st.command, "recipe": settings, "inputs": used}, sort_keys=True)
     return recipe, hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def non_default(values: Any, defaults: Any) -> Any:
+    """The resolved recipe less every value equal to its default. Fingerprints hash this, so a new
+    release that adds a setting (at its default) does not make finished stages rerun."""
+    if not (isinstance(values, dict) and isinstance(defaults, dict)):
+        return values
+    return {k: non_default(v, defaults.get(k)) for k, v in values.items()
+            if k not in defaults or v != defaults[k]}  # fmt: skip
 
 
 def _move_aside(path: Path, out: Path) -> Path | None:

@@ -206,3 +206,21 @@ def test_eval_models_are_graded_as_columns_before_the_stages(tmp_path, tiny_mode
                         eval={**grading, "models": {"base": str(tmp_path / "nowhere")}})  # fmt: skip
     with pytest.raises(ConfigError, match="is not a model folder"):
         run_pipeline(load_pipeline(missing))
+
+
+def test_settings_at_their_defaults_do_not_change_a_fingerprint(tmp_path, tiny_model_dir):
+    """A release that adds a setting (at its default) must not rerun finished stages: the
+    fingerprint hashes the values that differ from the defaults."""
+    from posttrain.pipelines.runner import non_default
+    from posttrain.train.optim import OptimConfig
+
+    assert non_default(
+        {"a": 1, "b": {"c": 2, "d": 3}, "e": [1]}, {"a": 1, "b": {"c": 0, "d": 3}, "e": [1]}
+    ) == {"b": {"c": 2}}
+    path = _pipeline(tmp_path, tiny_model_dir)
+    run_pipeline(load_pipeline(path))
+    explicit = f"stages.b.optim.weight_decay={OptimConfig().weight_decay}"  # written out, same value
+    report = run_pipeline(load_pipeline(path, [explicit])).read_text()
+    assert "| b | sft | skipped |" in report
+    report = run_pipeline(load_pipeline(path, ["stages.b.optim.weight_decay=0.5"])).read_text()
+    assert "| b | sft | ran |" in report
