@@ -173,7 +173,7 @@ class AnomalyMonitor:
         if not c.grad_spike or "grad_norm" not in seen or len(prev) < 3:
             return None
         med, now = statistics.median(prev), seen["grad_norm"][-1]
-        if now > c.grad_spike * med:
+        if med > 0 and now > c.grad_spike * med:  # steps with no update have a zero norm: no scale
             return Anomaly("grad_spike", "grad_norm", step, seen["grad_norm"], c.grad_spike * med,
                            f"the gradient norm {now:.3g} is {now / med:.0f}x its recent median {med:.3g}",
                            ["anomaly.grad_spike", "optim.lr", "optim.max_grad_norm"])  # fmt: skip

@@ -22,6 +22,9 @@ def test_grad_spike_fires_on_the_spike_not_on_a_noisy_but_steady_run():
     spiky = steady[:12] + [{"grad_norm": 7.0}] + steady[12:]  # median of the 10 before is 1.3
     assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), spiky, "grad_spike") == 13
     assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=0.0)), spiky, "grad_spike") is None  # 0 = off
+    # steps where no group had a gradient log a zero norm: no scale to compare against, no crash
+    idle = [{"grad_norm": 0.0}] * 5 + [{"grad_norm": 0.4}]
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), idle, "grad_spike") is None
 
 
 def test_kl_limit_and_kl_rate():
