@@ -4,7 +4,8 @@ run has gone wrong, with the recent values, the threshold and the settings that 
 `AnomalyMonitor.update(step, metrics)` returns the anomalies found at that step. Detectors
 (every threshold has a default; 0 turns it off):
 
-- ``grad_spike``: ``grad_norm`` > k x the median of the previous ``window`` steps;
+- ``grad_spike``: ``grad_norm`` > k x the median of the previous ``window`` steps (at least 5;
+  RL steps without a policy gradient, every group's rewards equal, are not counted);
 - ``kl``: ``kl/token_mean`` above ``kl_max``, or grown by more than ``kl_rate`` per step over the
   window;
 - ``entropy``: ``pg/entropy`` below ``entropy_min`` (collapse) or above ``entropy_max`` (explosion);
@@ -156,7 +157,14 @@ class AnomalyMonitor:
     def update(self, step: int, metrics: dict[str, float]) -> list[Anomaly]:
         """Record this step's metrics; return the anomalies they show (empty when all is well)."""
         before = {k: list(v) for k, v in self.history.items()}
-        seen = {k: self._push(k, metrics[k]) for k in self.WATCHED if k in metrics}
+        # an RL step where every group had equal rewards has only the KL term's (tiny) gradient:
+        # its norm is no scale for the steps with a policy gradient, so it is not recorded
+        no_pg = metrics.get("rollout/zero_variance_frac", 0.0) >= 1.0
+        seen = {
+            k: self._push(k, metrics[k])
+            for k in self.WATCHED
+            if k in metrics and not (no_pg and k == "grad_norm")
+        }
         for key, value in metrics.items():
             if key.startswith("reward/") and key.endswith("_mean") and key not in seen:
                 seen[key] = self._push(key, value)
@@ -170,7 +178,7 @@ class AnomalyMonitor:
 
     def _grad(self, step, seen, before):
         c, prev = self.cfg, before.get("grad_norm", [])[-self.cfg.window :]
-        if not c.grad_spike or "grad_norm" not in seen or len(prev) < 3:
+        if not c.grad_spike or "grad_norm" not in seen or len(prev) < 5:
             return None
         med, now = statistics.median(prev), seen["grad_norm"][-1]
         if med > 0 and now > c.grad_spike * med:  # steps with no update have a zero norm: no scale

@@ -25,6 +25,14 @@ def test_grad_spike_fires_on_the_spike_not_on_a_noisy_but_steady_run():
     # steps where no group had a gradient log a zero norm: no scale to compare against, no crash
     idle = [{"grad_norm": 0.0}] * 5 + [{"grad_norm": 0.4}]
     assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), idle, "grad_spike") is None
+    # RL: steps where every group had equal rewards carry only the KL gradient (measured on
+    # SmolLM2: 0.002 vs 0.7 with a policy gradient); they are no scale for the others
+    kl_only = {"grad_norm": 0.002, "rollout/zero_variance_frac": 1.0}
+    signal = {"grad_norm": 0.7, "rollout/zero_variance_frac": 0.5}
+    mixed = [signal, kl_only, kl_only, signal, kl_only, signal, kl_only, signal, kl_only, signal, signal]
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), mixed, "grad_spike") is None
+    spike = {"grad_norm": 9.0, "rollout/zero_variance_frac": 0.5}
+    assert _first(AnomalyMonitor(AnomalyConfig(grad_spike=5.0)), [*mixed, spike], "grad_spike") == 12
 
 
 def test_kl_limit_and_kl_rate():
