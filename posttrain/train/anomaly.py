@@ -17,7 +17,8 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   (``eval/<heldout>``) fell by more than ``hack_drop``; or a shaping term (``reward/<t>_mean`` for t
   in ``shaping_terms``) rose over the window while every task term fell;
 - ``no_signal``: every group had equal rewards (``rollout/zero_variance_frac`` = 1) for
-  ``no_signal_steps`` steps in a row, so nothing updated;
+  ``no_signal_steps`` steps in a row, so nothing updated; ``weak_signal`` (warn only, at most once
+  per window): the window's mean share of such groups is ``weak_signal`` or more;
 - ``loss_divergence`` (SFT and every trainer logging ``loss``): the window's mean loss above
   ``loss_divergence`` x the best window mean so far.
 
@@ -75,6 +76,9 @@ class AnomalyConfig:
     falls over the window is hacking."""
     no_signal_steps: int = 5
     """Steps in a row where every group had equal rewards."""
+    weak_signal: float = 0.9
+    """Warn (never pause) when, over the window, this share of groups or more had equal rewards on
+    average: most samples teach nothing. Said at most once per window."""
     loss_divergence: float = 3.0
     """Window mean loss above this many times the best window mean so far."""
     rollback_lr_factor: float = 0.5
@@ -107,6 +111,8 @@ class Anomaly:
     message: str
     settings: list[str]
     """The recipe keys that would change the outcome (the panel names them)."""
+    warn_only: bool = False
+    """Worth saying, never worth stopping for (weak_signal): warned whatever ``on_anomaly`` says."""
 
     def event(self) -> dict[str, Any]:
         """The ``anomaly`` record written to metrics.jsonl (the HTML report marks it)."""
@@ -147,6 +153,7 @@ class AnomalyMonitor:
         self.evals: list[tuple[int, float, float]] = []  # (step, held-out metric, mean training reward)
         self.rewards_since_eval: list[float] = []
         self.no_signal_run = 0
+        self.weak_said = -(10**9)
         self.best_loss = float("inf")
 
     def _push(self, key: str, value: float) -> list[float]:
@@ -231,17 +238,30 @@ class AnomalyMonitor:
 
     def _no_signal(self, step, seen, before):
         c, h = self.cfg, seen.get("rollout/zero_variance_frac")
-        if not c.no_signal_steps or not h:
+        if not h:
             return None
         self.no_signal_run = self.no_signal_run + 1 if h[-1] >= 1.0 else 0
-        if self.no_signal_run < c.no_signal_steps:
-            return None
         reward = seen.get("reward/total_mean", [0.0])[-1]
         why = ("the policy never succeeds: start from an SFT model (cold start) or ease the task"
                if reward <= 0.5 else "the policy always succeeds: use harder prompts")  # fmt: skip
+        if not c.no_signal_steps or self.no_signal_run < c.no_signal_steps:
+            return self._weak_signal(step, h, why)
         return Anomaly("no_signal", "rollout/zero_variance_frac", step, h, 1.0,
                        f"every group had equal rewards for {self.no_signal_run} steps, so nothing updated; {why}",
                        ["model.path", "data.levels", "rollout.n"])  # fmt: skip
+
+    def _weak_signal(self, step: int, h: list[float], why: str) -> Anomaly | None:
+        c = self.cfg
+        if not c.weak_signal or len(h) <= c.window or step - self.weak_said < c.window:
+            return None
+        share = statistics.fmean(h[1:])
+        if share < c.weak_signal:
+            return None
+        self.weak_said = step
+        return Anomaly("weak_signal", "rollout/zero_variance_frac", step, h, c.weak_signal,
+                       f"{100 * share:.0f}% of groups had equal rewards over the last {c.window} steps, so "
+                       f"most samples teach nothing; {why}", ["model.path", "data.levels", "rollout.n"],
+                       warn_only=True)  # fmt: skip
 
     def _loss(self, step, seen, before):
         c, h = self.cfg, seen.get("loss")
@@ -294,6 +314,7 @@ class AnomalyMonitor:
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "evals": self.evals,
                 "rewards_since_eval": self.rewards_since_eval, "no_signal_run": self.no_signal_run,
+                "weak_said": self.weak_said,
                 "best_loss": self.best_loss}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +322,7 @@ class AnomalyMonitor:
         self.evals = [tuple(e) for e in state["evals"]]
         self.rewards_since_eval = list(state["rewards_since_eval"])
         self.no_signal_run = state["no_signal_run"]
+        self.weak_said = state.get("weak_said", -(10**9))
         self.best_loss = state["best_loss"]
 
 
@@ -323,6 +345,11 @@ class AnomalyGuard:
         from posttrain.monitor.logger import console
 
         found = self.monitor.update(step, metrics)
+        if warned := [a for a in found if a.warn_only]:
+            for a in warned:
+                console.print(f"[yellow]step {step}: {a.kind}: {a.message}[/yellow]")
+            self._record(step, warned, "warn")
+            found = [a for a in found if not a.warn_only]
         if not found:
             return None
         action = self.cfg.on_anomaly

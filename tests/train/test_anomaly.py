@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from posttrain.errors import ConfigError
@@ -72,6 +74,36 @@ def test_no_signal_counts_consecutive_steps_and_says_why():
     always = [{"rollout/zero_variance_frac": 1.0, "reward/total_mean": 1.0}] * 4
     mon = AnomalyMonitor(AnomalyConfig(no_signal_steps=4))
     assert "always succeeds" in [a for s, r in enumerate(always, 1) for a in mon.update(s, r)][0].message
+
+
+def test_weak_signal_is_said_once_per_window_and_never_pauses():
+    """The issue's new-user run on today's default: 75-100% of groups equal, never 5 steps in a row."""
+    shares = [0.96, 0.96, 0.75, 0.79, 1.0, 0.96, 0.96, 0.92, 0.96, 1.0, 0.96, 1.0, 1.0, 0.92, 0.88] * 2
+    rows = [{"rollout/zero_variance_frac": f, "reward/total_mean": 0.01} for f in shares]
+    mon = AnomalyMonitor(AnomalyConfig(window=10, weak_signal=0.9))
+    found = [a for step, row in enumerate(rows, 1) for a in mon.update(step, row)]
+    assert [(a.kind, a.step, a.warn_only) for a in found] == [
+        ("weak_signal", 11, True),  # window mean of steps 2-11: 0.922
+        ("weak_signal", 21, True),
+    ]
+    assert "never succeeds" in found[0].message
+    strong = [{"rollout/zero_variance_frac": 0.5}] * 30
+    assert _first(AnomalyMonitor(AnomalyConfig(window=10)), strong, "weak_signal") is None
+
+
+def test_warn_only_anomalies_never_pause_the_guard(tmp_path):
+    from posttrain.monitor.logger import RunLogger
+    from posttrain.train.anomaly import AnomalyGuard
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    guard = AnomalyGuard(AnomalyConfig(window=2, weak_signal=0.9, no_signal_steps=0), logger)
+    rows = [{"rollout/zero_variance_frac": 0.95}] * 5  # said at steps 3 and 5
+    assert all(
+        guard.check(s, r, save=lambda: None) is None for s, r in enumerate(rows, 1)
+    )  # pause is the default
+    logger.close(report=False)
+    events = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["action"]) for e in events] == [("weak_signal", "warn")] * 2
 
 
 def test_reward_up_held_out_down_is_hacking_reward_up_held_out_up_is_not():
