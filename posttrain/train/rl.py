@@ -525,7 +525,8 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
     tc, results, warned = cfg.train, {}, {}
     evaluate = build_evaluator(s, results)
     if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
-        evaluate(0)
+        evaluate(0)  # the held-out baseline the reward-hacking check compares the first evaluation with
+        s.guard.monitor.update(0, {f"eval/{k}": v for k, v in results[0].items()})
     with progress_bar(tc.max_steps, "rl") as bar, StopRequest() as stop:
         task = bar.add_task("rl", total=tc.max_steps, completed=s.step, stats="")
         while s.step < tc.max_steps:
