@@ -297,13 +297,9 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         from posttrain.rollout.multiturn import get_env
 
         s.env = get_env(cfg.data.multi_turn.env)
-    if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, module, optimizer, scheduler)
-        s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
-        s.entropy_coef = state.get("entropy_coef", algo.entropy_coef)
     s.guard = AnomalyGuard(cfg.anomaly, run.logger)
     if run.resume_from is not None:
-        s.guard.load_state_dict(state.get("anomaly"))
+        s.guard.load_state_dict(restore(s, run.resume_from).get("anomaly"))
     model.train()
     return s
 
@@ -488,16 +484,23 @@ def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
     return save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, s.cfg.train.keep_last)
 
 
+def restore(s: Session, path: Path) -> dict:
+    """Load a checkpoint into the session (policy, optimiser, scheduler, sampler, KL and entropy
+    coefficients); returns its saved state (resume and rollback both use it)."""
+    state = load_checkpoint(path, s.module, s.optimizer, s.scheduler)
+    s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
+    s.entropy_coef = state.get("entropy_coef", s.entropy_coef)
+    return state
+
+
 def rollback(s: Session, lr_factor: float) -> int | None:
     """Restore the newest checkpoint (policy, optimiser, sampler, KL state, detector history) and
     scale the learning rate by ``lr_factor``; its step, or None when there is no checkpoint."""
     path = latest_checkpoint(s.run.dir)
     if path is None:
         return None
-    state = load_checkpoint(path, s.module, s.optimizer, s.scheduler)
-    s.step, s.sampler.state, s.kl.coef = state["step"], state["sampler"], state["kl_coef"]
-    s.entropy_coef = state.get("entropy_coef", s.entropy_coef)
-    if state.get("anomaly"):
+    state = restore(s, path)
+    if state.get("anomaly"):  # the detector history, not the rollback count
         s.guard.monitor.load_state_dict(state["anomaly"]["monitor"])
     s.scheduler.base_lrs = [lr * lr_factor for lr in s.scheduler.base_lrs]
     for group in s.optimizer.param_groups:
