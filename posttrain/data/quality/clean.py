@@ -3,20 +3,25 @@
 `run_clean(recipe)` streams every input through the steps in this order, each optional:
 validate (`read_source`), heuristic filters (`apply_filters`), answer verification
 (`verify_answers`), exact dedup, near dedup (`exact_dedup`, `near_dedup`; across all inputs),
-decontamination (`decontaminate`), mixing (`mix`). It writes ``output_dir``:
+decontamination (`decontaminate`), the perplexity filter (`perplexity_filter`), the judge
+checklist (`judge_checklist`; it runs before mixing's draw, so it also judges rows the draw
+then leaves out), mixing (`mix`). It writes ``output_dir``:
 
 - ``kept.jsonl``: the kept rows as read (the input's record format);
 - ``removed.jsonl``: ``{"rule", "where", "evidence", "record"}`` for every dropped row;
 - ``report.json``: ``{"input", "kept", "removed": {rule: count}}`` over all of `RULES`
   (with mixing, rows the draw left out are neither kept nor removed);
+- ``flags.jsonl``: ``{"where", "flags", "verdicts", "replies", "record"}`` for every kept row
+  the judge checklist flagged (``judge.remove: false``; empty otherwise);
 - ``run.json``: the recipe and the inputs' sizes and mtimes; a rerun that finds the same
   returns at once.
 
 The folder is built as ``OUT.tmp-<pid>`` and renamed into place, so a run that is killed or
 fails never leaves a half-written ``OUT`` (an older complete one stays until the rename).
 Memory is flat in the number of records apart from the exact-dedup hashes (one dict entry
-a distinct record) and the near-dedup index (`NearDedupIndex`). The perplexity filter, the
-judge checklist and Ray Data execution are not built yet (their rules count 0).
+a distinct record) and the near-dedup index (`NearDedupIndex`), and one float a record for a
+perplexity percentile. ``engine: ray`` runs validation, the filters, normalisation, MinHash
+signatures and decontamination as Ray Data operations (`posttrain.data.quality.ray_engine`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from posttrain.data.quality.decontam import DecontamConfig, build_index, deconta
 from posttrain.data.quality.dedup import DedupConfig, NearDedupIndex, exact_dedup, near_dedup
 from posttrain.data.quality.filters import FilterConfig, add_token_counts, apply_filters, tokenizer_counter
 from posttrain.data.quality.items import RULES, Item, chunks, read_source
+from posttrain.data.quality.judge import JudgeChecklistConfig, judge_checklist
 from posttrain.data.quality.mix import MixConfig, SourceConfig, budget_counts, mix, mix_mode, ratio_counts
+from posttrain.data.quality.perplexity import PerplexityCleanConfig, perplexity_filter
 from posttrain.data.quality.verify import VerifyConfig, verify_answers
 from posttrain.errors import ConfigError, DataError
 
@@ -62,6 +69,12 @@ class CleanRecipe:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    perplexity: PerplexityCleanConfig = field(default_factory=PerplexityCleanConfig)
+    judge: JudgeChecklistConfig = field(default_factory=JudgeChecklistConfig)
+    engine: Literal["local", "ray"] = "local"
+    """``local``: one process; ``ray``: filters, dedup signatures and decontamination on Ray Data."""
+    ray_address: str | None = None
+    """Ray cluster to join with engine=ray (None: start or join a local one)."""
 
     def sources(self) -> list[SourceConfig]:
         return [SourceConfig(path=s) if isinstance(s, str) else s for s in self.inputs]
@@ -84,7 +97,7 @@ class CleanRecipe:
             raise ConfigError(
                 "filters.min/max_tokens need a tokenizer", where="tokenizer", fix="set tokenizer"
             )
-        for part in (self.filters, self.verify, self.dedup, self.decontam):
+        for part in (self.filters, self.verify, self.dedup, self.decontam, self.perplexity, self.judge):
             part.validate()
 
 
@@ -101,7 +114,16 @@ def _steps(recipe: CleanRecipe, items: Iterable[Item], count_tokens) -> Iterator
         items = near_dedup(items, recipe.dedup, near)
     if index is not None:
         items = decontaminate(items, index)
-    return items
+    return _model_steps(recipe, items)
+
+
+def _model_steps(recipe: CleanRecipe, items: Iterable[Item]) -> Iterator[Item]:
+    """The steps that ask a model: perplexity filter, judge checklist."""
+    if recipe.perplexity.enabled:
+        items = perplexity_filter(items, recipe.perplexity)
+    if recipe.judge.enabled:
+        items = judge_checklist(items, recipe.judge)
+    return iter(items)
 
 
 def _with_tokens(items: Iterable[Item], count_tokens) -> Iterator[Item]:
@@ -125,6 +147,7 @@ def _sink(
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context(open(tmp / n, "w", encoding="utf-8")) for n in names]
         removed = stack.enter_context(open(tmp / "removed.jsonl", "w", encoding="utf-8"))
+        flags = stack.enter_context(open(tmp / "flags.jsonl", "w", encoding="utf-8"))
         for item in items:
             counts["input"] += 1
             if item.removed is not None:
@@ -141,6 +164,9 @@ def _sink(
                     fix="clean each record kind with its own recipe",
                 )
             kinds.setdefault(item.kind, item.source)
+            if item.flags:
+                counts["flagged"] += 1
+                flags.write(_line({"where": item.where, **item.flags, "record": item.raw}))
             outs[item.source if split else 0].write(_line(item.raw))
             kept[item.source] += 1
             tokens[item.source] += item.n_tokens or 0
@@ -252,7 +278,7 @@ def run_clean(recipe: CleanRecipe) -> Path:
     return out
 
 
-def report_table(report: dict, title: str = "posttrain data clean"):
+def report_table(report: dict, title: str = "posttrain data clean", flagged: int = 0):
     """The report as a rich table: input, each rule that removed something, kept."""
     from rich.table import Table
 
@@ -266,13 +292,17 @@ def report_table(report: dict, title: str = "posttrain data clean"):
         if n:
             table.add_row(f"removed: {rule}", str(n), f"{100 * n / total:.1f}%")
     table.add_row("kept", str(report["kept"]), f"{100 * report['kept'] / total:.1f}%")
+    if flagged:
+        table.add_row("kept, flagged by the judge", str(flagged), f"{100 * flagged / total:.1f}%")
     return table
 
 
 def print_report(report: dict, out: Path) -> None:
     from rich.console import Console
 
-    Console().print(report_table(report, title=f"posttrain data clean -> {out}"))
+    flags = out / "flags.jsonl"
+    flagged = flags.read_text(encoding="utf-8").count("\n") if flags.is_file() else 0
+    Console().print(report_table(report, title=f"posttrain data clean -> {out}", flagged=flagged))
 
 
 def clean_main(recipe_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Path:

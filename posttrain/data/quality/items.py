@@ -36,7 +36,7 @@ RULES = (
     "perplexity",
     "judge",
 )
-"""Rule names of the report, in step order (``perplexity`` and ``judge`` have no step yet)."""
+"""Rule names of the report, in step order."""
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Item:
     removed: Removal | None = None
     n_tokens: int | None = None
     """Token count under the recipe's tokenizer, once a step has computed it."""
+    flags: dict | None = None
+    """What the judge checklist flagged on a kept item (``judge.remove: false``), else None."""
     _text: str | None = None
     _norm: str | None = None
 
