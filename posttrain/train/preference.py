@@ -39,6 +39,7 @@ from posttrain.algos.preference_losses import (
     chosen_nll,
     get_preference_loss,
 )
+from posttrain.data.quality.perplexity import perplexity_keep  # one threshold rule for data clean and DPO
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
@@ -205,21 +206,6 @@ class PreferenceRecipe:
 
 
 # ---------------------------------------------------------------- reference log-probs and the filter
-
-
-def perplexity_keep(
-    ppl: torch.Tensor, checked: torch.Tensor, max_ppl: float | None, percentile: float | None
-) -> tuple[torch.Tensor, float]:
-    """Which examples to keep: none of their checked responses above the threshold.
-
-    ppl, checked: (N, k) perplexities and which of them are checked (bool).
-    threshold = min(max_ppl, the `percentile`-th percentile of the checked perplexities).
-    Returns (keep (N,) bool, threshold).
-    """
-    threshold = float("inf") if max_ppl is None else float(max_ppl)
-    if percentile is not None and checked.any():
-        threshold = min(threshold, float(torch.quantile(ppl[checked].double(), percentile / 100)))
-    return ~((ppl > threshold) & checked).any(dim=1), threshold
 
 
 def apply_filter(run_dir: Path, examples: list, sums, counts, cfg: PerplexityFilterConfig) -> list[int]:
