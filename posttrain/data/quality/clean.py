@@ -53,13 +53,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CleanRecipe:
-    """`posttrain data clean RECIPE.yaml`: every key of a clean recipe."""
+class CleanSteps:
+    """The cleaning steps and their settings: shared by a clean recipe and a training recipe's
+    ``clean:`` section (`posttrain.data.quality.section`)."""
 
-    inputs: list[SourceConfig | str] = field(default_factory=list)
-    """Input files (a path, or {path, kind, split, ratio, tokens}); all of one record kind."""
-    output_dir: str = "runs/clean"
-    """Output folder: kept.jsonl, removed.jsonl, report.json, run.json."""
     on_invalid: Literal["drop", "stop"] = "drop"
     """An invalid row is dropped (rule ``invalid``, with its file:line) or stops the run."""
     tokenizer: str | None = None
@@ -68,13 +65,32 @@ class CleanRecipe:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
     perplexity: PerplexityCleanConfig = field(default_factory=PerplexityCleanConfig)
     judge: JudgeChecklistConfig = field(default_factory=JudgeChecklistConfig)
     engine: Literal["local", "ray"] = "local"
-    """``local``: one process; ``ray``: filters, dedup signatures and decontamination on Ray Data."""
+    """``local``: one process; ``ray``: validation, filters, MinHash signatures and
+    decontamination as Ray Data operations (`posttrain.data.quality.ray_engine`)."""
     ray_address: str | None = None
-    """Ray cluster to join with engine=ray (None: start or join a local one)."""
+    """Ray cluster to join with engine=ray (None: start a local one, or join the one running here)."""
+
+    def validate_steps(self) -> None:
+        if self.filters.needs_tokens and not self.tokenizer:
+            raise ConfigError(
+                "filters.min/max_tokens need a tokenizer", where="tokenizer", fix="set tokenizer"
+            )
+        for part in (self.filters, self.verify, self.dedup, self.decontam, self.perplexity, self.judge):
+            part.validate()
+
+
+@dataclass
+class CleanRecipe(CleanSteps):
+    """`posttrain data clean RECIPE.yaml`: every key of a clean recipe."""
+
+    inputs: list[SourceConfig | str] = field(default_factory=list)
+    """Input files (a path, or {path, kind, split, ratio, tokens}); all of one record kind."""
+    output_dir: str = "runs/clean"
+    """Output folder: kept.jsonl, removed.jsonl, flags.jsonl, report.json, run.json."""
+    mix: MixConfig = field(default_factory=MixConfig)
 
     def sources(self) -> list[SourceConfig]:
         return [SourceConfig(path=s) if isinstance(s, str) else s for s in self.inputs]
@@ -93,12 +109,7 @@ class CleanRecipe:
             raise ConfigError(
                 "token budgets need a tokenizer", where="tokenizer", fix="set tokenizer (e.g. default)"
             )
-        if self.filters.needs_tokens and not self.tokenizer:
-            raise ConfigError(
-                "filters.min/max_tokens need a tokenizer", where="tokenizer", fix="set tokenizer"
-            )
-        for part in (self.filters, self.verify, self.dedup, self.decontam, self.perplexity, self.judge):
-            part.validate()
+        self.validate_steps()
 
 
 def _steps(recipe: CleanRecipe, items: Iterable[Item], count_tokens) -> Iterator[Item]:
