@@ -40,6 +40,7 @@ from posttrain.algos.preference_losses import (
     get_preference_loss,
 )
 from posttrain.data.quality.perplexity import perplexity_keep  # one threshold rule for data clean and DPO
+from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
@@ -176,6 +177,8 @@ class PreferenceRecipe:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    clean: CleanSection | None = None
+    """Clean data.train with `posttrain data clean`'s steps before training (cached; null: off)."""
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     filter: PerplexityFilterConfig = field(default_factory=PerplexityFilterConfig)
@@ -421,7 +424,8 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
     spec, kwargs = get_preference_loss(cfg.loss.name), cfg.loss.kwargs()
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tok = run.model, run.tokenizer
-    examples, stats = build_examples(cfg.data, tok, "train", cfg.loss.name, unpaired=not spec.paired)
+    train_data = clean_data(cfg.clean, cfg.data, "train", cfg.output_dir)
+    examples, stats = build_examples(train_data, tok, "train", cfg.loss.name, unpaired=not spec.paired)
     report_data(run, "train", stats)
     steps = total_steps(cfg.train, -(-len(examples) // cfg.train.batch_size))
     mode = choose_reference(cfg, spec, len(examples), steps)

@@ -60,6 +60,7 @@ from posttrain.algos.advantages import compute_advantages
 from posttrain.algos.entropy import adaptive_entropy_coef
 from posttrain.algos.kl import KLController, kl_estimate
 from posttrain.algos.rollout_correction import correction_weights, mismatch_metrics
+from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console, progress_bar
@@ -156,6 +157,8 @@ class RLRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: RLDataConfig = field(default_factory=RLDataConfig)
+    clean: CleanSection | None = None
+    """Clean data.prompts with `posttrain data clean`'s steps before training (cached; null: off)."""
     rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -274,7 +277,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         model = apply_peft(model, cfg.peft)
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, model, tokenizer, cfg.peft)
     model, tok = run.model, run.tokenizer
-    records = load_prompts(cfg.data)
+    records = load_prompts(clean_data(cfg.clean, cfg.data, "prompts", cfg.output_dir))
     if cfg.data.multi_turn is None:
         check_scorers(records, cfg.rewards)
     reference = build_reference(cfg, model)  # before resuming: pi_ref is the starting policy

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.collate import verify_packed_attention
+from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
@@ -32,6 +33,8 @@ class SFTRecipe:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    clean: CleanSection | None = None
+    """Clean data.train with `posttrain data clean`'s steps before training (cached; null: off)."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -57,7 +60,9 @@ def run_sft(cfg: SFTRecipe) -> Path:
     model, tokenizer = run.model, run.tokenizer
     if cfg.data.packing:
         verify_packed_attention(model)
-    train_samples, stats = build_samples(tokenizer, cfg.data, "train")
+    train_samples, stats = build_samples(
+        tokenizer, clean_data(cfg.clean, cfg.data, "train", cfg.output_dir), "train"
+    )
     run.print_data_table("train", stats)
     eval_samples, _ = build_samples(tokenizer, cfg.data, "eval")
     plan = BatchPlan(
