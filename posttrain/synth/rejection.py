@@ -11,9 +11,12 @@ no ``input`` is given):
 3. it is *eligible* when it passes, its text is not blank and (with ``drop_truncated``) it
    stopped on its own rather than at max_new_tokens;
 4. ``keep: best`` keeps the eligible completion with the highest r (ties: the lower sample
-   index); ``keep: all`` keeps every eligible one. With ``dedup``, a completion whose
-   normalised text (whitespace runs collapsed, ends stripped) equals an earlier one of the
-   same prompt -- or one already kept for an identical prompt -- is dropped first.
+   index); ``keep: all`` keeps every eligible one. With ``dedup``, a completion is dropped
+   first when its text equals an earlier one of the same prompt -- or one already kept for an
+   identical prompt -- after `posttrain.data.quality` normalisation (NFKC, casefold,
+   whitespace folded: the exact-dedup key of ``posttrain data clean``); with
+   ``near_dup_threshold`` also when data clean's MinHash estimate of their word-3-gram
+   Jaccard similarity is at or above it.
 
 Output: ``sft.jsonl`` of chat records ``{"messages": prompt + [assistant completion],
 "metadata": {..., "reward", "sample_index", "generation_index"}}`` that `load_records` and
@@ -36,6 +39,8 @@ from typing import Literal
 
 from posttrain.config import to_dict
 from posttrain.data.loaders import write_jsonl
+from posttrain.data.quality.dedup import DedupConfig, NearDedupIndex, similarity
+from posttrain.data.quality.items import normalize_text
 from posttrain.errors import ConfigError, DataError
 from posttrain.monitor.logger import console
 from posttrain.synth.generate import GenerateRecipe, model_fingerprint, read_generations, run_generate
@@ -64,7 +69,10 @@ class FilterRecipe:
     drop_truncated: bool = True
     """Never keep a completion cut by max_new_tokens (it would teach the model not to stop)."""
     dedup: bool = True
-    """Drop exact-duplicate responses (after whitespace normalisation) per prompt."""
+    """Drop duplicate responses per prompt (data clean's exact-dedup normalisation: NFKC, case, whitespace)."""
+    near_dup_threshold: float | None = None
+    """With dedup: also drop responses whose MinHash Jaccard similarity to an earlier one of the
+    same prompt is >= this (data clean's near dedup, e.g. 0.8); null: exact duplicates only."""
     pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     """k values of the reported pass@k (those larger than a prompt's n are skipped)."""
     output_dir: str = "runs/filter"
@@ -84,6 +92,9 @@ class FilterRecipe:
             raise ConfigError("pass_k values must be >= 1", where="pass_k")
         if math.isnan(self.threshold):
             raise ConfigError("threshold is NaN", where="threshold", fix="set a number, or -.inf")
+        if self.near_dup_threshold is not None and not 0 < self.near_dup_threshold <= 1:
+            raise ConfigError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}",
+                              where="near_dup_threshold", fix="e.g. 0.8, or null for exact duplicates only")  # fmt: skip
 
 
 # ---------------------------------------------------------------- pure parts
@@ -99,37 +110,43 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def normalise(text: str) -> str:
-    """The duplicate key of a response: whitespace runs collapsed to one space, ends stripped."""
-    return " ".join(text.split())
-
-
 def choose(
     scores: list[float], eligible: list[bool], texts: list[str], keep: str, threshold: float,
-    seen: set[str] | None = None,
+    seen: set[str] | None = None, near: NearDedupIndex | None = None,
 ) -> tuple[list[int], int]:  # fmt: skip
     """The kept completions of one prompt and the number of duplicates dropped.
 
     Candidates: eligible with score >= threshold, ordered best-first (score desc, index asc)
-    for ``keep="best"``, by index for ``"all"``. A candidate whose `normalise`d text equals an
+    for ``keep="best"``, by index for ``"all"``. A candidate whose `normalize_text` equals an
     earlier candidate's, or one in ``seen`` (texts kept for an identical prompt; pass None to
-    disable de-duplication), is a duplicate. ``seen`` gains the kept texts.
+    disable de-duplication), is a duplicate; with ``near`` (the near-dedup index of the texts
+    kept for this prompt) so is one whose MinHash similarity to such a text, or to an earlier
+    candidate's, reaches the index's threshold. ``seen`` and ``near`` gain the kept texts.
     """
     cands = [i for i, (s, e) in enumerate(zip(scores, eligible, strict=True)) if e and s >= threshold]
     if keep == "best":
         cands.sort(key=lambda i: (-scores[i], i))
     if seen is None:
         return (cands[:1] if keep == "best" else cands), 0
-    local, unique, dups = set(seen), [], 0
+    local, unique, dups, sigs = set(seen), [], 0, {}
     for i in cands:
-        key = normalise(texts[i])
+        key = normalize_text(texts[i])
         if key in local:
             dups += 1
             continue
+        if near is not None:
+            sig = near.signature(key)
+            earlier = (similarity(sig.hashvalues, s.hashvalues) for s in sigs.values())
+            if near.match(sig) is not None or max(earlier, default=0.0) >= near.cfg.threshold:
+                dups += 1
+                continue
+            sigs[i] = sig
         local.add(key)
         unique.append(i)
     kept = unique[:1] if keep == "best" else unique
-    seen.update(normalise(texts[i]) for i in kept)
+    seen.update(normalize_text(texts[i]) for i in kept)
+    for i in kept if near is not None else ():
+        near.add(sigs[i], f"sample {i}")
     return kept, dups
 
 
@@ -213,6 +230,7 @@ def score_rows(rows: list[dict], terms: list[RewardTermConfig], chunk: int = 64)
 def rejection_sample(rows: list[dict], scores: list[list[float]], recipe: FilterRecipe):
     """(SFT records, per-prompt stats) of scored generation rows (module docstring, steps 2-4)."""
     seen: dict[str, set[str]] = defaultdict(set)
+    near: dict[str, NearDedupIndex] = {}
     kept_records, stats = [], []
     for row, sc in zip(rows, scores, strict=True):
         comps = row["completions"]
@@ -221,9 +239,11 @@ def rejection_sample(rows: list[dict], scores: list[list[float]], recipe: Filter
             for c in comps
         ]
         prompt_key = json.dumps(row["prompt"], sort_keys=True)
+        if recipe.dedup and recipe.near_dup_threshold is not None and prompt_key not in near:
+            near[prompt_key] = NearDedupIndex(DedupConfig(threshold=recipe.near_dup_threshold))
         kept, dups = choose(
             sc, eligible, [c["text"] for c in comps], recipe.keep, recipe.threshold,
-            seen[prompt_key] if recipe.dedup else None,
+            seen[prompt_key] if recipe.dedup else None, near.get(prompt_key),
         )  # fmt: skip
         kept_records += [sft_record(row, i, sc[i]) for i in kept]
         s = prompt_stats(sc, recipe.threshold, len(kept), dups, recipe.pass_k)

@@ -69,6 +69,7 @@ __all__ = [
     "near_dedup",
     "normalize_text",
     "shingles",
+    "similarity",
     "text_hash",
 ]
 
@@ -116,6 +117,11 @@ def _fast_hash() -> dict:
     return {"hashfunc": xxhash.xxh32_intdigest}
 
 
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two MinHash value arrays: the share of equal values."""
+    return float(np.mean(a == b))
+
+
 class NearDedupIndex:
     """datasketch MinHashLSH plus each representative's MinHash values, for the similarity check."""
 
@@ -156,7 +162,7 @@ class NearDedupIndex:
         """The most similar representative at or above the threshold: ``(where, estimated Jaccard)``."""
         best = None
         for key in self.lsh.query(minhash):
-            jaccard = float(np.mean(self._row(key) == minhash.hashvalues))
+            jaccard = similarity(self._row(key), minhash.hashvalues)
             if jaccard >= self.cfg.threshold and (best is None or jaccard > best[1]):
                 best = (self._where[key], jaccard)
         return best
