@@ -177,6 +177,14 @@ def filter_cmd(recipe: Recipe = None, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def plan(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Estimate a training recipe's memory per rank (plan.strategy / plan.world_size / plan.memory_gib); refuse what cannot fit."""
+    from posttrain.distributed.plan import plan_main
+
+    plan_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command()
 def search(recipe: Recipe = None, overrides: Overrides = None) -> None:
     """Compare test-time search strategies on a task set: accuracy, tokens, time, accuracy-vs-compute plot."""
     from posttrain.search.compare import search_main
