@@ -6,6 +6,8 @@ leaves checkpoints loadable and that resume is exact. Points:
 - `after-step:N`: right after optimiser step N (before any checkpoint of step N);
 - `mid-save:N`: while writing checkpoint N, after its files, before the rename.
 - `mid-export:N`: while staging export N (`posttrain export`), before the rename into OUT.
+- `hang-<point>:N`: sleep forever there instead (a stuck rank, for the collective timeout).
+`POSTTRAIN_FAULT_RANK=r` limits the fault to distributed rank r (default: every rank).
 Unset in normal use; reading one environment variable is the whole cost.
 
 `StopRequest` turns SIGINT / SIGTERM during training into a clean stop: the current step
@@ -18,13 +20,21 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from posttrain.errors import PosttrainError
 
 
 def maybe_kill(point: str, step: int) -> None:
-    if os.environ.get("POSTTRAIN_FAULT") == f"{point}:{step}":
+    fault, rank = os.environ.get("POSTTRAIN_FAULT"), os.environ.get("RANK", "0")
+    if fault is None or os.environ.get("POSTTRAIN_FAULT_RANK", rank) != rank:
+        return
+    if fault == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"hang-{point}:{step}":  # a stuck rank: the others must time out, not wait forever
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            time.sleep(60)
 
 
 class RunInterrupted(PosttrainError):

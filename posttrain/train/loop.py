@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,9 +26,12 @@ import yaml
 
 from posttrain.algos.aggregate import AggMode
 from posttrain.config import dump_yaml
+from posttrain.distributed import checkpoint as dist_ckpt
+from posttrain.distributed import trainer as dist
+from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, is_main, local_micro, world
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import RunLogger, check_finite, console, progress_bar
-from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.lm_loss import causal_lm_loss, loss_targets
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_grads, optimizer_step
@@ -118,6 +122,9 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             for k in changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]  # fmt: skip
 
 
+SAME_RUN_KEYS = tuple(f"distributed.{k}" for k in ("nproc", "strategy", "backend", "timeout_minutes"))
+
+
 def resolve_model_path(path: str) -> str:
     if path == "default":
         from posttrain.train.pretrain import ensure_default_model
@@ -148,21 +155,26 @@ def prepare_run(
     check_loggers(loggers or [])  # a missing tracker fails before any model is loaded
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
+    cuda = torch.cuda.is_available() and getattr(model_cfg, "device", "auto") != "cpu"
+    dist.join(recipe, "cuda" if cuda else "cpu")  # under torchrun: the process group; rank 0 writes
+    main = is_main()
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if getattr(recipe, "resume", True) else None
     config_text = dump_yaml(recipe)
     previous, changed = run_dir / "config.yaml", []
-    if resume_from is not None and previous.is_file() and previous.read_text() != config_text:
+    if main and resume_from is not None and previous.is_file() and previous.read_text() != config_text:
         changed = changed_keys(yaml.safe_load(previous.read_text()), yaml.safe_load(config_text))
-        changed = [k for k in changed if k != "output_dir"]  # a moved run folder is the same run
+        # a moved run folder, or a new world size / strategy (same global batch), is the same run
+        changed = [k for k in changed if k != "output_dir" and k not in SAME_RUN_KEYS]
     if changed:
         console.print(
             f"[yellow]warning[/yellow]: resuming {run_dir} with changed settings ({', '.join(changed)}); "
             "the result will not equal an uninterrupted run (old config kept as config.previous.yaml)"
         )
         previous.replace(run_dir / "config.previous.yaml")
-    (run_dir / "config.yaml").write_text(config_text)
+    if main:
+        (run_dir / "config.yaml").write_text(config_text)
     torch.manual_seed(seed)
     path = "<built in memory>"
     if model is None:
@@ -178,7 +190,8 @@ def prepare_run(
     if resume_from is not None:
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         console.print(f"resuming from {resume_from}")
-    logger = RunLogger(run_dir, loop.tensorboard, step, loggers, yaml.safe_load(config_text))
+    settings = yaml.safe_load(config_text)
+    logger = RunLogger(run_dir, loop.tensorboard, step, loggers, settings) if main else dist.NullLogger()
     if changed:  # the run records that its settings changed on resume (e.g. after an anomaly pause)
         logger.event(step, "resume_changed", keys=changed)
     meta = {"python": platform.python_version(), "torch": torch.__version__, "model": path, "seed": seed}
@@ -189,7 +202,8 @@ def prepare_run(
             "eval": eval_defaults(path).to_metadata(),
             "rollout": rollout_defaults().to_metadata(),
         }
-    (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
+    if main:
+        (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
     return Run(run_dir, model, tokenizer, logger, resume_from, next(model.parameters()).device)
 
 
@@ -220,24 +234,37 @@ def _step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         mask, _, seq = loss_targets(b)
         tokens += int(mask.sum())
         seqs += int(torch.unique(seq).numel())
+    tokens, seqs = all_reduce_sum([tokens, seqs])  # totals over all ranks' shards (identity in one process)
     return float(max(tokens, 1)), float(max(seqs, 1))
 
 
 def train_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) -> dict[str, float]:
-    """Forward/backward over the micro-batches of one optimiser step (no optimiser step)."""
+    """Forward/backward over the micro-batches of one optimiser step (no optimiser step).
+
+    On several ranks each takes its rows of every micro-batch (`local_micro`); the weights use
+    the all-reduced totals and the loss is scaled by the world size, so DDP's gradient average
+    is the one-process gradient of the whole step."""
+    micro, scale = local_micro(micro), world()
     num_tokens, num_seqs = _step_totals(micro)
     nll_sum = 0.0
     loss_total = torch.zeros((), device=device)
-    for b in micro:
+    for i, b in enumerate(micro):
         b = _to(b, device)
-        with _autocast(loop.precision, device):
-            loss, m = causal_lm_loss(
-                model, b, loop.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, chunk_size=loop.chunk_size
-            )
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with grad_sync(model, i == len(micro) - 1):
+            with _autocast(loop.precision, device):
+                loss, m = call(
+                    model, causal_lm_loss, b, loop.loss_agg,
+                    num_tokens=num_tokens, num_seqs=num_seqs, chunk_size=loop.chunk_size,
+                )  # fmt: skip
+            scaled = loss * scale if scale > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_total += loss.detach()
         nll_sum += float(m["nll_sum"])
-    return {"loss": float(loss_total), "nll_token_mean": nll_sum / num_tokens, "tokens": num_tokens}
+    loss_sum, nll_sum = all_reduce_sum([float(loss_total), nll_sum])
+    return {"loss": loss_sum, "nll_token_mean": nll_sum / num_tokens, "tokens": num_tokens}
+
+
+train_step.distributed = True  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -298,6 +325,7 @@ def run_loop(
     """
     step_fn = step_fn or train_step
     device = run.device
+    model = dist.setup(model, step_fn, device)  # DDP / FSDP from outside the model, when world > 1
     steps = total_steps(loop, len(plan))
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, steps)
@@ -305,14 +333,15 @@ def run_loop(
     state = {"epoch": 0, "index": 0}
     step = 0
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, model, optimizer, scheduler)
+        state = dist_ckpt.load(run.resume_from, model, optimizer, scheduler)
         step = state["step"]
     model.train()
-    ckpt = lambda s: save_checkpoint(run.dir, s, model, optimizer, scheduler, state, loop.keep_last)  # noqa: E731
-    with progress_bar(steps, "train") as bar, StopRequest() as stop:
+    ckpt = lambda s: dist_ckpt.save(run.dir, s, model, optimizer, scheduler, state, loop.keep_last)  # noqa: E731
+    with progress_bar(steps, "train", disable=not is_main()) as bar, StopRequest() as stop:
         task = bar.add_task("train", total=steps, completed=step, stats="")
         while step < steps:
             t0 = time.perf_counter()
+            dist.check_in(step)  # a dead or stuck rank ends the job here, named, after the timeout
             micro = []
             while len(micro) < loop.grad_accum:
                 batches = plan.epoch(state["epoch"])
@@ -346,12 +375,13 @@ def run_loop(
                 task, completed=step, stats=f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s"
             )
             if evaluate is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
-                evaluate(model, step)
-            if (loop.save_every and step % loop.save_every == 0) or step == steps or stop.signum:
+                dist.evaluate_ranks(evaluate, model, step)
+            stopping = dist.stop_agreed(stop.signum)  # every rank stops after the same step
+            if (loop.save_every and step % loop.save_every == 0) or step == steps or stopping:
                 saved = ckpt(step)
-            if stop.signum is not None and step < steps:  # SIGINT / SIGTERM: saved above, now stop
+            if stopping and step < steps:  # SIGINT / SIGTERM: saved above, now stop
                 run.logger.close()
-                raise RunInterrupted(stop.signum, step, str(saved))
+                raise RunInterrupted(stop.signum or signal.SIGTERM, step, str(saved))
     return model
 
 
@@ -367,6 +397,7 @@ def _evaluate(run: Run, model, eval_plan, sample_prompts, loop: LoopConfig, step
         gens = sample_generations(
             model, run.tokenizer, sample_prompts, loop.sample_max_new_tokens, run.device
         )
-        with open(run.dir / "samples.jsonl", "a") as f:
-            for g in gens:
+        main = is_main()  # under FSDP every rank generates; rank 0 writes
+        with open(run.dir / "samples.jsonl", "a") if main else nullcontext() as f:
+            for g in gens if main else []:
                 f.write(json.dumps({"step": step, **g}) + "\n")

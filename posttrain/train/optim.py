@@ -79,8 +79,10 @@ def clip_grads(model: torch.nn.Module, max_grad_norm: float) -> float:
     if not params:
         return 0.0
     if max_grad_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, scaler=None) -> None:

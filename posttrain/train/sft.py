@@ -18,6 +18,7 @@ import torch
 from posttrain.data.collate import verify_packed_attention
 from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
+from posttrain.distributed.config import DistributedConfig
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
@@ -40,6 +41,8 @@ class SFTRecipe:
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalHookConfig = field(default_factory=EvalHookConfig)
     """Held-out metrics on your own data: ``eval.recipe`` names an eval recipe run every eval step."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (DDP / FSDP2): `distributed.nproc=2`, or launch with torchrun."""
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/."""
     seed: int = 0
@@ -84,13 +87,24 @@ def run_sft(cfg: SFTRecipe) -> Path:
     evaluate = sft_evaluator(run, eval_plan, sample_prompts, cfg.train) if eval_plan is not None else None
     evaluate = with_recipe_eval(cfg.eval, run, evaluate)
     model = run_loop(run, model, plan, cfg.optim, cfg.train, evaluate=evaluate)
-    final = export_model(model, tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
+    from posttrain.distributed.trainer import export_final
+
+    out = Path(cfg.output_dir) / "final"
+    final = export_final(model, lambda m: export_model(m, tokenizer, out, cfg.peft), out)  # rank 0 writes
     run.finish(final)
     return final
 
 
 def sft_main(recipe_path: str | None, overrides: list[str]) -> Path:
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import launch_or_none, shutdown
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return run_sft(load_recipe(SFTRecipe, recipe_path, overrides))
+    cfg = load_recipe(SFTRecipe, recipe_path, overrides)
+    launched = launch_or_none("sft", recipe_path, overrides, cfg.distributed, cfg.output_dir)  # nproc > 1
+    if launched is not None:
+        return launched
+    try:
+        return run_sft(cfg)
+    finally:
+        shutdown()

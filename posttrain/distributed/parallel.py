@@ -1,0 +1,183 @@
+"""DDP / FSDP2 applied to a model from outside (habit 8), rank helpers, and each rank's data shard.
+
+The model keeps its architecture; `wrap` puts a small root module around it (`_Root`, whose
+forward runs any function of the model) and hands that root to DDP or `fully_shard`, so a
+trainer's loss code (fused LM head, reward heads, ...) runs inside the DDP/FSDP forward through
+`call(model, fn, ...)` without knowing about distribution. Without a process group every helper
+is the identity (rank 0 of 1).
+
+Global-step contract: every rank builds the same global micro-batches (same plan, same resume
+position); rank r trains on rows `tensor_split(rows, world)[r]` of each, so a recipe means the
+same optimisation at any world size. A rank whose slice is empty gets one row with every label
+ignored (zero loss, zero gradient) so that all ranks run the same forwards and collectives.
+Loss weights use the token / sequence totals all-reduced over the ranks, and the loss is scaled
+by the world size, so DDP's gradient average (and FSDP's reduce-scatter average) equals the
+one-process gradient of the whole step.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from posttrain.distributed.config import DistributedConfig
+from posttrain.errors import PosttrainError
+
+_ROOT = "_posttrain_root"
+IGNORE_INDEX = -100
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a one-process run): the rank that writes logs, metrics and `final/`."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum `values` over the ranks (float64, so token counts stay exact)."""
+    if world() == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def check_in(step: int, timeout_minutes: float) -> None:
+    """Every rank reports at the start of each step; a rank that died or hangs ends the job
+    after `timeout_minutes` with an error naming it (gloo's monitored barrier names the ranks)."""
+    if world() == 1:
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.monitored_barrier(
+            group=_monitor_group(), timeout=datetime.timedelta(minutes=timeout_minutes), wait_all_ranks=True
+        )
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise PosttrainError(
+            f"rank {rank()}: the job stopped at step {step + 1}: {first}",
+            where="distributed.timeout_minutes",
+            fix="look at that rank's error above (crash, out of memory, a stuck data loader); "
+            "rerun the same command to resume from the last checkpoint",
+        ) from exc
+
+
+_MONITOR: list[Any] = []
+
+
+def _monitor_group():
+    """A gloo group for the monitored barrier (NCCL has none); made once, on every rank."""
+    import torch.distributed as dist
+
+    if not _MONITOR:
+        backend = dist.get_backend()
+        _MONITOR.append(None if backend == "gloo" else dist.new_group(backend="gloo"))
+    return _MONITOR[0]
+
+
+class _Root(torch.nn.Module):
+    """The module DDP / FSDP wrap: its forward runs `fn(model, *args, **kwargs)`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
+
+
+def root_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    return model.__dict__.get(_ROOT)
+
+
+def call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(model, *args, **kwargs)`, run inside the DDP/FSDP forward when `model` is wrapped."""
+    root = root_of(model)
+    return fn(model, *args, **kwargs) if root is None else root(fn, *args, **kwargs)
+
+
+def strategy_of(model: torch.nn.Module) -> str:
+    root = root_of(model)
+    if root is None:
+        return "none"
+    return "ddp" if isinstance(root, torch.nn.parallel.DistributedDataParallel) else "fsdp"
+
+
+@contextmanager
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter for all but the last micro-batch of a step."""
+    root, kind = root_of(model), strategy_of(model)
+    if kind == "ddp" and not sync:
+        with root.no_sync():
+            yield
+        return
+    if kind == "fsdp":
+        root.set_requires_gradient_sync(sync)
+    yield
+
+
+def wrap(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -> torch.nn.Module:
+    """Apply cfg.strategy to `model` in place (world > 1); returns the same model object.
+
+    ddp: `DistributedDataParallel` around the root (rank 0's weights are broadcast).
+    fsdp: `fully_shard` on every decoder layer, then on the root (embeddings, final norm and
+    the tied or untied LM head stay in the root's group).
+    """
+    if world() == 1 or root_of(model) is not None:
+        return model
+    root = _Root(model)
+    if cfg.strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(root, device_ids=ids)
+    else:
+        from posttrain.distributed.fsdp import shard
+
+        wrapped = shard(root, model, cfg)
+    model.__dict__[_ROOT] = wrapped  # not a submodule: the root already holds the model
+    return model
+
+
+def shard_micro(batch: dict[str, torch.Tensor], r: int, w: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rank r's rows of one global micro-batch: (rows, real). Every (B, ...) tensor is split the same
+    way (`torch.tensor_split`, first ranks get the extra row). An empty slice comes back as row 0
+    with all labels ignored and `real=False`."""
+    rows = batch["input_ids"].shape[0]
+    idx = torch.tensor_split(torch.arange(rows), w)[r]
+    if idx.numel() > 0:
+        return {k: v[idx] for k, v in batch.items()}, True
+    dummy = {k: v[:1].clone() for k, v in batch.items()}
+    dummy["labels"].fill_(IGNORE_INDEX)
+    return dummy, False
+
+
+def local_micro(micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of one global step's micro-batches (the identity in one process)."""
+    if world() == 1:
+        return micro
+    r, w = rank(), world()
+    return [shard_micro(b, r, w)[0] for b in micro]
