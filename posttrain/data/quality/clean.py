@@ -72,8 +72,22 @@ class CleanSteps:
     decontamination as Ray Data operations (`posttrain.data.quality.ray_engine`)."""
     ray_address: str | None = None
     """Ray cluster to join with engine=ray (None: start a local one, or join the one running here)."""
+    ray_workers: int | None = None
+    """Ray Data actors doing the per-record work (None: one per CPU of the cluster)."""
+    ray_batch_size: int = 1024
+    """Records per Ray Data batch."""
+    ray_window: int = 100_000
+    """Rows per Ray Data pipeline (the rows the driver holds in flight)."""
 
     def validate_steps(self) -> None:
+        if (
+            self.ray_batch_size < 1
+            or self.ray_window < 1
+            or (self.ray_workers is not None and self.ray_workers < 1)
+        ):
+            raise ConfigError(
+                "ray_workers, ray_batch_size and ray_window must be >= 1", where="ray_batch_size"
+            )
         if self.filters.needs_tokens and not self.tokenizer:
             raise ConfigError(
                 "filters.min/max_tokens need a tokenizer", where="tokenizer", fix="set tokenizer"
@@ -114,15 +128,24 @@ class CleanRecipe(CleanSteps):
 
 def _steps(recipe: CleanRecipe, items: Iterable[Item], count_tokens) -> Iterator[Item]:
     """The cleaning steps, in the issue's order, as one chain of generators."""
-    index = build_index(recipe.decontam) if recipe.decontam.evals else None
-    near = NearDedupIndex(recipe.dedup) if recipe.dedup.near else None
-    items = apply_filters(items, recipe.filters, count_tokens)
+    return _dedup_steps(recipe, record_steps(recipe, items, count_tokens))
+
+
+def record_steps(recipe: CleanSteps, items: Iterable[Item], count_tokens, detect=None) -> Iterator[Item]:
+    """The steps that look at one record at a time: heuristic filters, answer verification."""
+    items = apply_filters(items, recipe.filters, count_tokens, detect)
     if recipe.verify.answers or recipe.verify.chain:
         items = verify_answers(items, recipe.verify)
+    return iter(items)
+
+
+def _dedup_steps(recipe: CleanRecipe, items: Iterable[Item]) -> Iterator[Item]:
+    """Exact and near dedup (across all inputs, in order), decontamination, then the model steps."""
+    index = build_index(recipe.decontam) if recipe.decontam.evals else None
     if recipe.dedup.exact:
         items = exact_dedup(items)
-    if near is not None:
-        items = near_dedup(items, recipe.dedup, near)
+    if recipe.dedup.near:
+        items = near_dedup(items, recipe.dedup, NearDedupIndex(recipe.dedup))
     if index is not None:
         items = decontaminate(items, index)
     return _model_steps(recipe, items)
@@ -218,7 +241,12 @@ def _clean_into(recipe: CleanRecipe, tmp: Path) -> dict:
         )
         for i, s in enumerate(sources)
     )
-    items = _steps(recipe, itertools.chain.from_iterable(streams), count_tokens)
+    if recipe.engine == "ray":
+        from posttrain.data.quality.ray_engine import ray_items
+
+        items = _dedup_steps(recipe, ray_items(recipe))
+    else:
+        items = _steps(recipe, itertools.chain.from_iterable(streams), count_tokens)
     if mode == "tokens":
         items = _with_tokens(items, count_tokens)
     counts, kept, tokens = _sink(items, tmp, len(sources), split=mode is not None)

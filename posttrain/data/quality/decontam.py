@@ -152,7 +152,12 @@ def decontaminate(items: Iterable[Item], index: DecontamIndex) -> Iterator[Item]
     """Drop items whose text contains an eval question's n-gram or whose question is an eval question."""
     for item in items:
         if item.removed is None:
-            found = index.find(item.norm, question_text(item.data, item.kind), normalized=True)
+            pre = item.pre or {}
+            found = (
+                pre["contaminated"]
+                if "contaminated" in pre
+                else index.find(item.norm, question_text(item.data, item.kind), normalized=True)
+            )
             if found is not None:
                 item.drop("contaminated", **found)
         yield item

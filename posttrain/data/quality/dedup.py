@@ -155,6 +155,12 @@ class NearDedupIndex:
         m.update_batch(_ngrams(norm, self.cfg.ngram))
         return m
 
+    def lean(self, hashvalues: np.ndarray):
+        """A MinHash with these values (computed elsewhere with this index's settings)."""
+        from datasketch import LeanMinHash
+
+        return LeanMinHash(seed=self.cfg.seed, hashvalues=hashvalues, scheme=self._template.scheme)
+
     def _row(self, key: int) -> np.ndarray:
         return self._values[key // _CHUNK][key % _CHUNK]
 
@@ -183,7 +189,8 @@ def near_dedup(
     index = NearDedupIndex(cfg) if index is None else index
     for item in items:
         if item.removed is None:
-            minhash = index.signature(item.norm)
+            pre = item.pre or {}
+            minhash = index.lean(pre["minhash"]) if "minhash" in pre else index.signature(item.norm)
             found = index.match(minhash)
             if found is None:
                 index.add(minhash, item.where)

@@ -10,6 +10,7 @@ it passes removed items through untouched and marks the ones it drops with a `Re
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class Item:
     """Token count under the recipe's tokenizer, once a step has computed it."""
     flags: dict | None = None
     """What the judge checklist flagged on a kept item (``judge.remove: false``), else None."""
+    pre: dict | None = None
+    """Step results computed elsewhere (the Ray engine's workers): ``minhash`` (the near-dedup
+    MinHash values), ``contaminated`` (decontamination evidence or None)."""
     _text: str | None = None
     _norm: str | None = None
 
@@ -140,31 +144,53 @@ def read_source(
     """Stream ``path`` as items; the kind is ``kind`` or that of the first row whose kind can be told.
 
     ``tasks`` / ``task:NAME`` stream the task suite's ``split`` instead (`task_rows`)."""
+    for row, where, error, row_kind in row_tuples(path, kind, split, n_per_level, seed):
+        yield row_item(row, where, error, row_kind, source, on_invalid)
+
+
+def row_tuples(
+    path: str | Path, kind: str | None = None, split: str = "train", n_per_level: int = 200, seed: int = 0
+) -> Iterator[tuple[Any, str, DataError | None, str | None]]:
+    """``(row, where, error, kind of the file so far)`` of every row of an input, for `row_item`."""
     if str(path) == "tasks" or str(path).startswith("task:"):
-        rows = task_rows(str(path), split, n_per_level, seed)
-        yield from (
-            Item(row, validate_record(row, "chat", where), where, "chat", source) for row, where in rows
-        )
+        for row, where in task_rows(str(path), split, n_per_level, seed):
+            yield row, where, None, "chat"
         return
+    for row, where, error in source_rows(path, split):
+        if kind is None and error is None:
+            with contextlib.suppress(DataError):
+                kind = detect_kind(row, where)
+        yield row, where, error, kind
+
+
+def source_rows(path: str | Path, split: str = "train") -> Iterator[tuple[Any, str, DataError | None]]:
+    """``(row, where, error)`` of a data file, in file order (a JSONL line that is not JSON: its error)."""
     path = Path(path)
-    rows = _jsonl_rows(path) if path.name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson")) else None
-    for row, where, error in rows if rows is not None else _wrap(_iter_rows(path, split)):
-        try:
-            if error is not None:
-                raise error
-            found = detect_kind(row, where)
-            kind = kind or found
-            if found != kind:
-                raise DataError(
-                    f"record looks like kind {found!r} but this file holds {kind!r} records",
-                    where=where,
-                    fix="keep one record kind per file (split mixed data into separate files)",
-                )
-            yield Item(row, validate_record(row, kind, where), where, kind, source)
-        except DataError as exc:
-            if on_invalid == "stop":
-                raise
-            yield Item(row, None, where, kind, source, Removal("invalid", {"error": exc.message}))
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return _jsonl_rows(path)
+    return _wrap(_iter_rows(path, split))
+
+
+def row_item(
+    row: Any, where: str, error: DataError | None, kind: str | None, source: int = 0, on_invalid: str = "drop"
+) -> Item:
+    """One row as an `Item` of a file of ``kind`` records (None: the row's own kind): validated, or
+    removed as ``invalid`` (``on_invalid="stop"``: its `DataError` is raised)."""
+    try:
+        if error is not None:
+            raise error
+        found = detect_kind(row, where)
+        if kind is not None and found != kind:
+            raise DataError(
+                f"record looks like kind {found!r} but this file holds {kind!r} records",
+                where=where,
+                fix="keep one record kind per file (split mixed data into separate files)",
+            )
+        return Item(row, validate_record(row, found, where), where, found, source)
+    except DataError as exc:
+        if on_invalid == "stop":
+            raise
+        return Item(row, None, where, kind, source, Removal("invalid", {"error": exc.message}))
 
 
 def task_rows(spec: str, split: str, n_per_level: int, seed: int) -> Iterator[tuple[dict, str]]:
