@@ -54,9 +54,27 @@ def load(path: str | Path, model, optimizer=None, scheduler=None) -> dict[str, A
     path = Path(path)
     if (path / DCP_METADATA).is_file():
         return _load_sharded(path, model, optimizer, scheduler)
+    _check_shapes(path, model)
     if strategy_of(model) == "fsdp":
         return _load_full_into_fsdp(path, model, optimizer, scheduler)
     return load_checkpoint(path, model, optimizer, scheduler)
+
+
+def _check_shapes(path: Path, model) -> None:
+    """A checkpoint of another model (other sizes, same names) is refused before any copy."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError):
+        return  # missing or corrupt: load_checkpoint says so with its own fix
+    params = dict(model.named_parameters())
+    for name, shape in shapes.items():
+        if name in params and tuple(params[name].shape) != shape:
+            raise _different_model(
+                path, f"{name} has shape {list(shape)} there, {list(params[name].shape)} here"
+            )
 
 
 def _save_sharded(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:

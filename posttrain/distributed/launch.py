@@ -72,6 +72,9 @@ def init(cfg: DistributedConfig, device_type: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    from posttrain.distributed.parallel import make_monitor_group
+
+    make_monitor_group()
 
 
 def shutdown() -> None:

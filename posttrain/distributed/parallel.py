@@ -18,6 +18,7 @@ one-process gradient of the whole step.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -71,33 +72,63 @@ def check_in(step: int, timeout_minutes: float) -> None:
     after `timeout_minutes` with an error naming it (gloo's monitored barrier names the ranks)."""
     if world() == 1:
         return
-    import torch.distributed as dist
-
-    try:
-        dist.monitored_barrier(
-            group=_monitor_group(), timeout=datetime.timedelta(minutes=timeout_minutes), wait_all_ranks=True
-        )
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise PosttrainError(
-            f"rank {rank()}: the job stopped at step {step + 1}: {first}",
-            where="distributed.timeout_minutes",
-            fix="look at that rank's error above (crash, out of memory, a stuck data loader); "
-            "rerun the same command to resume from the last checkpoint",
-        ) from exc
+    silent = unanswered(datetime.timedelta(minutes=timeout_minutes))
+    if silent:
+        raise rank_failure(silent, f"at the start of step {step + 1}")
 
 
 _MONITOR: list[Any] = []
 
 
-def _monitor_group():
-    """A gloo group for the monitored barrier (NCCL has none); made once, on every rank."""
+def make_monitor_group() -> None:
+    """A separate gloo group for the monitored barrier (NCCL has none, and a timed-out group
+    may be unusable); a collective itself: every rank calls it once, right after init."""
     import torch.distributed as dist
 
-    if not _MONITOR:
-        backend = dist.get_backend()
-        _MONITOR.append(None if backend == "gloo" else dist.new_group(backend="gloo"))
-    return _MONITOR[0]
+    _MONITOR[:] = [dist.new_group(backend="gloo")]
+
+
+def unanswered(timeout: datetime.timedelta) -> list[int]:
+    """Ranks that did not reach this monitored barrier within `timeout` (rank 0 finds out; the
+    other ranks report 0 when rank 0 is the one missing)."""
+    import torch.distributed as dist
+
+    try:
+        dist.monitored_barrier(group=_MONITOR[0] if _MONITOR else None, timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as exc:
+        named = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
+        if named:
+            return [int(r) for r in named.group(1).replace(",", " ").split()]
+        return [0] if rank() != 0 else [r for r in range(1, world())]  # a peer lost mid-barrier
+    return []
+
+
+def rank_failure(ranks: list[int], when: str) -> PosttrainError:
+    names = ", ".join(str(r) for r in ranks)
+    return PosttrainError(
+        f"rank {names} stopped answering {when} (crashed, hung or far behind); rank {rank()} ends the job",
+        where="distributed.timeout_minutes",
+        fix=f"look at rank {names}'s own error above (crash, out of memory, a stuck data loader); "
+        "rerun the same command to resume from the last checkpoint",
+    )
+
+
+_COLLECTIVE_FAILURES = ("timed out", "connection closed", "connection reset", "nccl", "broken pipe")
+
+
+@contextmanager
+def named_failures(diagnose_s: float = 10.0):
+    """Turn a collective that failed (timeout, lost peer) anywhere in a distributed run into an
+    error naming the rank(s) that stopped answering within `diagnose_s` more seconds."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if world() == 1 or not any(k in str(exc).lower() for k in _COLLECTIVE_FAILURES):
+            raise
+        silent = unanswered(datetime.timedelta(seconds=diagnose_s))
+        if not silent:
+            raise
+        raise rank_failure(silent, "in a collective") from exc
 
 
 class _Root(torch.nn.Module):

@@ -46,6 +46,8 @@ _JOINED: dict[str, Any] = {"cfg": DistributedConfig(), "peft": "full"}
 def join(recipe: Any, device_type: str) -> None:
     """Join torchrun's process group when this process was launched by it (prepare_run); the
     recipe's settings stay with the process (like the process group itself) for `setup`."""
+    if not hasattr(recipe, "distributed"):
+        return  # a trainer without a distributed section runs as one process (e.g. the default build)
     cfg = config_of(recipe)
     check_config(cfg, device_type, nproc=1)
     init(cfg, device_type)

@@ -155,6 +155,8 @@ def prepare_run(
     check_loggers(loggers or [])  # a missing tracker fails before any model is loaded
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
+    path = resolve_model_path(model_cfg.path) if model is None else "<built in memory>"  # the default
+    # model builds (once, under a lock) before any process group: that build is a one-process run
     cuda = torch.cuda.is_available() and getattr(model_cfg, "device", "auto") != "cpu"
     dist.join(recipe, "cuda" if cuda else "cpu")  # under torchrun: the process group; rank 0 writes
     main = is_main()
@@ -176,9 +178,7 @@ def prepare_run(
     if main:
         (run_dir / "config.yaml").write_text(config_text)
     torch.manual_seed(seed)
-    path = "<built in memory>"
     if model is None:
-        path = resolve_model_path(model_cfg.path)
         if peft_cfg is not None and peft_cfg.method == "qlora":
             check_qlora_backend()  # before any loading: fail fast without CUDA/bitsandbytes
         tokenizer = load_tokenizer(path)

@@ -98,6 +98,7 @@ def run_sft(cfg: SFTRecipe) -> Path:
 def sft_main(recipe_path: str | None, overrides: list[str]) -> Path:
     from posttrain.config import load_recipe
     from posttrain.distributed.launch import launch_or_none, shutdown
+    from posttrain.distributed.parallel import named_failures
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_recipe(SFTRecipe, recipe_path, overrides)
@@ -105,6 +106,7 @@ def sft_main(recipe_path: str | None, overrides: list[str]) -> Path:
     if launched is not None:
         return launched
     try:
-        return run_sft(cfg)
+        with named_failures(min(10.0, 60 * cfg.distributed.timeout_minutes)):  # a lost rank, named
+            return run_sft(cfg)
     finally:
         shutdown()

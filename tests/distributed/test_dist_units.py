@@ -1,0 +1,92 @@
+"""Unit tests of the distributed pieces that need no process group: the per-rank shard of a
+global step, the token totals it keeps, the launch checks, FSDP's shardability check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.fsdp import check_fsdp, decoder_layers
+from posttrain.distributed.launch import check_config, max_procs
+from posttrain.distributed.parallel import call, local_micro, shard_micro
+from posttrain.errors import ConfigError, ModelError
+from posttrain.train.lm_loss import loss_targets
+
+
+def _packed(rows: int, width: int = 6) -> dict[str, torch.Tensor]:
+    ids = torch.arange(rows * width).view(rows, width) % 50 + 1
+    labels = ids.clone()
+    labels[:, 0] = -100
+    labels[:, 3] = -100  # a second sample starts at position 3 of each row
+    positions = torch.tensor([0, 1, 2, 0, 1, 2]).repeat(rows, 1)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def test_shard_splits_rows_first_ranks_take_the_extra_row():
+    b = _packed(5)
+    r0, real0 = shard_micro(b, 0, 2)
+    r1, real1 = shard_micro(b, 1, 2)
+    assert real0 and real1
+    assert torch.equal(r0["input_ids"], b["input_ids"][:3]) and torch.equal(r1["input_ids"], b["input_ids"][3:])
+    assert torch.equal(r1["position_ids"], b["position_ids"][3:])  # packing kept row by row
+
+
+def test_empty_slice_is_one_row_with_every_label_ignored():
+    b = _packed(1)
+    dummy, real = shard_micro(b, 1, 2)
+    assert not real
+    assert dummy["input_ids"].shape == (1, 6)
+    assert bool((dummy["labels"] == -100).all())
+    assert bool((b["labels"] != -100).any())  # the caller's batch is untouched
+
+
+@pytest.mark.parametrize("rows,world", [(5, 2), (1, 2), (7, 3), (4, 4)])
+def test_rank_totals_add_up_to_the_global_totals(rows, world):
+    """Tokens and packed sequences summed over the ranks' shards equal the one-process totals,
+    so the all-reduced token-mean weights are the one-process weights."""
+
+    def totals(batch):
+        mask, _, seq = loss_targets(batch)
+        return int(mask.sum()), int(torch.unique(seq).numel())
+
+    b = _packed(rows)
+    parts = [totals(shard_micro(b, r, world)[0]) for r in range(world)]
+    assert (sum(p[0] for p in parts), sum(p[1] for p in parts)) == totals(b) == (rows * 4, rows * 2)
+
+
+def test_local_micro_is_the_identity_in_one_process():
+    micro = [_packed(3), _packed(2)]
+    assert local_micro(micro) is micro
+
+
+def test_call_runs_the_function_on_an_unwrapped_model():
+    model = torch.nn.Linear(2, 2)
+    assert call(model, lambda m, x: m is model and x, 7) == 7
+
+
+def test_nproc_beyond_the_devices_is_refused():
+    with pytest.raises(ConfigError, match="distributed.nproc <= "):
+        check_config(DistributedConfig(nproc=max_procs("cpu") + 1), "cpu")
+    check_config(DistributedConfig(nproc=max_procs("cpu")), "cpu")
+    assert max_procs("cpu") == (os.cpu_count() or 1)
+
+
+def test_several_processes_with_strategy_none_is_refused():
+    with pytest.raises(ConfigError, match="strategy=none"):
+        check_config(DistributedConfig(nproc=2, strategy="none"), "cpu")
+
+
+def test_fsdp_refuses_a_model_without_decoder_layers(tiny_model_dir):
+    with pytest.raises(ModelError, match="FSDP cannot shard Sequential"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    from posttrain.models.load import load_model
+
+    model = load_model(str(tiny_model_dir))
+    assert len(decoder_layers(model)) == 2
+    with pytest.raises(ConfigError, match="peft.method=lora"):
+        check_fsdp(model, DistributedConfig(strategy="fsdp"), "lora", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload needs CUDA"):
+        check_fsdp(model, DistributedConfig(strategy="fsdp", fsdp_cpu_offload=True), "full", torch.device("cpu"))
