@@ -23,6 +23,7 @@ completion of a prompt/completion record, the chosen response of a preference re
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -161,6 +162,7 @@ def judge_checklist(
     """Ask the judge every check of every live item, ``batch_size`` records per call; set
     ``item.flags`` (the `verdicts_of` dict) on flagged items, or drop them with ``remove``."""
     generate = judge_generate(cfg) if generate is None else generate
+    tally: Counter = Counter()
     for group in chunks(items, cfg.batch_size):
         asks = [(it, name, chat) for it in group if it.removed is None
                 for name, chat in check_prompts(it, cfg.checks, cfg.max_chars)]  # fmt: skip
@@ -175,8 +177,23 @@ def judge_checklist(
             if item.removed is not None or id(item) not in per_item:
                 continue
             found = verdicts_of(per_item[id(item)])
+            tally.update(found["verdicts"].values())
+            tally["records"] += 1
+            tally["flagged"] += bool(found["flags"])
             if found["flags"] and cfg.remove:
                 item.drop("judge", **found)
             elif found["flags"]:
                 item.flags = found
         yield from group
+    _print_tally(tally, cfg.remove)
+
+
+def _print_tally(tally: Counter, remove: bool) -> None:
+    """One console line: records judged, verdicts by kind, flagged (a judge that never answers
+    PASS/FAIL flags nothing: the unparsable count says so)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"judge checklist: {tally['records']} records, verdicts {tally['PASS']} PASS / {tally['FAIL']} FAIL / "
+        f"{tally['unparsable']} unparsable; {tally['flagged']} flagged ({'removed' if remove else 'kept, in flags.jsonl'})"
+    )

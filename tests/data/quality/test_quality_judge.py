@@ -119,3 +119,27 @@ def test_prompts_and_verdicts_by_hand():
     assert found["verdicts"] == {"label_noise": "PASS", "off_topic": "FAIL", "fake_reasoning": "unparsable"}
     with pytest.raises(ConfigError, match="unknown judge check"):
         JudgeChecklistConfig(endpoint="http://x", checks=["tone"]).validate()
+
+
+@pytest.mark.slow
+def test_shipped_model_checks_recipe_runs_on_the_default_model(tmp_path):
+    from pathlib import Path
+
+    from posttrain.data.quality.clean import clean_main
+
+    recipe = Path(__file__).parents[3] / "recipes" / "clean_model_checks.yaml"
+    out = clean_main(
+        str(recipe),
+        [
+            f"output_dir={tmp_path / 'out'}",
+            "inputs=[{path: task:arith, n_per_level: 3}]",
+            "judge.max_new_tokens=8",
+        ],
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"] == 12 and report["kept"] + sum(report["removed"].values()) == 12
+    assert (
+        report["removed"]["perplexity"] == 1
+    )  # the top 5% of 11-12 scored records: one above the percentile
+    flagged = read_jsonl(out / "flags.jsonl")
+    assert all(r["flags"] and set(r["verdicts"]) <= set(CHECKS) for r in flagged)
