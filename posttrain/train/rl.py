@@ -251,6 +251,10 @@ def _engine(cfg: RLRecipe, model, tokenizer):
 
     if cfg.rollout.backend == "hf":
         return get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
+    if cfg.rollout.backend == "ray":  # actors on a Ray cluster, synced from the policy module
+        from posttrain.distributed.ray_rollout import ray_engine
+
+        return ray_engine(model, tokenizer, cfg.rollout)
     return get_engine(cfg.rollout.backend, model=resolve_model_path(cfg.model.path), tokenizer=tokenizer)
 
 
@@ -300,6 +304,8 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
         from posttrain.rollout.multiturn import get_env
 
         s.env = get_env(cfg.data.multi_turn.env)
+    if cfg.rollout.backend == "ray":  # rollout.ray.reward_workers score in parallel (0: here)
+        s.rewards = s.engine.reward_pool(s.rewards)
     s.guard = AnomalyGuard(cfg.anomaly, run.logger)
     if run.resume_from is not None:
         s.guard.load_state_dict(restore(s, run.resume_from).get("anomaly"))
@@ -337,7 +343,7 @@ def use_rollout_logprobs(s: Session) -> bool:
         return mode == "rollout"
     if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None:
         return False
-    return ro.backend == "hf" and next(s.model.parameters()).dtype == torch.float32
+    return ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32
 
 
 def prepare_batch(
@@ -580,6 +586,8 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
 
         save_value_head(s.value_head, final)
     s.run.finish(final)
+    if hasattr(s.engine, "shutdown"):  # Ray actors and their placement group
+        s.engine.shutdown()
     return final
 
 

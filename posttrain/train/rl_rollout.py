@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from posttrain.distributed.ray_rollout import RayConfig
 from posttrain.errors import ConfigError
 from posttrain.rollout.episodes import turn_credits
 from posttrain.rollout.multiturn import (
@@ -33,7 +34,10 @@ class RolloutConfig:
     """Generation: how many prompts and samples per step, and how they are sampled."""
 
     backend: str = "hf"
-    """hf (the policy module itself samples) | vllm (CUDA, `[gpu]` extra) | a registered backend."""
+    """hf (the policy module itself samples) | vllm (CUDA, `[gpu]` extra) | ray (rollout workers
+    on a Ray cluster, `[ray]` extra; sized by `ray`) | a registered backend."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """With backend ray: rollout_workers, reward_workers, cpus_per_worker, address (`posttrain.distributed.ray_rollout`)."""
     prompts_per_step: int = 8
     """Groups per step (after dynamic sampling)."""
     n: int = 8
@@ -60,6 +64,7 @@ class RolloutConfig:
     """Buffer of the `overlong` reward term (DAPO soft punishment); null = max_new_tokens // 4."""
 
     def validate(self) -> None:
+        self.ray.validate()
         if self.n < 1 or self.prompts_per_step < 1 or self.max_refill_rounds < 0:
             raise ConfigError("n, prompts_per_step >= 1 and max_refill_rounds >= 0", where="rollout")
         if self.temperature <= 0:
