@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from posttrain.errors import BackendUnavailable
+from posttrain.errors import BackendUnavailable, ConfigError
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.rollout.weight_sync import LoraSync, SyncMismatch, buckets, hf_name, sync_state
@@ -153,6 +153,12 @@ class VLLMEngine:
         """Send the trainer's weights (a module, PEFT-wrapped or not, or a state dict) under plain HF
         names, in buckets; with a module, verify by the probe log-prob (module docstring)."""
         module = weights if isinstance(weights, torch.nn.Module) else None
+        if self.lora_sync == "adapter" and not hasattr(module, "peft_config"):
+            raise ConfigError(
+                "rollout.lora_sync=adapter serves a LoRA adapter, and this policy has none",
+                where="rollout.lora_sync",
+                fix="use peft.method=lora, or rollout.lora_sync=merged",
+            )
         if module is not None:
             state = sync_state(module, self.lora_sync)
         else:

@@ -255,6 +255,9 @@ def _engine(cfg: RLRecipe, model, tokenizer):
         from posttrain.distributed.ray_rollout import ray_engine
 
         return ray_engine(model, tokenizer, cfg.rollout)
+    if cfg.rollout.backend == "vllm":
+        path = resolve_model_path(cfg.model.path)
+        return get_engine("vllm", model=path, tokenizer=tokenizer, lora_sync=cfg.rollout.lora_sync)
     return get_engine(cfg.rollout.backend, model=resolve_model_path(cfg.model.path), tokenizer=tokenizer)
 
 

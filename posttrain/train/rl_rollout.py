@@ -38,6 +38,9 @@ class RolloutConfig:
     on a Ray cluster, `[ray]` extra; sized by `ray`) | a registered backend."""
     ray: RayConfig = field(default_factory=RayConfig)
     """With backend ray: rollout_workers, reward_workers, cpus_per_worker, address (`posttrain.distributed.ray_rollout`)."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """With backend vllm and a LoRA policy: send merged weights under the base names, or serve the
+    adapter as a vLLM LoRA (base weights sent once; `posttrain.rollout.vllm_engine`)."""
     prompts_per_step: int = 8
     """Groups per step (after dynamic sampling)."""
     n: int = 8

@@ -104,8 +104,6 @@ def test_vllm_update_weights_sends_plain_names_in_buckets(tiny_model_dir, lora_p
     """The engine's sync loop without vLLM: the receiving model is the plain HF model given
     vLLM's model interface, ``load_weights(iterable of (name, tensor))``; after the sync it must
     hold the merged policy exactly, and the tensors must have come in a few calls, not one each."""
-    from posttrain.rollout.vllm_engine import VLLMEngine
-
     target, calls = load_model(tiny_model_dir), []
 
     def load_weights(weights):
@@ -116,11 +114,7 @@ def test_vllm_update_weights_sends_plain_names_in_buckets(tiny_model_dir, lora_p
         return set(bucket)
 
     target.load_weights = load_weights
-    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM here: only the sync path is exercised
-    engine._apply = lambda fn: fn(target)
-    engine.lora_sync, engine.bucket_bytes, engine.probe_tol = "merged", 64 * 1024, None
-    engine._reset, engine._base_sent, engine._syncs = lambda: None, False, 0
-    engine.update_weights(lora_policy)
+    _bare_engine(target).update_weights(lora_policy)
     expected = sync_state(lora_policy)
     assert [n for call in calls for n in call] == list(expected)
     assert 1 < len(calls) < len(expected)  # buckets: more than one call, fewer than one per tensor
@@ -135,3 +129,46 @@ def test_vllm_unavailable_names_the_gpu_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(BackendUnavailable, match=r"posttrain\[gpu\]"):
         import_vllm()
+
+
+def _bare_engine(target, lora_sync="merged"):
+    from posttrain.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM here: only the sync path is exercised
+    engine._apply = lambda fn: fn(target)
+    engine.lora_sync, engine.bucket_bytes, engine.probe_tol = lora_sync, 64 * 1024, None
+    engine._reset, engine._base_sent, engine._syncs = lambda: None, False, 0
+    return engine
+
+
+def test_adapter_sync_needs_a_lora_policy(tiny_model_dir):
+    from posttrain.errors import ConfigError
+
+    plain = load_model(tiny_model_dir)
+    with pytest.raises(ConfigError, match="peft.method=lora"):
+        _bare_engine(plain, "adapter").update_weights(plain)
+
+
+def test_recipe_lora_sync_reaches_the_vllm_engine(tiny_model_dir, tmp_path, monkeypatch):
+    """rollout.lora_sync travels from the recipe to the vllm backend's factory (registered here as
+    the HF engine, the reference backend, since vLLM cannot run on CPU)."""
+    import sys
+    from pathlib import Path
+
+    from posttrain.rollout import engine as registry
+    from posttrain.rollout.hf_engine import HFEngine
+    from posttrain.train.rl import setup
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from test_rl_trainer import recipe
+
+    seen = {}
+
+    def factory(model, tokenizer, **kwargs):
+        seen.update(kwargs)
+        return HFEngine(model, tokenizer)
+
+    monkeypatch.setitem(registry.ENGINES, "vllm", factory)
+    extra = ["rollout.backend=vllm", "rollout.lora_sync=adapter", "peft.method=lora"]
+    s = setup(recipe(tiny_model_dir, tmp_path / "r", *extra))
+    assert seen == {"lora_sync": "adapter"} and isinstance(s.engine, HFEngine)
