@@ -121,16 +121,25 @@ def _save_sharded(run_dir: Path, step: int, model, optimizer, scheduler, state: 
 
 def _load_sharded(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     _require_complete(path)
     msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
     saved = {"model": msd, **({"optim": osd} if osd is not None else {})}
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    _check_same_model(path, {k.removeprefix("model.") for k in meta if k.startswith("model.")}, msd)
+    sizes = {
+        k.removeprefix("model."): tuple(getattr(v, "size", ()))
+        for k, v in meta.items()
+        if k.startswith("model.")
+    }
+    _check_same_model(path, set(sizes), msd)
+    for name, size in sizes.items():
+        if tuple(msd[name].shape) != size:
+            raise _different_model(path, f"{name} has shape {list(size)} there, {list(msd[name].shape)} here")
     try:
         dcp.load(saved, checkpoint_id=str(path))
-    except Exception as exc:  # DCP raises its own CheckpointException for shape / key mismatches
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise _different_model(path, str(exc).splitlines()[0]) from exc
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])

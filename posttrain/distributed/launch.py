@@ -125,3 +125,18 @@ def launch_or_none(
     check_config(cfg, device)
     launch(command, recipe_path, overrides, cfg)
     return Path(output_dir) / "final"
+
+
+def run_command(command: str, recipe_path: str | None, overrides: list[str], cfg, run_fn) -> Path:
+    """A trainer's `<command>_main`: launch torchrun for distributed.nproc > 1, else `run_fn(cfg)`
+    in this process (one of torchrun's ranks, or a plain run), with lost ranks named."""
+    from posttrain.distributed.parallel import named_failures
+
+    launched_final = launch_or_none(command, recipe_path, overrides, cfg.distributed, cfg.output_dir)
+    if launched_final is not None:
+        return launched_final
+    try:
+        with named_failures(min(10.0, 60 * cfg.distributed.timeout_minutes)):
+            return run_fn(cfg)
+    finally:
+        shutdown()

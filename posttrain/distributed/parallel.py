@@ -30,6 +30,8 @@ from posttrain.errors import PosttrainError
 
 _ROOT = "_posttrain_root"
 IGNORE_INDEX = -100
+IGNORED_LABELS = {"labels", "step_labels"}
+"""Per-position targets of the batches we shard (LM labels, PRM step labels): -100 = not trained."""
 
 
 def world() -> int:
@@ -196,13 +198,14 @@ def wrap(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device) -
 def shard_micro(batch: dict[str, torch.Tensor], r: int, w: int) -> tuple[dict[str, torch.Tensor], bool]:
     """Rank r's rows of one global micro-batch: (rows, real). Every (B, ...) tensor is split the same
     way (`torch.tensor_split`, first ranks get the extra row). An empty slice comes back as row 0
-    with all labels ignored and `real=False`."""
+    with all its `IGNORED_LABELS` set to -100 and `real=False`."""
     rows = batch["input_ids"].shape[0]
     idx = torch.tensor_split(torch.arange(rows), w)[r]
     if idx.numel() > 0:
         return {k: v[idx] for k, v in batch.items()}, True
     dummy = {k: v[:1].clone() for k, v in batch.items()}
-    dummy["labels"].fill_(IGNORE_INDEX)
+    for key in IGNORED_LABELS.intersection(dummy):
+        dummy[key].fill_(IGNORE_INDEX)
     return dummy, False
 
 

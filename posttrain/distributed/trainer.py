@@ -64,7 +64,7 @@ def setup(model: torch.nn.Module, step_fn, device: torch.device) -> torch.nn.Mod
         return model
     cfg, peft_method = _JOINED["cfg"], _JOINED["peft"]
     if not getattr(step_fn, "distributed", False):
-        name = getattr(step_fn, "__qualname__", repr(step_fn))
+        name = getattr(getattr(step_fn, "func", step_fn), "__qualname__", "its step")  # functools.partial
         raise ConfigError(
             f"this trainer ({name}) does not support more than one process yet",
             where="distributed.nproc",

@@ -21,6 +21,8 @@ import torch
 
 from posttrain.algos.aggregate import token_weights
 from posttrain.algos.rm_losses import prm_bce_loss, step_metrics
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, local_micro, world
 from posttrain.models.heads import RewardModel
 from posttrain.models.peft import PeftConfig
 from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run
@@ -38,6 +40,8 @@ class PRMRecipe:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (DDP; FSDP cannot shard the reward head's wrapper): `distributed.nproc=2`."""
     output_dir: str = "runs/prm"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
     seed: int = 0
@@ -58,18 +62,26 @@ def step_logits(model: RewardModel, batch: dict[str, torch.Tensor], device) -> t
 
 
 def prm_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) -> dict[str, float]:
-    """Forward/backward of one optimiser step of the PRM (the `run_loop` step_fn)."""
+    """Forward/backward of one optimiser step of the PRM (the `run_loop` step_fn). On several
+    ranks: each rank's rows of every micro-batch, the step / chain totals all-reduced."""
+    micro, scale = local_micro(micro), world()
     num_steps = float(sum(int((b["step_labels"] >= 0).sum()) for b in micro))
-    num_chains = float(sum(int(b["step_labels"].shape[0]) for b in micro))
+    num_chains = float(sum(int((b["step_labels"] >= 0).any(-1).sum()) for b in micro))
+    num_steps, num_chains = (max(x, 1.0) for x in all_reduce_sum([num_steps, num_chains]))
     out = {"loss": 0.0, "step_acc": 0.0}
-    for b in micro:
-        logits, labels, seq = step_logits(model, b, device)
-        w = token_weights(seq, loop.loss_agg, num_tokens=num_steps, num_seqs=num_chains)
-        loss, _ = prm_bce_loss(logits, labels, w)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, b in enumerate(micro):
+        with grad_sync(model, i == len(micro) - 1):
+            logits, labels, seq = call(model, step_logits, b, device)
+            w = token_weights(seq, loop.loss_agg, num_tokens=num_steps, num_seqs=num_chains)
+            loss, _ = prm_bce_loss(logits, labels, w)
+            scaled = loss * scale if scale > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         out["loss"] += float(loss.detach())
         out["step_acc"] += float(((logits.detach() >= 0) == (labels >= 0.5)).sum()) / num_steps
-    return out
+    return dict(zip(out, all_reduce_sum(list(out.values())), strict=True))
+
+
+prm_step.distributed = True  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -117,5 +129,6 @@ def run_prm(cfg: PRMRecipe) -> Path:
 def prm_main(recipe_path: str | None, overrides: list[str]) -> Path:
     """`posttrain prm RECIPE.yaml [key=value ...]`."""
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
 
-    return run_prm(load_recipe(PRMRecipe, recipe_path, overrides))
+    return run_command("prm", recipe_path, overrides, load_recipe(PRMRecipe, recipe_path, overrides), run_prm)

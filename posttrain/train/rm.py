@@ -31,6 +31,9 @@ from posttrain.algos.rm_losses import (
     plackett_luce_loss,
     ranking_pairs,
 )
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.parallel import is_main
+from posttrain.distributed.trainer import export_final
 from posttrain.errors import ConfigError
 from posttrain.models.heads import RewardModel, ScalarHead, last_token_values, save_reward_model
 from posttrain.models.peft import PeftConfig
@@ -64,6 +67,8 @@ class RMRecipe:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes: one process only for now (the PRM trains with DDP)."""
     output_dir: str = "runs/rm"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
     seed: int = 0
@@ -160,11 +165,12 @@ def train_reward_model(cfg: Any, run: Run, model: RewardModel, plan, step_fn, ev
         results["before"] = evaluate(model, 0)
     log_eval = (lambda m, step: results.__setitem__("after", evaluate(m, step))) if evaluate else None
     run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=log_eval)
-    if results:
+    if results and is_main():  # several processes: rank 0 evaluated and writes
         (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
         for when, metrics in results.items():
             console.print(f"held-out {when}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    final = save_reward_model(model, run.tokenizer, Path(cfg.output_dir) / "final", cfg.peft, info)
+    out = Path(cfg.output_dir) / "final"
+    final = export_final(model, lambda m: save_reward_model(m, run.tokenizer, out, cfg.peft, info), out)
     run.finish(final)
     return final
 
@@ -197,5 +203,6 @@ def run_rm(cfg: RMRecipe) -> Path:
 def rm_main(recipe_path: str | None, overrides: list[str]) -> Path:
     """`posttrain rm RECIPE.yaml [key=value ...]`."""
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
 
-    return run_rm(load_recipe(RMRecipe, recipe_path, overrides))
+    return run_command("rm", recipe_path, overrides, load_recipe(RMRecipe, recipe_path, overrides), run_rm)

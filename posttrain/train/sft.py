@@ -97,16 +97,7 @@ def run_sft(cfg: SFTRecipe) -> Path:
 
 def sft_main(recipe_path: str | None, overrides: list[str]) -> Path:
     from posttrain.config import load_recipe
-    from posttrain.distributed.launch import launch_or_none, shutdown
-    from posttrain.distributed.parallel import named_failures
+    from posttrain.distributed.launch import run_command
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = load_recipe(SFTRecipe, recipe_path, overrides)
-    launched = launch_or_none("sft", recipe_path, overrides, cfg.distributed, cfg.output_dir)  # nproc > 1
-    if launched is not None:
-        return launched
-    try:
-        with named_failures(min(10.0, 60 * cfg.distributed.timeout_minutes)):  # a lost rank, named
-            return run_sft(cfg)
-    finally:
-        shutdown()
+    return run_command("sft", recipe_path, overrides, load_recipe(SFTRecipe, recipe_path, overrides), run_sft)

@@ -139,3 +139,32 @@ def test_a_stuck_rank_ends_the_job_with_its_number(runs):
     assert res.returncode == 2
     assert "rank 1 stopped answering" in res.stderr
     assert "sft on 2 processes failed" in res.stderr
+
+
+def test_prm_ddp_equals_one_process(tmp_path, tiny_model_dir):
+    from posttrain.data.loaders import write_jsonl
+    from posttrain.data.tasks.prm_data import prm_records, task_problems
+
+    write_jsonl(
+        tmp_path / "prm.jsonl", prm_records(task_problems(["sort"], "train", 6, levels=[2, 3]), 1, seed=0)
+    )
+    recipe = tmp_path / "prm.yaml"
+    recipe.write_text(
+        f"""
+model: {{path: {tiny_model_dir}}}
+data: {{train: {tmp_path / "prm.jsonl"}, eval: null}}
+optim: {{lr: 3.0e-3}}
+train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precision: fp32}}
+"""
+    )
+    runs = []
+    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"])]:
+        cmd = [sys.executable, "-m", "posttrain", "prm", str(recipe), f"output_dir={tmp_path / name}", *extra]
+        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(tmp_path / name)
+    la, lb = losses(runs[0]), losses(runs[1])
+    assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) for k in la) < LOSS_TOL
+    for f in ("model.safetensors", "reward_head.safetensors"):
+        wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL

@@ -30,7 +30,9 @@ def test_shard_splits_rows_first_ranks_take_the_extra_row():
     r0, real0 = shard_micro(b, 0, 2)
     r1, real1 = shard_micro(b, 1, 2)
     assert real0 and real1
-    assert torch.equal(r0["input_ids"], b["input_ids"][:3]) and torch.equal(r1["input_ids"], b["input_ids"][3:])
+    assert torch.equal(r0["input_ids"], b["input_ids"][:3]) and torch.equal(
+        r1["input_ids"], b["input_ids"][3:]
+    )
     assert torch.equal(r1["position_ids"], b["position_ids"][3:])  # packing kept row by row
 
 
@@ -89,4 +91,6 @@ def test_fsdp_refuses_a_model_without_decoder_layers(tiny_model_dir):
     with pytest.raises(ConfigError, match="peft.method=lora"):
         check_fsdp(model, DistributedConfig(strategy="fsdp"), "lora", torch.device("cpu"))
     with pytest.raises(ConfigError, match="fsdp_cpu_offload needs CUDA"):
-        check_fsdp(model, DistributedConfig(strategy="fsdp", fsdp_cpu_offload=True), "full", torch.device("cpu"))
+        check_fsdp(
+            model, DistributedConfig(strategy="fsdp", fsdp_cpu_offload=True), "full", torch.device("cpu")
+        )
