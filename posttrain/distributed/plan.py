@@ -72,7 +72,8 @@ class PlanConfig:
     memory_gib: float | None = None
     """Device memory per rank in GiB (cuda) or of the whole host (cpu); null = measured."""
     gradient_checkpointing: bool = False
-    """Plan for activation checkpointing (both figures are always printed)."""
+    """Plan for activation checkpointing (both figures are always printed; a recipe's own
+    train.gradient_checkpointing, where the trainer has one, counts too)."""
     prompt_tokens: int = 128
     """Prompt length assumed for RL rollouts and updates."""
 
@@ -317,10 +318,9 @@ def _alternatives(
     if recipe.peft.method == "full":
         new = dataclasses.replace(recipe, peft=dataclasses.replace(recipe.peft, method="lora"))
         out.append(("peft.method=lora", (new, plan)))
-    if not plan.gradient_checkpointing:
-        out.append(
-            ("gradient checkpointing", (recipe, dataclasses.replace(plan, gradient_checkpointing=True)))
-        )
+    if not plan.gradient_checkpointing and hasattr(train, "gradient_checkpointing"):
+        ckpt = dataclasses.replace(train, gradient_checkpointing=True)  # only where the trainer has it
+        out.append(("train.gradient_checkpointing=true", (dataclasses.replace(recipe, train=ckpt), plan)))
     if world > 1 and strategy != "fsdp":
         out.append(("distributed.strategy=fsdp", (recipe, dataclasses.replace(plan, strategy="fsdp"))))
     if recipe.model.dtype in ("auto", "float32"):
@@ -348,7 +348,8 @@ def plan_recipe(recipe: Any, plan: PlanConfig, command: str, shape: ModelShape |
     device, available = device_memory(plan.device, world, plan.memory_gib)
     shape = shape or model_shape(recipe.model.path, recipe.peft)
     work = workload(recipe, command, device, plan.prompt_tokens, world)
-    parts = estimate(shape, work, strategy, world, plan.gradient_checkpointing, device)
+    ckpt = plan.gradient_checkpointing or bool(getattr(recipe.train, "gradient_checkpointing", False))
+    parts = estimate(shape, work, strategy, world, ckpt, device)
     return MemoryPlan(
         parts, activation_bytes(shape, work, False), activation_bytes(shape, work, True),
         strategy, world, device, available,

@@ -192,6 +192,10 @@ def test_refusal_names_settings_that_fit(tiny_model_dir, tmp_path):
     assert "train.batch_size=32 train.grad_accum=2" in text  # the largest micro-batch that fits, named once
     assert "train.batch_size=16" not in text
     assert "peft.method=lora" not in text  # LoRA alone leaves the activations over the budget
+    if not hasattr(recipe.train, "gradient_checkpointing"):  # never a setting the trainer lacks
+        assert "checkpointing" not in text.split("Fix:")[1]
+    ckpt = plan_recipe(recipe, PlanConfig(device="cpu", memory_gib=0.15, gradient_checkpointing=True), "sft")
+    assert ckpt.parts["activations"] == result.activations_with_ckpt < result.parts["activations"]
     roomy = PlanConfig(device="cpu", memory_gib=64)
     check_fits(recipe, roomy, "sft", plan_recipe(recipe, roomy, "sft"))
 
