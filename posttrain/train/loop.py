@@ -17,9 +17,9 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
@@ -35,6 +35,8 @@ from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.lm_loss import causal_lm_loss, loss_targets
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_grads, optimizer_step
+from posttrain.train.precision import Precision, autocast
+from posttrain.train.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,10 @@ class LoopConfig:
     """Micro-batches per optimiser step."""
     loss_agg: AggMode = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision; fp32 is fastest on CPUs without AMX/bf16 units."""
+    precision: Precision = "auto"
+    """auto (bf16 autocast where the CPU/GPU computes bf16 natively and a cached probe says it is
+    faster, else fp32; see posttrain.train.precision) | fp32 | bf16 | fp16 (CUDA only).
+    Master weights and optimiser state stay fp32."""
     chunk_size: int = 1024
     """Rows per chunk of the fused LM-head + cross-entropy."""
     log_every: int = 1
@@ -102,6 +106,8 @@ class Run:
     logger: RunLogger
     resume_from: Path | None
     device: torch.device
+    precision: str = "fp32"
+    """The precision `train.precision` resolved to on this machine (fp32 | bf16 | fp16)."""
 
     def print_data_table(self, name: str, stats: dict) -> None:
         from posttrain.data.render import format_summary_table
@@ -202,9 +208,14 @@ def prepare_run(
             "eval": eval_defaults(path).to_metadata(),
             "rollout": rollout_defaults().to_metadata(),
         }
+    device = next(model.parameters()).device
+    choice = resolve_precision(getattr(loop, "precision", "auto"), device)  # config.yaml keeps the request
+    meta["precision"] = choice.to_metadata()
+    label = "[yellow]warning[/yellow]: precision" if choice.warn else "precision"
+    console.print(f"{label}: [bold]{choice.precision}[/bold] ({choice.reason})")
     if main:
         (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
-    return Run(run_dir, model, tokenizer, logger, resume_from, next(model.parameters()).device)
+    return Run(run_dir, model, tokenizer, logger, resume_from, device, choice.precision)
 
 
 def total_steps(loop: LoopConfig, batches_per_epoch: int) -> int:
@@ -214,13 +225,6 @@ def total_steps(loop: LoopConfig, batches_per_epoch: int) -> int:
     if steps <= 0:
         raise ConfigError("train.max_steps=0 and train.epochs give no steps", fix="set train.max_steps > 0")
     return steps
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -251,7 +255,7 @@ def train_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) 
     for i, b in enumerate(micro):
         b = _to(b, device)
         with grad_sync(model, i == len(micro) - 1):
-            with _autocast(loop.precision, device):
+            with autocast(loop.precision, device):
                 loss, m = call(
                     model, causal_lm_loss, b, loop.loss_agg,
                     num_tokens=num_tokens, num_seqs=num_seqs, chunk_size=loop.chunk_size,
@@ -324,6 +328,7 @@ def run_loop(
     evaluate(model, step): called every `loop.eval_every` steps and at the end.
     """
     step_fn = step_fn or train_step
+    loop = replace(loop, precision=run.precision)  # the step functions see the resolved precision
     device = run.device
     model = dist.setup(model, step_fn, device)  # DDP / FSDP from outside the model, when world > 1
     steps = total_steps(loop, len(plan))

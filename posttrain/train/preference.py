@@ -49,13 +49,13 @@ from posttrain.train.loop import (
     LoopConfig,
     ModelConfig,
     Run,
-    _autocast,
     _to,
     prepare_run,
     run_loop,
     total_steps,
 )
 from posttrain.train.optim import OptimConfig
+from posttrain.train.precision import autocast
 from posttrain.train.preference_data import (
     ExamplePlan,
     PreferenceDataConfig,
@@ -312,7 +312,7 @@ def make_step_fn(spec: PreferenceLoss, kwargs: dict, nll_weight: float, referenc
         parts, loss_sum = [], 0.0
         for b in micro:
             b = _to(b, device)
-            with _autocast(loop.precision, device):
+            with autocast(loop.precision, device):
                 loss, m = batch_loss(model, b, spec, kwargs, nll_weight, reference, loop.chunk_size)
             n = b["example_index"].numel()
             scaled = loss * (n / total)
@@ -364,7 +364,10 @@ def make_evaluator(run: Run, cfg: PreferenceRecipe, spec, kwargs, plan, referenc
     from posttrain.eval.accuracy import task_accuracy
 
     def evaluate(model, step: int) -> None:
-        metrics = preference_eval(model, plan, spec, kwargs, reference, cfg.train.chunk_size) if plan else {}
+        metrics = {}
+        if plan:
+            with autocast(run.precision, run.device):  # the precision of the cached pi_ref scores
+                metrics = preference_eval(model, plan, spec, kwargs, reference, cfg.train.chunk_size)
         if problems:
             report, records = task_accuracy(model, run.tokenizer, problems, cfg.eval.max_new_tokens)
             metrics.update({f"task_accuracy/{k}": v for k, v in report.to_dict().items() if k != "seconds"})
@@ -415,7 +418,11 @@ def reference_scores(run: Run, cfg: PreferenceRecipe, name: str, examples: list,
     )
     if not score:
         return plan, None
-    compute = lambda: score_examples(run.model, plan, cfg.train.chunk_size)  # noqa: E731
+
+    def compute():  # pi_ref in the policy's precision, so the step-0 log-ratios are exactly 0
+        with autocast(run.precision, run.device):
+            return score_examples(run.model, plan, cfg.train.chunk_size)
+
     return plan, cached_scores(run.dir / "reference" / f"{name}.pt", examples, compute)
 
 

@@ -82,7 +82,11 @@ class PretrainRecipe:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=30, min_lr_ratio=0.1)
     )
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=700, batch_size=8, seq_len=256))
+    train: LoopConfig = field(
+        default_factory=lambda: LoopConfig(max_steps=700, batch_size=8, seq_len=256, precision="fp32")
+    )
+    """fp32 by default: the embedded default model is then the same on every CPU kind (with auto, a
+    CPU with native bf16 would pretrain a different model under the same cache key)."""
     output_dir: str = "default"
     """Run directory; `default` = the embedded-default cache (~/.cache/posttrain or $POSTTRAIN_CACHE)."""
     seed: int = 0

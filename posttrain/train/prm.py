@@ -27,6 +27,7 @@ from posttrain.models.heads import RewardModel
 from posttrain.models.peft import PeftConfig
 from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run
 from posttrain.train.optim import OptimConfig
+from posttrain.train.precision import autocast
 from posttrain.train.rm import attach_head, train_reward_model
 from posttrain.train.rm_data import ExamplePlan, PRMDataConfig, collate_steps, prm_samples, prm_token_ids
 
@@ -71,7 +72,9 @@ def prm_step(model, micro: list[dict], loop: LoopConfig, device, scaler=None) ->
     out = {"loss": 0.0, "step_acc": 0.0}
     for i, b in enumerate(micro):
         with grad_sync(model, i == len(micro) - 1):
-            logits, labels, seq = call(model, step_logits, b, device)
+            with autocast(loop.precision, device):
+                logits, labels, seq = call(model, step_logits, b, device)
+            logits = logits.float()
             w = token_weights(seq, loop.loss_agg, num_tokens=num_steps, num_seqs=num_chains)
             loss, _ = prm_bce_loss(logits, labels, w)
             scaled = loss * scale if scale > 1 else loss

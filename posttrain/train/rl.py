@@ -69,6 +69,7 @@ from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.loop import ModelConfig, Run, prepare_run
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler
+from posttrain.train.precision import Precision, autocast
 from posttrain.train.rl_data import (
     PromptSampler,
     RewardSet,
@@ -116,6 +117,10 @@ class RLTrainConfig:
     keep_last: int = 2
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    precision: Precision = "auto"
+    """Of the update and, unless rollout.autocast is set, of sampling: auto (bf16 autocast where the
+    hardware computes bf16 natively; posttrain.train.precision) | fp32 | bf16 | fp16 (CUDA only).
+    Any precision but fp32 recomputes old log-probs (old_logprobs: auto)."""
     tensorboard: bool = True
     loggers: list[str] | None = None
     """Trackers mirroring metrics.jsonl (tensorboard, mlflow, wandb, trackio; local/offline);
@@ -321,15 +326,17 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
 
 def collect(s: Session, step: int) -> tuple[list[Scored], list[Scored], dict[str, float]]:
     """Generate and score this step's groups (`posttrain.train.rl_rollout.generate_groups`)."""
-    return generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
+    with autocast(s.run.precision, s.run.device):  # rollout.autocast, when set, overrides it inside
+        return generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
 
 
 def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[str, float]]:
     """Multi-turn: generate this step's conversation groups and split them into episode rows."""
     mt = s.cfg.data.multi_turn
-    kept, seen, metrics = generate_conversations(
-        s.engine, s.sampler, s.env, s.cfg.rollout, mt, s.cfg.seed, step
-    )
+    with autocast(s.run.precision, s.run.device):
+        kept, seen, metrics = generate_conversations(
+            s.engine, s.sampler, s.env, s.cfg.rollout, mt, s.cfg.seed, step
+        )
     metrics.update(conversation_metrics(seen, kept, mt.credit))
     metrics["generated_tokens"] = sum(len(t.token_ids) for g in seen for c in g for t in c.turns)
     if not kept:
@@ -344,8 +351,8 @@ def use_rollout_logprobs(s: Session) -> bool:
     mode, ro = s.cfg.algorithm.old_logprobs, s.cfg.rollout
     if mode != "auto":
         return mode == "rollout"
-    if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None:
-        return False
+    if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None or s.run.precision != "fp32":
+        return False  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
     return ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32
 
 
@@ -424,14 +431,15 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         console.print(f"[yellow]step {step}[/yellow]: every group had equal rewards; no update this step")
         return {**metrics, "rollout/skipped": 1.0, "kl_coef": s.kl.coef}
     t0 = time.perf_counter()
-    data, adv_metrics = prepare_batch(s, kept, episodes)
     gen = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, 999))
     norm = float(cfg.rollout.max_new_tokens)
-    upd, tokens = ppo_update(
-        s.module, s.model, s.value_head, data, s.optimizer, s.scheduler, algo, s.kl.coef, generator=gen,
-        temperature=cfg.rollout.temperature, norm=norm, max_grad_norm=cfg.optim.max_grad_norm, step=step,
-        chunk_size=cfg.train.chunk_size, entropy_coef=s.entropy_coef,
-    )  # fmt: skip
+    with autocast(s.run.precision, s.run.device):  # old, reference and new log-probs alike
+        data, adv_metrics = prepare_batch(s, kept, episodes)
+        upd, tokens = ppo_update(
+            s.module, s.model, s.value_head, data, s.optimizer, s.scheduler, algo, s.kl.coef, generator=gen,
+            temperature=cfg.rollout.temperature, norm=norm, max_grad_norm=cfg.optim.max_grad_norm, step=step,
+            chunk_size=cfg.train.chunk_size, entropy_coef=s.entropy_coef,
+        )  # fmt: skip
     s.engine.update_weights(s.model)
     train_s = time.perf_counter() - t0
     metrics.update(

@@ -54,9 +54,9 @@ class RolloutConfig:
     max_batch_rows: int = 256
     """Rows decoded together by the hf engine."""
     autocast: Literal["bfloat16", "float16"] | None = None
-    """Sample under torch.autocast in this dtype while the trainer stays fp32 (faster matmuls on
-    bf16-capable CPUs and GPUs); the sampler's log-probs then differ from the trainer's, so old
-    log-probs are recomputed and the gap is logged (mismatch/*); null = sample in the model's dtype."""
+    """Sample under torch.autocast in this dtype whatever the trainer's precision (e.g. bf16 sampling
+    with an fp32 update); the sampler's log-probs then differ from the trainer's, so old log-probs
+    are recomputed and the gap is logged (mismatch/*); null = sample in train.precision."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample more prompts to refill."""
     max_refill_rounds: int = 3

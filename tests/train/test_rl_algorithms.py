@@ -80,7 +80,7 @@ MISMATCH_KEYS = ("mismatch/token_abs_diff_mean", "mismatch/seq_abs_diff_mean", "
 def test_mismatch_is_logged_every_step_and_tiny_in_fp32(tmp_path, tiny_model_dir):
     """fp32 sampling, old log-probs from the sampler: measured by the update's first forward."""
     out = tmp_path / "fp32"
-    run_rl(recipe(tiny_model_dir, out, "algorithm.mini_batches=2"))
+    run_rl(recipe(tiny_model_dir, out, "algorithm.mini_batches=2", "train.precision=fp32"))
     for r in metrics(out):
         assert all(k in r for k in MISMATCH_KEYS)
         assert r["mismatch/token_abs_diff_mean"] < 1e-4  # KV-cache decoding vs one forward, fp32
@@ -93,6 +93,7 @@ def test_bf16_sampling_mismatch_and_correction(tmp_path, tiny_model_dir):
     extra = [
         "rollout.autocast=bfloat16",
         "algorithm.rollout_correction={level: token, mode: truncate, cap: 1.5}",
+        "train.precision=fp32",
     ]
     run_rl(recipe(tiny_model_dir, out, *extra))
     for r in metrics(out):

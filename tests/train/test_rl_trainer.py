@@ -177,8 +177,9 @@ def test_prm_reward_grpo_trains(tmp_path, default_prm):
     )
     out = tmp_path / "prm_grpo"
     extra = [terms, "algorithm.advantage=grpo_process", "rollout.max_new_tokens=20", "optim.lr=1e-3"]
+    extra.append("anomaly.on_anomaly=warn")  # under bf16 the 20-token cap is hit by step 2: not what is tested
     run_rl(recipe(policy, out, *extra))
-    rows = metrics(out)
+    rows = [r for r in metrics(out) if "event" not in r]  # not the anomaly warnings
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     assert sum(r["advantages/steps"] for r in rows) > 0  # step rewards were placed
     step_means = [r["reward/prm_steps_mean"] for r in rows if r["advantages/steps"] > 0]

@@ -58,7 +58,7 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient(tiny_model_dir, 
     groups, _ = rm_groups(tok, cfg, "train")
     lm = load_model(tiny_model_dir, dtype="float32", device="cpu")
     model = RewardModel(lm, ScalarHead(64, seed=0))
-    pad, dev, loop = tok.pad_token_id, torch.device("cpu"), LoopConfig()
+    pad, dev, loop = tok.pad_token_id, torch.device("cpu"), LoopConfig(precision="fp32")  # fp32 equivalence
     full = rm_step(model, [collate_groups(groups, pad)], loop, dev, loss_name=loss_name)
     want = _grads(model)
     model.zero_grad()

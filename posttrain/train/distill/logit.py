@@ -9,8 +9,6 @@ the totals of the whole accumulation step (so accumulation equals the full-batch
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from posttrain.algos.aggregate import token_weights
@@ -21,6 +19,7 @@ from posttrain.train.distill.config import DistillLossConfig
 from posttrain.train.distill.teacher import TopK, labelled_logits
 from posttrain.train.lm_loss import loss_targets
 from posttrain.train.loop import LoopConfig, StepFn
+from posttrain.train.precision import autocast
 
 
 class SamplePlan:
@@ -66,12 +65,6 @@ def step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     return float(max(tokens, 1)), float(max(seqs, 1))
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: int) -> StepFn:
     """The `run_loop` step: forward/backward of the distillation loss over one step's micro-batches.
 
@@ -88,7 +81,7 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
             b = {k: v.to(device) for k, v in b.items()}
             _, targets, seq = loss_targets(b)
             w = token_weights(seq, loop.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-            with _autocast(loop.precision, device):
+            with autocast(loop.precision, device):
                 s_logits = labelled_logits(model, b, vocab)
                 if teacher is None:
                     per = topk_token_divergence(s_logits, b["topk_idx"], b["topk_logp"], **kw)
