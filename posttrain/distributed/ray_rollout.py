@@ -104,13 +104,20 @@ def worker_seed(seed: int | None, worker: int) -> int | None:
 class RolloutWorker:
     """A Ray actor: an `HFEngine` over the policy architecture, weights from the trainer."""
 
-    def __init__(self, config: Any, tokenizer: Any, max_batch_rows: int, device: str):
+    def __init__(
+        self,
+        config: Any,
+        tokenizer: Any,
+        max_batch_rows: int,
+        device: str,
+        dtype: torch.dtype = torch.float32,
+    ):
         from transformers import AutoModelForCausalLM
 
         from posttrain.rollout.hf_engine import HFEngine
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        model = AutoModelForCausalLM.from_config(config).to(device).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         model.requires_grad_(False)
         self.engine = HFEngine(model, tokenizer, max_batch_rows=max_batch_rows)
 
@@ -163,6 +170,9 @@ class RayEngine:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config, self._max_rows = base.config, max_batch_rows
+        self._dtype = next(
+            base.parameters()
+        ).dtype  # the workers hold the trainer's dtype, so checksums compare
         self._device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
         self.restarts, self.syncs = 0, 0
         self._pg = self._placement_group()
@@ -207,7 +217,7 @@ class RayEngine:
             num_gpus=self.cfg.gpus_per_worker,
             scheduling_strategy=self._strategy(i),
         )
-        return actor.remote(self._config, self.tokenizer, self._max_rows, self._device)
+        return actor.remote(self._config, self.tokenizer, self._max_rows, self._device, self._dtype)
 
     def _replace(self, i: int, err: Exception) -> None:
         """A new actor in dead worker i's bundle, loaded with the last synced weights (verified)."""

@@ -46,6 +46,20 @@ def test_bad_ray_config():
         RayConfig(rollout_workers=0).validate()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_worker_holds_the_trainers_dtype_and_answers_its_checksum(tiny_model_dir, dtype):
+    """The actor class itself, in this process: built from the config, loaded, checksummed."""
+    from posttrain.distributed.ray_rollout import RolloutWorker
+    from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.rollout.weight_sync import checksum, sync_state
+
+    policy = load_model(tiny_model_dir).to(dtype)
+    worker = RolloutWorker(policy.config, load_tokenizer(tiny_model_dir), 64, "cpu", dtype)
+    state = sync_state(policy)
+    assert worker.load(state) == checksum(state)
+    assert next(worker.engine.model.parameters()).dtype == dtype
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
