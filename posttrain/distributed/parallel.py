@@ -209,6 +209,26 @@ def shard_micro(batch: dict[str, torch.Tensor], r: int, w: int) -> tuple[dict[st
     return dummy, False
 
 
+def shard_groups(batch: dict[str, torch.Tensor], r: int, w: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rank r's groups of a grouped batch (reward-model rankings): `group_index` (B, K) holds each
+    group's response rows (-1 = padding) of the (M, ...) row tensors; (B,) tensors are per group.
+    Groups are split like `shard_micro` splits rows, each keeping all its responses. An empty
+    slice comes back as group 0 with `real=False` (the caller gives it zero weight)."""
+    index = batch["group_index"]
+    groups = torch.tensor_split(torch.arange(index.shape[0]), w)[r]
+    real = groups.numel() > 0
+    groups = groups if real else torch.arange(1)
+    mine = index[groups]
+    rows = mine[mine >= 0].unique()  # sorted response rows of these groups
+    remap = torch.full((batch["input_ids"].shape[0],), -1, dtype=torch.long)
+    remap[rows] = torch.arange(rows.numel())
+    out = {"group_index": torch.where(mine >= 0, remap[mine.clamp(min=0)], -1)}
+    for key, value in batch.items():
+        if key != "group_index":
+            out[key] = value[groups] if value.shape[0] == index.shape[0] and value.ndim == 1 else value[rows]
+    return out, real
+
+
 def local_micro(micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """This rank's share of one global step's micro-batches (the identity in one process)."""
     if world() == 1:

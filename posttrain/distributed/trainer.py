@@ -63,8 +63,9 @@ def setup(model: torch.nn.Module, step_fn, device: torch.device) -> torch.nn.Mod
     if world() == 1:
         return model
     cfg, peft_method = _JOINED["cfg"], _JOINED["peft"]
-    if not getattr(step_fn, "distributed", False):
-        name = getattr(getattr(step_fn, "func", step_fn), "__qualname__", "its step")  # functools.partial
+    fn = getattr(step_fn, "func", step_fn)  # through functools.partial
+    if not getattr(fn, "distributed", False):
+        name = getattr(fn, "__qualname__", "its step")
         raise ConfigError(
             f"this trainer ({name}) does not support more than one process yet",
             where="distributed.nproc",

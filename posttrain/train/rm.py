@@ -32,7 +32,7 @@ from posttrain.algos.rm_losses import (
     ranking_pairs,
 )
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.parallel import is_main
+from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, is_main, rank, shard_groups, world
 from posttrain.distributed.trainer import export_final
 from posttrain.errors import ConfigError
 from posttrain.models.heads import RewardModel, ScalarHead, last_token_values, save_reward_model
@@ -68,7 +68,7 @@ class RMRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """Several processes: one process only for now (the PRM trains with DDP)."""
+    """Several processes (DDP; FSDP cannot shard the reward head's wrapper): `distributed.nproc=2`."""
     output_dir: str = "runs/rm"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
     seed: int = 0
@@ -102,22 +102,42 @@ def rm_loss(
     return bradley_terry_loss(better, worse, pair_margin)
 
 
+def _pairs(group_index: torch.Tensor) -> int:
+    k = (group_index >= 0).sum(-1)
+    return int((k * (k - 1) // 2).sum())
+
+
 def rm_step(
     model, micro: list[dict], loop: LoopConfig, device, scaler=None, *, loss_name: str
 ) -> dict[str, float]:
-    """Forward/backward of one optimiser step of the outcome RM (the `run_loop` step_fn)."""
+    """Forward/backward of one optimiser step of the outcome RM (the `run_loop` step_fn).
+
+    On several ranks each takes its groups of every micro-batch (`shard_groups`); its mean loss
+    is weighted by its share of the micro-batch's pairs (bt; groups for pl), so the sum over
+    the ranks is the one-process loss and DDP's average the one-process gradient."""
     total = sum(int(b["group_index"].shape[0]) for b in micro)
+    scale = world()
     out = {"loss": 0.0, "pairwise_acc": 0.0, "margin": 0.0}
-    for b in micro:
-        rewards, mask = group_rewards(model, b, device)
-        loss, _ = rm_loss(rewards, mask, b["margin"].to(device), loss_name)
+    for i, b in enumerate(micro):
+        local, real = shard_groups(b, rank(), scale) if scale > 1 else (b, True)
         share = b["group_index"].shape[0] / total
-        (scaler.scale(loss * share) if scaler is not None else loss * share).backward()
-        better, worse = ranking_pairs(rewards.detach(), mask)
-        out["loss"] += float(loss.detach()) * share
-        out["pairwise_acc"] += float(pairwise_accuracy(rewards, mask)) * share
-        out["margin"] += float((better - worse).mean()) * share
-    return out
+        pair_part = _pairs(local["group_index"]) / max(_pairs(b["group_index"]), 1) if real else 0.0
+        group_part = local["group_index"].shape[0] / b["group_index"].shape[0] if real else 0.0
+        part = group_part if loss_name == "pl" else pair_part
+        with grad_sync(model, i == len(micro) - 1):
+            rewards, mask = call(model, group_rewards, local, device)
+            loss, _ = rm_loss(rewards, mask, local["margin"].to(device), loss_name)
+            scaled = loss * share if scale == 1 else loss * (share * part * scale)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if real and pair_part > 0:
+            better, worse = ranking_pairs(rewards.detach(), mask)
+            out["pairwise_acc"] += float(pairwise_accuracy(rewards, mask)) * share * pair_part
+            out["margin"] += float((better - worse).mean()) * share * pair_part
+        out["loss"] += float(loss.detach()) * share * part
+    return dict(zip(out, all_reduce_sum(list(out.values())), strict=True))
+
+
+rm_step.distributed = True  # type: ignore[attr-defined]
 
 
 @torch.no_grad()

@@ -168,3 +168,29 @@ train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precisi
     for f in ("model.safetensors", "reward_head.safetensors"):
         wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL
+
+
+def test_rm_ddp_equals_one_process(tmp_path, tiny_model_dir):
+    """Groups (with all their responses) are split over the ranks. optim.eps=1e-3: the head's bias
+    gets an exactly-zero Bradley-Terry gradient, whose fp noise Adam (eps 1e-8) would turn into
+    +-lr updates that differ between any two summation orders."""
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(
+        f"""
+model: {{path: {tiny_model_dir}}}
+data: {{tasks: [sort], levels: [1, 2], n_per_level: 16, eval_n_per_level: 4}}
+optim: {{lr: 3.0e-3, eps: 1.0e-3}}
+train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precision: fp32}}
+"""
+    )
+    runs = []
+    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"])]:
+        cmd = [sys.executable, "-m", "posttrain", "rm", str(recipe), f"output_dir={tmp_path / name}", *extra]
+        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(tmp_path / name)
+    la, lb = losses(runs[0]), losses(runs[1])
+    assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) for k in la) < LOSS_TOL
+    for f in ("model.safetensors", "reward_head.safetensors"):
+        wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL

@@ -94,3 +94,30 @@ def test_fsdp_refuses_a_model_without_decoder_layers(tiny_model_dir):
         check_fsdp(
             model, DistributedConfig(strategy="fsdp", fsdp_cpu_offload=True), "full", torch.device("cpu")
         )
+
+
+def test_group_shards_keep_whole_rankings_and_reindex_their_rows():
+    from posttrain.distributed.parallel import shard_groups
+
+    # 3 groups over 6 response rows: sizes 2, 3, 1 (padded with -1)
+    index = torch.tensor([[0, 1, -1], [2, 3, 4], [5, -1, -1]])
+    batch = {
+        "input_ids": torch.arange(6)[:, None].repeat(1, 4),
+        "attention_mask": torch.ones(6, 4, dtype=torch.long),
+        "group_index": index,
+        "margin": torch.tensor([0.5, 1.0, 2.0]),
+    }
+    a, real_a = shard_groups(batch, 0, 2)  # groups 0, 1
+    b, real_b = shard_groups(batch, 1, 2)  # group 2
+    assert real_a and real_b
+    assert a["group_index"].tolist() == [[0, 1, -1], [2, 3, 4]] and a["input_ids"][:, 0].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert b["group_index"].tolist() == [[0, -1, -1]] and b["input_ids"][:, 0].tolist() == [5]
+    assert a["margin"].tolist() == [0.5, 1.0] and b["margin"].tolist() == [2.0]
+    empty, real = shard_groups({**batch, "group_index": index[:1], "margin": batch["margin"][:1]}, 1, 2)
+    assert not real and empty["group_index"].tolist() == [[0, 1, -1]]
