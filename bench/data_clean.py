@@ -185,7 +185,7 @@ def main() -> None:
     if args.engine == "ray":
         import ray
 
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         if args.default_corpus:
             clean_default_corpus(folder, args.test_per_level, args.engine)
