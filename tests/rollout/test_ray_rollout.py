@@ -64,7 +64,9 @@ def test_worker_holds_the_trainers_dtype_and_answers_its_checksum(tiny_model_dir
 def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False
+    )  # never a stale cluster
     yield ray
     ray.shutdown()
 
