@@ -41,6 +41,14 @@ def test_missing_ray_names_the_extra(monkeypatch):
     assert "posttrain[ray]" in err.value.render() and "rollout.backend=ray" in err.value.render()
 
 
+def test_rl_recipe_with_ray_missing_names_the_extra(monkeypatch, tiny_model_dir, tmp_path):
+    from posttrain.train.rl import setup
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(BackendUnavailable, match=r"posttrain\[ray\]"):
+        setup(recipe(tiny_model_dir, tmp_path / "r", "rollout.backend=ray"))
+
+
 def test_bad_ray_config():
     with pytest.raises(ConfigError, match="rollout_workers >= 1"):
         RayConfig(rollout_workers=0).validate()
@@ -101,6 +109,9 @@ def test_one_worker_reproduces_the_in_process_run(ray_cluster, tiny_model_dir, t
     remote, s = run_steps(
         tiny_model_dir, tmp_path / "ray", 3, "rollout.backend=ray", "rollout.ray.rollout_workers=1"
     )
+    from posttrain.rollout.engine import RolloutEngine
+
+    assert isinstance(s.engine, RolloutEngine)  # a drop-in behind the engine protocol
     assert s.engine.syncs == 4  # at start + after each update, each verified by checksum
     for a, b in zip(local, remote, strict=True):
         for key in ("reward/total_mean", "response/length_mean", "response/clipped_ratio"):
