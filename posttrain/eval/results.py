@@ -44,6 +44,8 @@ class EvalState:
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, dict[str, dict]] = field(default_factory=dict)
     """Metrics computed apart from the decodings, by label (``perplexity/<set>``)."""
+    precision: dict[str, str] | None = None
+    """The decoding precision used and why (`posttrain.train.precision.Choice`); None: nothing decoded."""
 
     def record(self, label: str, index: int, run: DecodingRun) -> None:
         self.done.setdefault(label, {})[index] = run
@@ -146,6 +148,8 @@ def write_results(
     if error:
         header["error"] = error
     header.update(config=config, metrics=metrics, breakdown=parts, timing=state.timing)
+    if state.precision is not None:  # bf16 and fp32 decoding can differ in a few greedy tokens
+        header["precision"] = state.precision
     write_atomic(out / "results.json", results_text(header, state.problem_rows()))
     if status == "complete":
         write_atomic(out / "report.md", report_markdown(header, len(state.items)))

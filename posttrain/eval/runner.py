@@ -312,6 +312,12 @@ def _run_all(
     items = state.items
     if decoder is None and ((recipe.data and not recipe.reference) or recipe.perplexity):
         decoder = load_decoder(recipe.model)
+    if decoder is not None:
+        engine = decoder.engine
+        used = getattr(engine, "precision", "fp32")
+        state.precision = {"requested": recipe.model.precision, "used": used,
+                           "reason": getattr(engine, "precision_reason", "")}  # fmt: skip
+        print(f"eval: decoding in {used} ({state.precision['reason'] or 'the engine default'})")
     decodings = ([None] if recipe.reference else recipe.decodings) if recipe.data else []
     for label, dec in zip(labels, decodings, strict=True):
         for c, start in enumerate(range(0, len(items), recipe.save_every)):

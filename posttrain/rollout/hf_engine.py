@@ -43,6 +43,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from posttrain.errors import ModelError
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.sampling import SamplingParams
+from posttrain.train.precision import autocast
+from posttrain.train.precision import resolve as resolve_precision
 
 _STOP_WINDOW_SLACK = 8  # extra tail tokens decoded for stop strings (tokens that decode to "")
 
@@ -196,7 +198,9 @@ class HFEngine:
     is a no-op) or a model folder to load (``dtype`` / ``device`` apply then). ``tokenizer`` is
     required with a module. ``max_batch_rows`` bounds prompts x n rows decoded together.
     ``threads``: CPU threads while generating, torch's setting restored after (None: `decode_threads`,
-    1 for tiny models; 0: leave torch's setting).
+    1 for tiny models; 0: leave torch's setting). ``precision``: fp32 (exact; the default of the
+    class, so a trainer sharing its module samples in its own numbers) | bf16 (autocast) | auto
+    (bf16 where the hardware has it natively, `posttrain.train.precision`; the commands' default).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class HFEngine:
         dtype: str = "auto",
         device: str = "auto",
         threads: int | None = None,
+        precision: str = "fp32",
     ):
         if isinstance(model, str | os.PathLike):
             from posttrain.models.load import load_model, load_tokenizer
@@ -223,6 +228,8 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.cache_kw = cache_kwarg(model)
         self.threads = threads if threads is not None else decode_threads(model)
+        choice = resolve_precision(precision, self.device, key="model.precision")
+        self.precision, self.precision_reason = choice.precision, choice.reason
 
     @property
     def device(self) -> torch.device:
@@ -257,8 +264,9 @@ class HFEngine:
             torch.set_num_threads(min(self.threads, threads))
         out: list[Completion] = []
         try:
-            for start in range(0, len(encoded), per_chunk):
-                out += self._generate_chunk(encoded[start : start + per_chunk], start, params, gen)
+            with autocast(self.precision, self.device):
+                for start in range(0, len(encoded), per_chunk):
+                    out += self._generate_chunk(encoded[start : start + per_chunk], start, params, gen)
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)

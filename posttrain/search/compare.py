@@ -66,6 +66,9 @@ class SearchModelConfig:
     """Weights dtype (``auto``: as saved)."""
     max_batch_rows: int = 256
     """Prompts x samples decoded together by the HF engine."""
+    precision: str = "auto"
+    """Decoding precision: ``auto`` (bf16 autocast where the hardware computes bf16 natively, else
+    fp32; `posttrain.train.precision`), ``fp32`` (exact, the same digits on every machine) or ``bf16``."""
 
 
 @dataclass
@@ -237,7 +240,7 @@ def load_policy(cfg: SearchModelConfig) -> tuple[PolicyLike, Any]:
     from posttrain.train.loop import resolve_model_path
 
     engine = get_engine("hf", model=resolve_model_path(cfg.path), dtype=cfg.dtype, device=cfg.device,
-                        max_batch_rows=cfg.max_batch_rows)  # fmt: skip
+                        max_batch_rows=cfg.max_batch_rows, precision=cfg.precision)  # fmt: skip
     chat = cfg.prompt == "chat" or (cfg.prompt == "auto" and cfg.path != "default")
     return engine, engine.tokenizer if chat else None
 

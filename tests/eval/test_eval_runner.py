@@ -145,6 +145,10 @@ def test_sampling_and_search_on_a_tiny_model(tiny_model_dir, tmp_path):
     search_m = results["metrics"]["best_of_n"]
     assert search_m["tokens_per_problem"]["value"] > search_m["response_length"]["value"]
     assert results["timing"]["greedy"]["generated_tokens"] > 0
+    from posttrain.train.precision import resolve
+
+    want = resolve("auto", "cpu")  # model.precision: auto, decided per machine and recorded
+    assert results["precision"] == {"requested": "auto", "used": want.precision, "reason": want.reason}
 
 
 def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model_dir, tmp_path):

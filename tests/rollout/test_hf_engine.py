@@ -324,3 +324,18 @@ def test_training_mode_restored(engine):
         assert engine.model.training
     finally:
         engine.model.eval()
+
+
+def test_bf16_engine_log_probs_stay_near_fp32_and_the_default_is_exact(tiny_model_dir):
+    """precision=bf16 decodes under autocast: the sampled tokens' log-probs move (bf16 really ran)
+    but stay within 0.1 nats of the fp32 forward; the class default stays fp32 (exact)."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    assert HFEngine(model, tok).precision == "fp32"
+    bf16 = HFEngine(model, tok, precision="bf16")
+    completions = bf16.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=3))
+    with torch.no_grad():
+        ref, _, _ = token_logprobs(model, batch_of(completions, bf16.pad_id))
+    got = torch.tensor([lp for c in completions for lp in c.logprobs])
+    diff = float((got - ref).abs().max())
+    assert LOGP_TOL < diff < 0.1, diff
