@@ -76,9 +76,15 @@ Overrides = Annotated[
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
     if debug:
         os.environ["POSTTRAIN_DEBUG"] = "1"
+    from posttrain.distributed.launch import check_command
+
+    check_command(ctx.invoked_subcommand)  # under torchrun: only the commands that train distributed
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -16,6 +16,20 @@ import torch
 from posttrain.distributed.config import STRATEGIES, DistributedConfig
 from posttrain.errors import ConfigError, PosttrainError
 
+DISTRIBUTED_COMMANDS = ("sft", "rm", "prm")
+"""The commands that train on several processes (torchrun or distributed.nproc > 1)."""
+
+
+def check_command(command: str | None) -> None:
+    """Under torchrun with several ranks, refuse a command that would run as N independent copies
+    writing the same output_dir."""
+    if launched() and env_world() > 1 and command not in DISTRIBUTED_COMMANDS:
+        raise ConfigError(
+            f"posttrain {command} does not run on several processes yet "
+            f"(torchrun started {env_world()}); distributed commands: {', '.join(DISTRIBUTED_COMMANDS)}",
+            fix=f"run `posttrain {command} ...` without torchrun",
+        )
+
 
 def launched() -> bool:
     """True inside a process started by torchrun (or anything that sets its variables)."""

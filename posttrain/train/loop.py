@@ -112,12 +112,15 @@ class Run:
     def print_data_table(self, name: str, stats: dict) -> None:
         from posttrain.data.render import format_summary_table
 
+        if not is_main():  # several processes: rank 0 reports
+            return
         console.print(f"[bold]{name} data[/bold]\n{format_summary_table(stats)}")
         (self.dir / f"data_{name}.json").write_text(json.dumps(stats, indent=1, default=str))
 
     def finish(self, final: Path) -> None:
         self.logger.close()
-        console.print(f"[green]done[/green]: model saved to {final}")
+        if is_main():
+            console.print(f"[green]done[/green]: model saved to {final}")
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
