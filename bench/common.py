@@ -44,6 +44,38 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int 
     return 2 * n**3 / min(times[1:]) / 1e9
 
 
+def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best read+write GB/s of copying an `mb` MB fp32 tensor on THREADS threads (a decode step reads
+    every weight once, so weight bytes / this is the floor of a step's time)."""
+    torch.set_num_threads(THREADS)
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def machine() -> dict:
+    """The CPU model, its bf16 flags, the n=2048 matmul peaks, memory bandwidth and what `precision: auto` picks."""
+    from posttrain.train.precision import NATIVE_BF16_FLAGS, cpu_info, resolve
+
+    cpu, flags = cpu_info()
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "bf16_flags": [f for f in NATIVE_BF16_FLAGS if f in flags] or ["none"],
+        "fp32_gflops": matmul_peak(torch.float32), "bf16_gflops": matmul_peak(torch.bfloat16),
+        "bandwidth_gbs": memory_bandwidth_gbs(), "auto": resolve("auto", "cpu").precision,
+    }  # fmt: skip
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']} ({m['cores']} cores, bf16 flags {'/'.join(m['bf16_flags'])}; {THREADS} threads: "
+            f"fp32 {m['fp32_gflops']:.0f} / bf16 {m['bf16_gflops']:.0f} GFLOP/s, {m['bandwidth_gbs']:.1f} GB/s; "
+            f"precision auto = {m['auto']})")  # fmt: skip
+
+
 def busy_cpu_s() -> tuple[float, float]:
     """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
     jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]

@@ -1,19 +1,23 @@
 """SFT training speed, posttrain vs TRL's SFTTrainer, side by side on the same model and data.
 
-    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--bf16] [--repeat N] [--nice -20]
+    python bench/sft_vs_trl.py [--model tiny|smollm2|all] [--steps N] [--extra] [--repeat N] [--nice -20]
 
 Same model (fp32 weights, 2 threads), same prompt-completion chats, packed
 rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at 1.0, one
-subprocess per run: posttrain's `run_sft`; TRL's SFTTrainer in its fastest fp32
-setting (bf16=False, no gradient checkpointing, wrapped packing) and with its
-defaults (bf16 autocast + checkpointing); a bare `model(..., labels=...)` +
-AdamW loop; with --bf16 posttrain and TRL under bf16 autocast. The first
+subprocess per run: posttrain's `run_sft` in its default `precision: auto`
+(bf16 autocast where this CPU computes bf16 natively, else fp32); TRL's
+SFTTrainer in fp32 and in bf16 autocast (both without gradient checkpointing,
+wrapped packing: its fastest settings), and a bare `model(..., labels=...)` +
+AdamW loop. With --extra also TRL's defaults (bf16 autocast + checkpointing)
+and posttrain pinned to fp32. The first
 `--warmup` steps are dropped for all; tokens/s = tokens of the rows (padding
 included) / step time. Model FLOPs per step = 6 * P * T + 6 * d * V * R (P:
 parameters outside embedding / LM head, T: tokens, d: hidden size, V: vocab,
 R: rows through the LM head); % peak divides FLOPs/s by the n=2048 matmul peak
-measured here. bench/README.md explains the rows; the last line is
-`ratio posttrain/trl_fastest tokens/s: X.XXx` for the last model.
+measured here in the precision each system ran. bench/README.md explains the
+rows; the last line is `ratio posttrain(auto=P)/trl_fastest(MODE) tokens/s:
+X.XXx on MACHINE` for the last model, where trl_fastest is the faster of TRL's
+fp32 and bf16 runs on this machine.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import THREADS, matmul_peak, model_path, run_worker, step_clock, worker_env
+from common import THREADS, machine, machine_line, model_path, run_worker, step_clock, worker_env
 
 BATCH, SEQ = 8, 256
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
-SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults", "bare", "posttrain-bf16", "trl-bf16")
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "bare", "trl-defaults", "posttrain-fp32")
+"""The first four run by default; --extra adds the last two."""
 
 
 def write_data(path: Path, n_per_level: int = 150) -> None:
@@ -71,18 +76,20 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str)
     batches = BatchPlan(samples, BATCH, SEQ, True, tok.pad_token_id, recipe.seed).epoch(0)
     fill = sum(len(s.input_ids) for s in samples) / sum(b["input_ids"].numel() for b in batches)
     run_sft(recipe)
+    used = json.loads((out / "run" / "run_meta.json").read_text())["precision"]["precision"]
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
     rows = [r for r in rows if "step_time_s" in r]
     return {
         "step_times": [r["step_time_s"] for r in rows],
         "tokens": [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows],
         "head_rows": [r["tokens"] for r in rows],
-        "note": f"precision={precision}, BFD packing, {fill:.0%} real tokens, attention kept per sample",
+        "note": f"precision={precision} -> {used}, BFD packing, {fill:.0%} real tokens, attention kept per sample",
+        "precision": used,
     }
 
 
 def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
-    """SFTTrainer, mode fastest | defaults | bf16; step ends timed by a callback."""
+    """SFTTrainer, mode fp32 | bf16 | defaults; step ends timed by a callback."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -116,6 +123,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
         "head_rows": [t - t // SEQ for t in tokens],  # every position but the last of each row
         "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim.value}, "
         f"wrapped packing, {trained:.0%} of tokens trained",
+        "precision": "bf16" if args.bf16 else "fp32",
     }
 
 
@@ -149,7 +157,7 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     if system.startswith("trl"):
         res = run_trl(path, data, out, n_steps, mode=system.split("-")[1])
     elif system.startswith("posttrain"):
-        res = run_posttrain(path, data, out, n_steps, "bf16" if system.endswith("bf16") else "fp32")
+        res = run_posttrain(path, data, out, n_steps, "fp32" if system.endswith("fp32") else "auto")
     else:
         res = run_bare(path, data, out, n_steps)
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -176,7 +184,8 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int) -> dict
     return run_worker(system, cmd, out, worker_env(tmp))
 
 
-def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: dict, repeat: int) -> None:
+def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], mach: dict, repeat: int) -> None:
+    peaks = {"fp32": mach["fp32_gflops"], "bf16": mach["bf16_gflops"]}
     path = model_path(name)
     total, body, d, vocab = model_shape(path)
     print(f"\n== {name}: {path}\n{total / 1e6:.2f}M params ({body / 1e6:.2f}M outside embeddings), "
@@ -201,16 +210,22 @@ def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], peaks: 
         tok, rows = (sum(sum(r[k][n_warm:]) for r in rs) for k in ("tokens", "head_rows"))
         t, avg = sum(times), {k: statistics.mean(r[k] for r in rs) for k in ("rss_mb", "wall_s", "others")}
         tps[system] = tok / t
-        peak = peaks["bf16" if system.endswith("bf16") else "fp32"]
+        peak = peaks[rs[0].get("precision", "fp32")]
         pct = 100 * (6 * body * tok + 6 * d * vocab * rows) / t / 1e9 / peak
         print(f"{system:<15}{t / len(times):>7.2f}{tps[system]:>9.0f}{pct:>6.1f}%{avg['rss_mb']:>7.0f}"
               f"{avg['wall_s']:>7.0f}{avg['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {rs[0]['note']}",
               flush=True)  # fmt: skip
-    pairs = [("posttrain-bf16", "trl-bf16"), ("posttrain-bf16", "trl-defaults"), ("posttrain", "bare")]
-    pairs += [("posttrain", "trl-defaults"), ("posttrain", "trl-fastest")]  # the last line: vs TRL fastest
+    pairs = [("posttrain", "bare"), ("posttrain", "trl-defaults"), ("posttrain-fp32", "trl-fp32")]
+    pairs += [("posttrain", "trl-fp32"), ("posttrain", "trl-bf16")]
     for ours, peer in ((a, b) for a, b in pairs if a in tps and b in tps):
         ratio = f"{ours}/{peer}".replace("-", "_")
         print(f"ratio {ratio} tokens/s: {tps[ours] / tps[peer]:.2f}x")
+    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16") if s in tps}
+    if "posttrain" in tps and trl:  # the last line: our default vs the peer's fastest setting here
+        fastest = max(trl, key=trl.get)
+        used = next(r for s, r in runs if s == "posttrain" and r is not None)["precision"]
+        print(f"ratio posttrain(auto={used})/trl_fastest({fastest.split('-')[1]}) tokens/s: "
+              f"{tps['posttrain'] / trl[fastest]:.2f}x on {machine_line(mach)}")  # fmt: skip
 
 
 def main() -> None:
@@ -218,8 +233,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
     ap.add_argument("--steps", type=int, help="measured steps (default: tiny 20, smollm2 4)")
     ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default: tiny 2, smollm2 1)")
-    ap.add_argument("--skip-trl-defaults", action="store_true", help="skip the slow bf16 + checkpointing run")
-    ap.add_argument("--bf16", action="store_true", help="also posttrain and TRL under bf16 autocast")
+    ap.add_argument("--extra", action="store_true", help="also TRL's defaults (slow) and posttrain in fp32")
     ap.add_argument("--repeat", type=int, default=1, help="runs per system, in alternating order")
     ap.add_argument("--nice", type=int, default=0, help="e.g. -20: priority over other jobs (root)")
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
@@ -227,19 +241,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
-    systems = [s for s in SYSTEMS[:4] if not (a.skip_trl_defaults and s == "trl-defaults")]
-    systems += list(SYSTEMS[4:]) if a.bf16 else []
+    systems = list(SYSTEMS if a.extra else SYSTEMS[:4])
     if a.nice:  # inherited by the workers; Linux shares the CPU between sessions by autogroup
         os.nice(a.nice)
         if Path("/proc/self/autogroup").exists():
             Path("/proc/self/autogroup").write_text(str(a.nice))
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak (n=2048, {THREADS} threads, best of 10): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)  # fmt: skip
+    mach = machine()
+    print(f"machine: {machine_line(mach)}", flush=True)
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup
-        bench_model(name, a.steps or n_meas, n_warm, systems, peaks, a.repeat)
+        bench_model(name, a.steps or n_meas, n_warm, systems, mach, a.repeat)
 
 
 if __name__ == "__main__":
