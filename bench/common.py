@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 THREADS = 2
+DISTURBED_CORES = 0.3
+"""Cores other processes may use during a timed run before its figures count as disturbed."""
 SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/smollm2-135m-instruct"
 
 
@@ -117,4 +119,7 @@ def run_worker(system: str, cmd: list[str], out: Path, env: dict[str, str]) -> d
         return None
     res = json.loads((out / "result.json").read_text())
     res["wall_s"], res["others"] = wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    if res["others"] > DISTURBED_CORES:
+        print(f"DISTURBED: other processes used {res['others']:.2f} cores during {system} "
+              f"(> {DISTURBED_CORES}); its figures are not comparable", flush=True)  # fmt: skip
     return res
