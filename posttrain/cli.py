@@ -96,10 +96,9 @@ def _main(
 @app.command()
 def pretrain(recipe: Recipe = None, overrides: Overrides = None) -> None:
     """Pretrain a tiny model from scratch on the task suite (the embedded default)."""
-    from posttrain.config import load_recipe
-    from posttrain.train.pretrain import PretrainRecipe, run_pretrain
+    from posttrain.train.pretrain import pretrain_main
 
-    run_pretrain(load_recipe(PretrainRecipe, recipe, overrides or []))
+    pretrain_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command()

@@ -16,7 +16,7 @@ import torch
 from posttrain.distributed.config import STRATEGIES, DistributedConfig
 from posttrain.errors import ConfigError, PosttrainError
 
-DISTRIBUTED_COMMANDS = ("sft", "rm", "prm")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm")
 """The commands that train on several processes (torchrun or distributed.nproc > 1)."""
 
 
@@ -107,8 +107,12 @@ def launch(command: str, recipe_path: str | None, overrides: list[str], cfg: Dis
     args = ["--standalone", "--nproc_per_node", str(cfg.nproc), "--max_restarts", "0"]
     args += ["--monitor_interval", "0.5", "-m", "posttrain", command]
     args += ([recipe_path] if recipe_path else []) + list(overrides)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         run(get_args_parser().parse_args(args))
+    except SignalException:  # Ctrl-C / SIGTERM: forwarded to the ranks, which saved a checkpoint
+        raise KeyboardInterrupt from None
     except ChildFailedError as exc:
         failed = sorted(exc.failures.items())
         what = "; ".join(f"rank {r} exited with {_status(f)}" for r, f in failed)

@@ -8,6 +8,7 @@ forwards through `call`); the others refuse more than one process with a clear e
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,30 @@ def config_of(recipe: Any) -> DistributedConfig:
     return getattr(recipe, "distributed", None) or DistributedConfig()
 
 
-_JOINED: dict[str, Any] = {"cfg": DistributedConfig(), "peft": "full"}
+_JOINED: dict[str, Any] = {"cfg": DistributedConfig(), "peft": "full", "alone": False}
+
+
+@contextmanager
+def one_process():
+    """Inside, `join` does nothing: a nested run (the default model's build, needed by every rank
+    before training) trains in this process alone, even under torchrun."""
+    before = _JOINED["alone"]
+    _JOINED["alone"] = True
+    try:
+        yield
+    finally:
+        _JOINED["alone"] = before
+
+
+def in_one_process() -> bool:
+    return bool(_JOINED["alone"])
 
 
 def join(recipe: Any, device_type: str) -> None:
     """Join torchrun's process group when this process was launched by it (prepare_run); the
     recipe's settings stay with the process (like the process group itself) for `setup`."""
-    if not hasattr(recipe, "distributed"):
-        return  # a trainer without a distributed section runs as one process (e.g. the default build)
+    if _JOINED["alone"] or not hasattr(recipe, "distributed"):
+        return  # a nested one-process run, or a trainer without a distributed section
     cfg = config_of(recipe)
     check_config(cfg, device_type, nproc=1)
     init(cfg, device_type)

@@ -29,6 +29,10 @@ from posttrain.config import to_dict
 from posttrain.data.render import Sample
 from posttrain.data.sft_data import BatchPlan
 from posttrain.data.tasks.audit import MANIFEST_FILE, write_corpus
+from posttrain.distributed import trainer as dist
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.launch import env_world
+from posttrain.distributed.parallel import all_reduce_sum, is_main
 from posttrain.errors import ConfigError
 from posttrain.monitor.logger import console
 from posttrain.train.loop import LoopConfig, prepare_run, run_loop
@@ -87,6 +91,9 @@ class PretrainRecipe:
     )
     """fp32 by default: the embedded default model is then the same on every CPU kind (with auto, a
     CPU with native bf16 would pretrain a different model under the same cache key)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (DDP / FSDP2) under `torchrun` or with `distributed.nproc=2`; not part of the
+    cache key (the same global batch at any world size)."""
     output_dir: str = "default"
     """Run directory; `default` = the embedded-default cache (~/.cache/posttrain or $POSTTRAIN_CACHE)."""
     seed: int = 0
@@ -109,6 +116,7 @@ def recipe_key(cfg: PretrainRecipe) -> str:
     plain = PretrainRecipe(**{**cfg.__dict__, "output_dir": "default", "force": False, "resume": True})
     raw = to_dict(plain)
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in LOGGING_ONLY}
+    raw.pop("distributed", None)
     body = yaml.safe_dump(raw, sort_keys=False)
     return hashlib.sha256(f"corpus-v{CORPUS_VERSION}\n{body}".encode()).hexdigest()[:12]
 
@@ -205,8 +213,14 @@ def run_pretrain(cfg: PretrainRecipe) -> Path:
     given output dir (`build_lock`)."""
     out = resolve_output_dir(cfg)
     final = out / "final"
-    with build_lock(out):
-        if (final / "config.json").is_file() and not cfg.force:
+    several = env_world() > 1 and not dist.in_one_process()
+    if several:  # under torchrun: rank 0 holds the lock and decides for every rank
+        dist.join(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    with build_lock(out) if is_main() else contextlib.nullcontext():
+        done = (final / "config.json").is_file() and not cfg.force
+        if several:  # every rank follows rank 0's look at the folder
+            done = all_reduce_sum([1.0 if done and is_main() else 0.0])[0] > 0
+        if done:
             console.print(f"reusing pretrained model {final} (set force=true to retrain)")
             return final
         cfg.output_dir = str(out)
@@ -234,10 +248,22 @@ def _pretrain(cfg: PretrainRecipe, out: Path) -> Path:
     console.print(f"pretraining corpus: {len(samples)} documents, {n_tok} tokens, vocab {len(tokenizer)}")
     plan = BatchPlan(samples, cfg.train.batch_size, cfg.train.seq_len, True, tokenizer.pad_token_id, cfg.seed)
     model = run_loop(run, model, plan, cfg.optim, cfg.train)
-    save_hf_folder(model, tokenizer, final, generation_config={"do_sample": False, "eos_token_id": eos})
-    shutil.copy2(out / MANIFEST_FILE, final / MANIFEST_FILE)
+    gen = {"do_sample": False, "eos_token_id": eos}
+    save = lambda m: save_hf_folder(m, tokenizer, final, generation_config=gen)  # noqa: E731
+    dist.export_final(model, save, final)  # rank 0 writes (FSDP: the gathered weights)
+    if is_main():
+        shutil.copy2(out / MANIFEST_FILE, final / MANIFEST_FILE)
     run.finish(final)
     return final
+
+
+def pretrain_main(recipe_path: str | None, overrides: list[str]) -> Path:
+    """`posttrain pretrain RECIPE.yaml [key=value ...]` (distributed.nproc > 1 launches torchrun)."""
+    from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
+
+    cfg = load_recipe(PretrainRecipe, recipe_path, overrides)
+    return run_command("pretrain", recipe_path, overrides, cfg, run_pretrain)
 
 
 def ensure_default_model() -> Path:
@@ -246,5 +272,6 @@ def ensure_default_model() -> Path:
     final = resolve_output_dir(cfg) / "final"
     if not (final / "config.json").is_file():
         console.print(f"[bold]building the embedded default model[/bold] (once; cached in {final.parent})")
-        run_pretrain(cfg)
+        with dist.one_process():  # also under torchrun: a build of its own, before any process group
+            run_pretrain(cfg)
     return final

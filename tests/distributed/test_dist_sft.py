@@ -121,7 +121,7 @@ def test_world_size_change_fsdp_2_to_1_and_1_to_fsdp_2(runs):
     assert res.returncode != 0 and (down / "checkpoints" / "step-2" / ".metadata").is_file()
     res = sft(recipe, down, "distributed.strategy=fsdp")  # one process reads the 2-rank shards
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "changed settings" not in res.stdout  # a new world size is the same run
+    assert "changed settings" not in res.stdout + res.stderr  # a new world size is the same run
     up = tmp / "one_to_fsdp"
     res = sft(recipe, up, fault="after-step:3")
     assert res.returncode != 0 and (up / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
@@ -194,3 +194,32 @@ train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precisi
     for f in ("model.safetensors", "reward_head.safetensors"):
         wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL
+
+
+def test_pretrain_ddp_equals_one_process_and_is_reused(tmp_path):
+    recipe = tmp_path / "pre.yaml"
+    recipe.write_text(
+        """
+model: {vocab_size: 300, hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}
+corpus: {n_docs: 300}
+train: {max_steps: 4, batch_size: 3, seq_len: 128, tensorboard: false}
+"""
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"]), ("ddp", ["distributed.nproc=2"])]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "posttrain",
+            "pretrain",
+            str(recipe),
+            f"output_dir={tmp_path / name}",
+            *extra,
+        ]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (
+        "reusing pretrained model" in res.stdout + res.stderr
+    )  # the second 2-process run found the first one's
+    loss_diff, weight_diff = max_diffs(tmp_path / "one", tmp_path / "ddp")
+    assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
