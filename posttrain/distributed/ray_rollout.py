@@ -18,8 +18,11 @@ a reward-worker pool, weight sync through the object store verified by checksums
   the last synced weights (checksum verified again) and its shard is retried with the same seed,
   so the step's completions equal those of a run without the failure; ``ray/restarts`` counts them.
 
-Not here (stated): NCCL broadcast for GPU workers (the object store carries the weights on GPU
-too) and asynchronous rollouts with bounded staleness.
+- **Asynchronous rollouts** (``rollout.max_staleness: 1``): `prefetch` starts step t+1's first
+  round while step t trains; those samples come from the weights that sampled step t
+  (``rollout/staleness`` 1). Staleness above 1 is not offered.
+
+Not here (stated): NCCL broadcast for GPU workers (the object store carries the weights on GPU too).
 """
 
 from __future__ import annotations
@@ -179,6 +182,9 @@ class RayEngine:
         self.workers = [self._spawn(i) for i in range(cfg.rollout_workers)]
         self._reward_workers: list[Any] = []
         self._state_ref, self._expected = None, None
+        self._pending: tuple | None = None  # (prompts, params, autocast, shards, futures) of a prefetch
+        self.last_staleness = 0
+        """1 when the last generate returned prefetched samples (one update stale), else 0."""
         self.update_weights(model)
 
     @property
@@ -262,9 +268,7 @@ class RayEngine:
         self.syncs += 1
         verify(self._expected, reported, self.syncs)
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
-        """``params.n`` completions per prompt in (prompt, sample) order, sharded over the workers."""
-        prompts, autocast = list(prompts), _autocast_dtype()
+    def _launch(self, prompts: list, params: SamplingParams, autocast: str | None) -> tuple[list, list]:
         shards = shard_bounds(len(prompts), len(self.workers))
         futures = [
             self.workers[i].generate.remote(
@@ -272,6 +276,26 @@ class RayEngine:
             )
             for i, (a, b) in enumerate(shards)
         ]
+        return shards, futures
+
+    def prefetch(self, prompts: Sequence[Prompt], params: SamplingParams) -> None:
+        """Start generating now with the current weights; a later `generate` of the same prompts and
+        params returns these samples (Ray runs each worker's calls in order, so a following
+        `update_weights` waits for them and does not change the weights under them)."""
+        prompts, autocast = list(prompts), _autocast_dtype()
+        self._pending = (prompts, params, autocast, *self._launch(prompts, params, autocast))
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions per prompt in (prompt, sample) order, sharded over the workers
+        (the prefetched ones when `prefetch` was given the same prompts and params)."""
+        prompts, autocast = list(prompts), _autocast_dtype()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[:3] == (prompts, params, autocast):
+            shards, futures = pending[3], pending[4]
+            self.last_staleness = 1
+        else:
+            shards, futures = self._launch(prompts, params, autocast)
+            self.last_staleness = 0
         out: list[Completion] = []
         for i, ((a, b), fut) in enumerate(zip(shards, futures, strict=True)):
             try:

@@ -89,6 +89,7 @@ from posttrain.train.rl_rollout import (
     episode_batch,
     generate_conversations,
     generate_groups,
+    prefetch_groups,
     rollout_metrics,
     rollout_seed,
 )
@@ -327,7 +328,9 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
 def collect(s: Session, step: int) -> tuple[list[Scored], list[Scored], dict[str, float]]:
     """Generate and score this step's groups (`posttrain.train.rl_rollout.generate_groups`)."""
     with autocast(s.run.precision, s.run.device):  # rollout.autocast, when set, overrides it inside
-        return generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
+        out = generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
+        prefetch_groups(s.engine, s.sampler, s.cfg.rollout, s.cfg.seed, step + 1, s.cfg.train.max_steps)
+        return out
 
 
 def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[str, float]]:
@@ -353,6 +356,8 @@ def use_rollout_logprobs(s: Session) -> bool:
         return mode == "rollout"
     if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None or s.run.precision != "fp32":
         return False  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
+    if ro.max_staleness:  # stale samples: the trainer's log-probs are the proximal policy
+        return False
     return ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32
 
 

@@ -160,3 +160,38 @@ def test_a_worker_holding_other_weights_stops_the_run(ray_cluster, tiny_model_di
     finally:
         s.engine.shutdown()
     assert torch.equal(state["model.norm.weight"].float(), s.model.state_dict()["model.norm.weight"])
+
+
+def test_max_staleness_one_samples_the_next_step_with_the_previous_weights(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.rollout.hf_engine import HFEngine
+    from posttrain.train.rl_data import PromptSampler, RewardSet, load_prompts
+    from posttrain.train.rl_rollout import generate_groups, rollout_metrics
+
+    extra = ["rollout.backend=ray", "rollout.ray.rollout_workers=1", "train.max_steps=3"]
+    sync, _ = run_steps(tiny_model_dir, tmp_path / "sync", 3, *extra)
+    stale, s = run_steps(tiny_model_dir, tmp_path / "stale", 3, *extra, "rollout.max_staleness=1")
+    assert [r["rollout/staleness"] for r in stale] == [0.0, 1.0, 1.0]  # step 1 has nothing to overlap
+    assert stale[0]["reward/total_mean"] == sync[0]["reward/total_mean"]
+    assert "mismatch/token_abs_diff_mean" in stale[1]  # old log-probs recomputed by the trainer
+    # Step 2's samples were drawn during step 1's update, by the starting weights: the reference
+    # engine with those weights, on step 2's prompts and seed, gives exactly the same rewards.
+    cfg, tok = s.cfg, load_tokenizer(tiny_model_dir)
+    sampler = PromptSampler(load_prompts(cfg.data), cfg.data.seed)
+    sampler.take(cfg.rollout.prompts_per_step)  # step 1's prompts
+    rewards = RewardSet(cfg.rewards, tok, cfg.rollout.max_new_tokens, cfg.rollout.overlong_buffer)
+    engine = HFEngine(load_model(tiny_model_dir), tok)
+    kept, seen, _ = generate_groups(engine, sampler, rewards, cfg.rollout, cfg.seed, 2)
+    assert rollout_metrics(seen, kept)["reward/total_mean"] == stale[1]["reward/total_mean"]
+    assert stale[1]["reward/total_mean"] != sync[1]["reward/total_mean"]  # sync sampled after the update
+
+
+def test_max_staleness_needs_ray():
+    from posttrain.train.rl_rollout import RolloutConfig
+
+    with pytest.raises(ConfigError, match="rollout.backend=ray"):
+        RolloutConfig(max_staleness=1).validate()
+    with pytest.raises(ConfigError, match="max_staleness=2"):
+        RolloutConfig(backend="ray", max_staleness=2).validate()
