@@ -121,3 +121,19 @@ def test_group_shards_keep_whole_rankings_and_reindex_their_rows():
     assert a["margin"].tolist() == [0.5, 1.0] and b["margin"].tolist() == [2.0]
     empty, real = shard_groups({**batch, "group_index": index[:1], "margin": batch["margin"][:1]}, 1, 2)
     assert not real and empty["group_index"].tolist() == [[0, 1, -1]]
+
+
+def test_a_filler_row_gives_zero_loss_and_zero_gradient_to_every_parameter(tiny_model_dir):
+    """What an empty rank trains on: it must reach every parameter (DDP waits for each gradient)
+    and change nothing."""
+    from posttrain.models.load import load_model
+    from posttrain.train.lm_loss import causal_lm_loss
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    filler, real = shard_micro(_packed(1), 1, 2)
+    assert not real
+    loss, m = causal_lm_loss(model, filler, "token-mean", num_tokens=10.0, num_seqs=2.0)
+    loss.backward()
+    assert float(loss) == 0.0 and m["tokens"] == 0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
