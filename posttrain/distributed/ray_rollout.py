@@ -173,9 +173,8 @@ class RayEngine:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config, self._max_rows = base.config, max_batch_rows
-        self._dtype = next(
-            base.parameters()
-        ).dtype  # the workers hold the trainer's dtype, so checksums compare
+        # the workers hold the trainer's dtype, so their checksums compare with the trainer's
+        self._dtype = next(base.parameters()).dtype
         self._device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
         self.restarts, self.syncs = 0, 0
         self._pg = self._placement_group()
