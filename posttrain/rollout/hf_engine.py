@@ -42,6 +42,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from posttrain.errors import ModelError
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
+from posttrain.rollout.prefix_cache import PrefixStore, fill_layers, row_kv
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.train.precision import autocast
 from posttrain.train.precision import resolve as resolve_precision
@@ -213,6 +214,7 @@ class HFEngine:
         device: str = "auto",
         threads: int | None = None,
         precision: str = "fp32",
+        prefix_cache_tokens: int = 0,
     ):
         if isinstance(model, str | os.PathLike):
             from posttrain.models.load import load_model, load_tokenizer
@@ -230,6 +232,7 @@ class HFEngine:
         self.threads = threads if threads is not None else decode_threads(model)
         choice = resolve_precision(precision, self.device, key="model.precision")
         self.precision, self.precision_reason = choice.precision, choice.reason
+        self.prefix = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
 
     @property
     def device(self) -> torch.device:
@@ -239,6 +242,8 @@ class HFEngine:
         """Load new weights: a no-op when ``weights`` is the engine's own module (shared with the
         trainer); otherwise a module's or a state dict's tensors are copied in. A partial state
         dict updates only its keys; a key the model does not have is a ModelError."""
+        if self.prefix is not None:  # stored keys/values belong to the old weights
+            self.prefix.clear()
         if weights is self.model:
             return
         state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
@@ -298,16 +303,29 @@ class HFEngine:
 
     def _prefill(self, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """Encode the distinct prompts once: (last-position logits (U, V), cache, attention mask
-        (U, P + steps), ones past the prompt)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[i, width - len(p) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache(self.model, width + steps)
+        (U, P + S + steps), ones past the prompt). With a prefix store, each prompt's longest
+        stored prefix (m_i tokens) is copied into the cache and only the rest is run
+        (`posttrain.rollout.prefix_cache`); without one, m_i = 0: a plain left-padded prefill."""
+        u, store = len(prompts), self.prefix
+        cache = new_cache(self.model, max(len(p) for p in prompts) + steps)
+        if store is not None and not all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
+            store = None  # sliding-window or other layer kinds: no reuse
+        found = [store.lookup(tuple(p)) for p in prompts] if store is not None else [(0, None)] * u
+        ms = [m for m, _ in found]
+        width_p, width_s = max(ms), max(len(p) - m for p, m in zip(prompts, ms, strict=True))
+        ids = torch.full((u, width_s), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((u, width_s), dtype=torch.long)
+        attn = torch.zeros((u, width_p + width_s), dtype=torch.long)
+        for i, (p, m) in enumerate(zip(prompts, ms, strict=True)):
+            s = len(p) - m
+            ids[i, width_s - s :] = torch.tensor(p[m:], dtype=torch.long)
+            pos[i, width_s - s :] = torch.arange(m, len(p))
+            attn[i, width_p - m : width_p] = 1
+            attn[i, width_p + width_s - s :] = 1
+        ids, pos, attn = ids.to(self.device), pos.to(self.device), attn.to(self.device)
+        if width_p:
+            cache = new_cache(self.model, width_p + width_s + steps)
+            fill_layers(cache, [kv for _, kv in found], ms, width_p)
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
@@ -316,7 +334,10 @@ class HFEngine:
             logits_to_keep=1,
             **{self.cache_kw: cache},
         )
-        attn = torch.cat([attn, attn.new_ones((len(prompts), steps))], dim=1)
+        if store is not None:
+            for i, p in enumerate(prompts):
+                store.add(tuple(p), row_kv(cache, i, attn[i].nonzero().squeeze(1)))
+        attn = torch.cat([attn, attn.new_ones((u, steps))], dim=1)
         return out.logits[:, -1].float(), cache, attn  # the cache is filled in place
 
     @torch.inference_mode()

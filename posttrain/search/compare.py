@@ -69,6 +69,10 @@ class SearchModelConfig:
     precision: str = "auto"
     """Decoding precision: ``auto`` (bf16 autocast where the hardware computes bf16 natively, else
     fp32; `posttrain.train.precision`), ``fp32`` (exact, the same digits on every machine) or ``bf16``."""
+    prefix_cache_tokens: int = 8192
+    """Prompt keys/values kept across generate calls (`posttrain.rollout.prefix_cache`): a tree
+    search's next step reuses its path's encoding. Memory: tokens x layers x 2 x KV heads x head
+    size x bytes (SmolLM2-135M fp32: ~46 KB a token, 8192 tokens ~380 MB); 0 = off."""
 
 
 @dataclass
@@ -240,7 +244,8 @@ def load_policy(cfg: SearchModelConfig) -> tuple[PolicyLike, Any]:
     from posttrain.train.loop import resolve_model_path
 
     engine = get_engine("hf", model=resolve_model_path(cfg.path), dtype=cfg.dtype, device=cfg.device,
-                        max_batch_rows=cfg.max_batch_rows, precision=cfg.precision)  # fmt: skip
+                        max_batch_rows=cfg.max_batch_rows, precision=cfg.precision,
+                        prefix_cache_tokens=cfg.prefix_cache_tokens)  # fmt: skip
     chat = cfg.prompt == "chat" or (cfg.prompt == "auto" and cfg.path != "default")
     return engine, engine.tokenizer if chat else None
 
