@@ -14,13 +14,16 @@ dropped for both.
 - posttrain: `posttrain.train.rl.run_rl`; the policy module itself samples (batched KV cache,
   prefix sharing, finished rows dropped) and its sampling log-probs serve as the old log-probs;
   step times from metrics.jsonl (generation + reward + update; no eval, no checkpoint).
-- trl: GRPOTrainer (HF ``generate`` path), bf16=False and gradient_checkpointing=False (its
-  fastest CPU setting; the defaults, True and True, are slower here), use_cpu=True; step times
-  from a callback (one step = generation + reward + update).
+- trl-fp32 / trl-bf16: GRPOTrainer (HF ``generate`` path), bf16=False / True and
+  gradient_checkpointing=False (checkpointing, its default, is slower here), use_cpu=True; step
+  times from a callback (one step = generation + reward + update). The faster of the two on
+  this machine is the peer.
+- posttrain runs its default `train.precision: auto` (bf16 autocast where the CPU has native
+  bf16, else fp32).
 
 Completions differ between systems (different random streams), so each row also reports the
-mean completion length. The last line is ``ratio posttrain/trl steps/s: X.XXx`` of the last
-(model, beta) pair benchmarked.
+mean completion length. The last line is ``ratio posttrain(auto=P)/trl_fastest(MODE) steps/s:
+X.XXx on MACHINE`` of the last (model, beta) pair benchmarked.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import THREADS, model_path, run_worker, step_clock, worker_env
+from common import THREADS, machine, machine_line, model_path, run_worker, step_clock, worker_env
 
 N, MAX_NEW, LR = 8, 64, 1e-6
 DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
-SYSTEMS = ("posttrain", "trl")
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16")
+"""posttrain in its default precision (auto); TRL in fp32 and in bf16 autocast: its fastest of the two is the peer."""
 
 
 def write_prompts(path: Path, n: int) -> None:
@@ -71,18 +75,21 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, b
         f"optim.lr={LR}", "optim.schedule=constant", "resume=false",
     ]  # fmt: skip
     run_rl(load_recipe(RLRecipe, None, overrides))
+    used = json.loads((out / "run" / "run_meta.json").read_text())["precision"]["precision"]
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
     rows = [r for r in rows if "time/step_s" in r]
     return {
         "step_times": [r["time/step_s"] for r in rows],
         "lengths": [r["response/length_mean"] for r in rows],
         "gen_share": sum(r["time/generate_s"] for r in rows) / sum(r["time/step_s"] for r in rows),
-        "note": "rollout log-probs as old log-probs"
+        "note": f"precision auto -> {used}; "
+        + ("rollout log-probs as old log-probs" if used == "fp32" else "old log-probs recomputed")
         + ("; frozen reference copy" if beta else "; no reference"),
+        "precision": used,
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float) -> dict:
+def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float, bf16: bool) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -103,7 +110,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: f
         output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=prompts * N,
         num_generations=N, max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0,
         beta=beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=LR,
-        lr_scheduler_type="constant", max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+        lr_scheduler_type="constant", max_grad_norm=1.0, bf16=bf16, gradient_checkpointing=False,
         use_cpu=True, save_strategy="no", report_to="none", logging_steps=max(1, n_steps), seed=0,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -124,8 +131,8 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: f
 
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(THREADS)
-    fn = run_posttrain if a.worker == "posttrain" else run_trl
-    res = fn(a.path, a.data, Path(a.out), a.steps, a.prompts, a.beta[0])
+    args = (a.path, a.data, Path(a.out), a.steps, a.prompts, a.beta[0])
+    res = run_posttrain(*args) if a.worker == "posttrain" else run_trl(*args, bf16=a.worker == "trl-bf16")
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (Path(a.out) / "result.json").write_text(json.dumps(res))
 
@@ -143,13 +150,13 @@ def launch(
     return run_worker(system, cmd, out, worker_env(tmp))
 
 
-def bench_model(name: str, a: argparse.Namespace) -> float | None:
+def bench_model(name: str, a: argparse.Namespace) -> tuple[float, str, str] | None:
     path = model_path(name, a.model_path)
     prompts, n_meas, n_warm = DEFAULTS[name]
     prompts, n_meas = a.prompts or prompts, a.steps or n_meas
     n_warm = n_warm if a.warmup is None else a.warmup
     n_steps = n_meas + n_warm
-    print(f"\n== {name}: {path}\n{prompts} prompts x {N} completions per step, <= {MAX_NEW} new tokens, fp32, "
+    print(f"\n== {name}: {path}\n{prompts} prompts x {N} completions per step, <= {MAX_NEW} new tokens, fp32 weights, "
           f"{THREADS} threads; {n_meas} measured steps after {n_warm} warm-up", flush=True)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-grpo-{name}-"))
     ratio = None
@@ -167,9 +174,16 @@ def bench_model(name: str, a: argparse.Namespace) -> float | None:
                 length = statistics.mean(r["lengths"][n_warm:] or r["lengths"])
                 print(f"{system:<11}{sum(times) / len(times):>8.2f}{statistics.pstdev(times):>6.2f}{length:>6.1f}"
                       f"{100 * r['gen_share']:>7.0f}{r['rss_mb']:>8.0f}  {r['note']}", flush=True)  # fmt: skip
-            if len(sps) == 2:
-                ratio = sps["posttrain"] / sps["trl"]
-                print(f"{name} beta={beta:g}: ratio posttrain/trl steps/s: {ratio:.2f}x", flush=True)
+            trl = {s: v for s, v in sps.items() if s.startswith("trl")}
+            if "posttrain" in sps and trl:
+                fastest = max(trl, key=trl.get)
+                ratio = (
+                    sps["posttrain"] / trl[fastest],
+                    res["posttrain"]["precision"],
+                    fastest.split("-")[1],
+                )
+                print(f"{name} beta={beta:g}: ratio posttrain(auto={ratio[1]})/trl_fastest({ratio[2]}) "
+                      f"steps/s: {ratio[0]:.2f}x", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ratio
@@ -188,14 +202,16 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    mach = machine()
+    print(f"machine: {machine_line(mach)}", flush=True)
     ratio = None
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         ratio = bench_model(name, a) or ratio
-    print(
-        f"ratio posttrain/trl steps/s: {ratio:.2f}x"
-        if ratio
-        else "ratio posttrain/trl steps/s: n/a (a run failed)"
-    )
+    if ratio is None:
+        print(f"ratio posttrain/trl_fastest steps/s: n/a (a run failed) on {machine_line(mach)}")
+    else:
+        print(f"ratio posttrain(auto={ratio[1]})/trl_fastest({ratio[2]}) steps/s: {ratio[0]:.2f}x "
+              f"on {machine_line(mach)}")  # fmt: skip
 
 
 if __name__ == "__main__":
