@@ -61,7 +61,16 @@ def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
 
 
 def machine() -> dict:
-    """The CPU model, its bf16 flags, the n=2048 matmul peaks, memory bandwidth and what `precision: auto` picks."""
+    """The CPU model, its bf16 flags, the n=2048 matmul peaks, memory bandwidth and what `precision: auto`
+    picks; measured in a subprocess, so its 1 GB copy does not raise the peak RSS that workers inherit."""
+    code = "import json, common; print(json.dumps(common.measure_machine()))"
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_machine() -> dict:
     from posttrain.train.precision import NATIVE_BF16_FLAGS, cpu_info, resolve
 
     cpu, flags = cpu_info()

@@ -15,8 +15,10 @@ system runs in its own subprocess (isolated warm-up and peak RSS); the first
   log-probs are precomputed (its default for full fine-tuning); chosen and
   rejected of a pair share one forward of their common prefix; examples
   packed into rows of 512 tokens; step times from metrics.jsonl.
-- trl-fastest: DPOTrainer with bf16=False, gradient_checkpointing=False and
-  precompute_ref_log_probs=True (the same reference treatment), its fastest CPU setting.
+- posttrain runs its default `train.precision: auto` (bf16 autocast where the CPU has native
+  bf16, else fp32).
+- trl-fp32 / trl-bf16: DPOTrainer with bf16=False / True, gradient_checkpointing=False and
+  precompute_ref_log_probs=True (the same reference treatment); the faster is its fastest here.
 - trl-defaults: DPOConfig's defaults for bf16 (True: autocast), gradient
   checkpointing (True) and the reference (a second model, forward every step).
 
@@ -24,8 +26,8 @@ Speed is measured in pair tokens / s: the tokens of prompt + chosen plus prompt 
 rejected of the pairs in the step (padding and shared-prefix savings do not
 count), so batches of different lengths compare fairly. The precompute passes
 (both systems) happen before step 1 and are not timed; their wall time is in
-`wall s`. The last line is `ratio posttrain/trl_fastest pair tokens/s: X.XXx`
-of the last model benchmarked.
+`wall s`. The last line is `ratio posttrain(auto=P)/trl_fastest(MODE) pair
+tokens/s: X.XXx on MACHINE` of the last model benchmarked.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import THREADS, busy_cpu_s, matmul_peak, model_path, run_worker, step_clock, worker_env
+from common import THREADS, busy_cpu_s, machine, machine_line, model_path, run_worker, step_clock, worker_env
 
 BATCH, MAX_LEN = 8, 128
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
-SYSTEMS = ("posttrain", "trl-fastest", "trl-defaults")
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-defaults")
+"""posttrain in its default precision (auto); TRL's fastest is the faster of its fp32 and bf16 runs."""
 
 
 def write_pairs(path: Path, model: Path, n_pairs: int) -> None:
@@ -87,6 +90,7 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
     ]  # fmt: skip
     cfg = load_recipe(PreferenceRecipe, None, overrides)
     run_preference(cfg)
+    used = json.loads((out / "run" / "run_meta.json").read_text())["precision"]["precision"]
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
     rows = [r for r in rows if "step_time_s" in r]
     # Pair tokens of the batches the run saw (the plan is deterministic in the seed).
@@ -103,12 +107,14 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
     return {
         "step_times": [r["step_time_s"] for r in rows],
         "pair_tokens": pair_tokens,
-        "note": f"shared-prefix packed rows: {share:.0%} of pair tokens processed (incl. padding); "
-        "reference precomputed",
+        "note": f"precision auto -> {used}; shared-prefix packed rows: {share:.0%} of pair tokens processed "
+        "(incl. padding); reference precomputed",
+        "precision": used,
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> dict:
+def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
+    """DPOTrainer, mode fp32 | bf16 (no checkpointing, precomputed reference) | defaults."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -124,8 +130,8 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, defaults: bool) -> di
             return super().training_step(model, inputs, num_items_in_batch)
 
     speed = {}
-    if not defaults:
-        speed = {"bf16": False, "gradient_checkpointing": False, "precompute_ref_log_probs": True}
+    if mode != "defaults":
+        speed = {"bf16": mode == "bf16", "gradient_checkpointing": False, "precompute_ref_log_probs": True}
     args = DPOConfig(
         output_dir=str(out / "run"), max_steps=n_steps, per_device_train_batch_size=BATCH, max_length=MAX_LEN,
         beta=0.1, loss_type=["sigmoid"], learning_rate=1e-6, save_strategy="no", report_to="none",
@@ -150,7 +156,7 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     if system == "posttrain":
         res = run_posttrain(path, data, out, n_steps)
     else:
-        res = run_trl(path, data, out, n_steps, defaults=system == "trl-defaults")
+        res = run_trl(path, data, out, n_steps, mode=system.split("-")[1])
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(res))
 
@@ -181,7 +187,9 @@ def launch(system: str, path: Path, data: Path, tmp: Path, n_steps: int, max_wai
     return run_worker(system, cmd, out, worker_env(tmp))
 
 
-def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], max_wait: float, path=None) -> None:
+def bench_model(
+    name: str, n_meas: int, n_warm: int, systems: list[str], max_wait: float, mach: dict, path=None
+) -> None:
     path = model_path(name, path)
     n_steps = n_meas + n_warm
     print(f"\n== {name}: {path}\n{BATCH} pairs/step, max length {MAX_LEN}, fp32 weights, {THREADS} threads; "
@@ -200,11 +208,16 @@ def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], max_wai
         print(f"{system:<13}{sum(times) / len(times):>7.2f}{tps[system]:>11.0f}{r['rss_mb']:>8.0f}"
               f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r['note']}",
               flush=True)  # fmt: skip
-    for peer in ("trl-defaults", "trl-fastest"):
+    for peer in ("trl-defaults", "trl-fp32", "trl-bf16"):
         if "posttrain" in tps and peer in tps:
             print(
                 f"ratio posttrain/{peer.replace('-', '_')} pair tokens/s: {tps['posttrain'] / tps[peer]:.2f}x"
             )
+    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16") if s in tps}
+    if "posttrain" in tps and trl:  # the last line: our default vs the peer's fastest setting here
+        fastest = max(trl, key=trl.get)
+        print(f"ratio posttrain(auto={results['posttrain']['precision']})/trl_fastest({fastest.split('-')[1]}) "
+              f"pair tokens/s: {tps['posttrain'] / trl[fastest]:.2f}x on {machine_line(mach)}")  # fmt: skip
 
 
 def main() -> None:
@@ -224,14 +237,12 @@ def main() -> None:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
     systems = [s for s in SYSTEMS if not (a.skip_trl_defaults and s == "trl-defaults")]
     wait_idle(a.max_wait)
-    print(
-        f"fp32 matmul peak (n=2048, {THREADS} threads, best of 5): {matmul_peak(repeats=5):.0f} GFLOP/s",
-        flush=True,
-    )
+    mach = machine()
+    print(f"machine: {machine_line(mach)}", flush=True)
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         n_meas, n_warm = DEFAULT_STEPS[name]
         n_warm = n_warm if a.warmup is None else a.warmup
-        bench_model(name, a.steps or n_meas, n_warm, systems, a.max_wait, a.model_path)
+        bench_model(name, a.steps or n_meas, n_warm, systems, a.max_wait, mach, a.model_path)
 
 
 if __name__ == "__main__":
