@@ -2,7 +2,7 @@
 
     python bench/rollout.py [--model tiny|smollm2|all] [--prompts K] [--n 8] [--max-new-tokens M] [--threads T]
 
-Both systems get the same model (fp32, 2 threads), the same prompts (task-suite questions
+Both systems get the same model (fp32 weights, 2 threads), the same prompts (task-suite questions
 rendered with the model's chat template, left-padded for ``generate``), the same sampling
 (temperature 1.0, top_p 1.0, top_k off, ``max_new_tokens`` M) and n samples per prompt
 (``num_return_sequences=n`` for ``generate``). ``generate`` also returns no log-probs here;
@@ -13,7 +13,10 @@ finished sequence is not counted), for both systems. The samples differ (differe
 streams), so tokens/s, not wall time, is compared. Each system runs once to warm up, then
 ``--repeats`` times alternating; the figure is total tokens / total time.
 
-The last line is ``ratio posttrain/generate tokens/s: X.XXx`` of the last model.
+posttrain's engine runs ``precision="auto"`` (bf16 autocast where the CPU has native bf16);
+``generate`` runs in fp32 and under bf16 autocast, and the faster of the two is the peer. The
+bandwidth limit printed is rows x memory bandwidth / weight bytes (every weight read once a step).
+The last line is ``ratio posttrain(auto=P)/generate_<fp32|bf16> tokens/s: X.XXx on MACHINE``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import argparse
 import time
 
 import torch
-from common import model_path
+from common import machine, machine_line, model_path
 
 
 def build_prompts(k: int) -> list[list[dict]]:
@@ -78,13 +81,17 @@ def run_engine(engine, prompts, n: int, max_new: int) -> tuple[int, float]:
     return sum(len(c.token_ids) for c in out), elapsed
 
 
-def bench_model(name: str, args: argparse.Namespace) -> float:
+def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float, str, str]:
+    """(ours / generate's faster setting, our precision, generate's faster setting)."""
+    from contextlib import nullcontext
+
     from posttrain.rollout.engine import encode_prompt
     from posttrain.rollout.hf_engine import HFEngine
 
     path = model_path(name, args.tiny_path if name == "tiny" else None)
-    engine = HFEngine(str(path), dtype="float32", device="cpu")
+    engine = HFEngine(str(path), dtype="float32", device="cpu", precision="auto")
     model, tok = engine.model, engine.tokenizer
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     prompts = build_prompts(args.prompts)
     encoded = [encode_prompt(tok, p) for p in prompts]
     stop_ids = set(engine.eos_ids)
@@ -93,12 +100,13 @@ def bench_model(name: str, args: argparse.Namespace) -> float:
         f"== {name}: {path} ({params / 1e6:.1f}M params), {len(prompts)} prompts x n={args.n}, "
         f"max_new_tokens={args.max_new_tokens}"
     )
-    totals = {"generate": [0, 0.0], "posttrain": [0, 0.0]}
+    totals = {"generate-fp32": [0, 0.0], "generate-bf16": [0, 0.0], "posttrain": [0, 0.0]}
     for rep in range(args.repeats + 1):
-        for system in ("generate", "posttrain"):
+        for system in totals:
             torch.manual_seed(rep)
-            if system == "generate":
-                toks, secs = run_generate(model, tok, encoded, args.n, args.max_new_tokens, stop_ids)
+            if system.startswith("generate"):
+                with bf16() if system.endswith("bf16") else nullcontext():
+                    toks, secs = run_generate(model, tok, encoded, args.n, args.max_new_tokens, stop_ids)
             else:
                 toks, secs = run_engine(engine, prompts, args.n, args.max_new_tokens)
             label = "warm-up" if rep == 0 else f"run {rep}"
@@ -107,11 +115,17 @@ def bench_model(name: str, args: argparse.Namespace) -> float:
                 totals[system][0] += toks
                 totals[system][1] += secs
     rates = {k: v[0] / v[1] for k, v in totals.items()}
+    # Decoding reads every weight once per step: rows x bandwidth / weight bytes bounds tokens/s.
+    weight_bytes = params * (2 if engine.precision == "bf16" else 4)
+    limit = len(prompts) * args.n * mach["bandwidth_gbs"] * 1e9 / weight_bytes
     for system, rate in rates.items():
-        print(f"  {system:10s} {rate:8.1f} tok/s over {args.repeats} runs")
-    ratio = rates["posttrain"] / rates["generate"]
-    print(f"  {name}: ratio posttrain/generate tokens/s: {ratio:.2f}x")
-    return ratio
+        print(f"  {system:13s} {rate:8.1f} tok/s over {args.repeats} runs")
+    print(f"  bandwidth limit at {len(prompts) * args.n} rows, {engine.precision} weights read: {limit:.0f} tok/s; "
+          f"posttrain at {100 * rates['posttrain'] / limit:.1f}% of it")  # fmt: skip
+    peer = max(("generate-fp32", "generate-bf16"), key=rates.get)
+    ratio = rates["posttrain"] / rates[peer]
+    print(f"  {name}: ratio posttrain(auto={engine.precision})/{peer} tokens/s: {ratio:.2f}x")
+    return ratio, engine.precision, peer
 
 
 def main() -> None:
@@ -132,13 +146,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = ["tiny", "smollm2"] if args.model == "all" else [args.model]
-    ratio = 0.0
+    mach = machine()
+    print(f"machine: {machine_line(mach)}", flush=True)
     for name in names:
         sub = argparse.Namespace(**vars(args))
         sub.prompts = args.prompts or (16 if name == "tiny" else 4)
         sub.max_new_tokens = args.max_new_tokens or (128 if name == "tiny" else 64)
-        ratio = bench_model(name, sub)
-    print(f"ratio posttrain/generate tokens/s: {ratio:.2f}x")
+        ratio, ours, peer = bench_model(name, sub, mach)
+    print(
+        f"ratio posttrain(auto={ours})/{peer.replace('-', '_')} tokens/s: {ratio:.2f}x on {machine_line(mach)}"
+    )
 
 
 if __name__ == "__main__":
