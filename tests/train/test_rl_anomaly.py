@@ -71,3 +71,39 @@ def test_a_task_never_solved_pauses_with_the_cold_start_advice(tmp_path, tiny_mo
         run_rl(recipe(tiny_model_dir, out, "rewards=[{name: scorer}]", "train.max_steps=8"))
     assert err.value.anomaly.step == 5 and "SFT" in str(err.value)  # anomaly.no_signal_steps=5
     assert [p.name for p in list_checkpoints(out)] == ["step-5"]
+
+
+@pytest.mark.slow
+def test_sigint_mid_rl_run_saves_a_checkpoint_exits_130_and_resumes(tmp_path, tiny_model_dir):
+    """`posttrain rl` stopped by SIGINT finishes its step, checkpoints (policy, optimiser, sampler,
+    anomaly state), exits 130 without a traceback; the same command resumes from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "rl"
+    argv = [
+        str(Path(sys.executable).parent / "posttrain"), "rl", "recipes/grpo_tiny.yaml", f"model.path={tiny_model_dir}",
+        f"output_dir={out}", "data.n_per_level=16", "data.levels=[1,2]", "rollout.prompts_per_step=2",
+        "rollout.n=4", "rollout.max_new_tokens=8", "rollout.dynamic_sampling=false", "eval.n_per_level=0",
+        "train.eval_every=0", "train.save_every=0", "train.tensorboard=false", "anomaly.on_anomaly=warn",
+        "train.max_steps=100000",
+    ]  # fmt: skip
+    repo = Path(__file__).parents[2]
+    proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (rows.is_file() and len(rows.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    step = [r["step"] for r in metrics(out) if "event" not in r][-1]
+    assert (out / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+    done = subprocess.run(
+        [*argv[:-1], f"train.max_steps={step + 1}"], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [r["step"] for r in metrics(out) if "event" not in r]
+    assert steps == list(range(1, step + 2)) and (out / "final" / "model.safetensors").is_file()
