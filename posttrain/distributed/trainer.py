@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.launch import check_config, init
+from posttrain.distributed.launch import check_config, init, launched
 from posttrain.distributed.parallel import all_reduce_sum, call, is_main, strategy_of, world, wrap
 from posttrain.distributed.parallel import check_in as check_in_ranks
 from posttrain.errors import ConfigError
@@ -66,6 +66,13 @@ def join(recipe: Any, device_type: str) -> None:
     if _JOINED["alone"] or not hasattr(recipe, "distributed"):
         return  # a nested one-process run, or a trainer without a distributed section
     cfg = config_of(recipe)
+    if cfg.nproc > 1 and not launched():  # e.g. a pipeline stage calling run_sft() directly
+        raise ConfigError(
+            f"distributed.nproc={cfg.nproc} but this process was not started by torchrun",
+            where="distributed.nproc",
+            fix="run the command line (`posttrain <command> RECIPE distributed.nproc=N` launches torchrun), "
+            "or torchrun --nproc_per_node N -m posttrain <command> RECIPE",
+        )
     check_config(cfg, device_type, nproc=1)
     init(cfg, device_type)
     _JOINED.update(cfg=cfg, peft=getattr(getattr(recipe, "peft", None), "method", "full"))

@@ -137,3 +137,15 @@ def test_a_filler_row_gives_zero_loss_and_zero_gradient_to_every_parameter(tiny_
     assert float(loss) == 0.0 and m["tokens"] == 0
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and not g.any() for g in grads)
+
+
+def test_nproc_above_one_without_a_launcher_is_refused_not_ignored(tmp_path, tiny_model_dir):
+    """run_sft() called directly (a pipeline stage) with distributed.nproc=2 must not train alone."""
+    from posttrain.config import load_recipe
+    from posttrain.train.sft import SFTRecipe, run_sft
+
+    cfg = load_recipe(
+        SFTRecipe, None, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "distributed.nproc=2"]
+    )
+    with pytest.raises(ConfigError, match="not started by torchrun"):
+        run_sft(cfg)
