@@ -84,6 +84,7 @@ from posttrain.train.rl_data import (
 from posttrain.train.rl_rollout import (
     EpisodeBatch,
     RolloutConfig,
+    build_engine,
     check_multi_turn,
     conversation_metrics,
     episode_batch,
@@ -251,22 +252,6 @@ class Session:
     """The anomaly detectors and their action (cfg.anomaly)."""
 
 
-def _engine(cfg: RLRecipe, model, tokenizer):
-    from posttrain.rollout.engine import get_engine
-    from posttrain.train.loop import resolve_model_path
-
-    if cfg.rollout.backend == "hf":
-        return get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
-    if cfg.rollout.backend == "ray":  # actors on a Ray cluster, synced from the policy module
-        from posttrain.distributed.ray_rollout import ray_engine
-
-        return ray_engine(model, tokenizer, cfg.rollout)
-    if cfg.rollout.backend == "vllm":
-        path = resolve_model_path(cfg.model.path)
-        return get_engine("vllm", model=path, tokenizer=tokenizer, lora_sync=cfg.rollout.lora_sync)
-    return get_engine(cfg.rollout.backend, model=resolve_model_path(cfg.model.path), tokenizer=tokenizer)
-
-
 def eval_problems(cfg: RLRecipe) -> list:
     from posttrain.data.tasks import task_problems
 
@@ -304,7 +289,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     s = Session(
-        cfg, run, model, value_head, module, _engine(cfg, model, tok), reference,
+        cfg, run, model, value_head, module, build_engine(cfg.rollout, cfg.model.path, model, tok, run.precision), reference,
         RewardSet(cfg.rewards, tok, ro.max_new_tokens, ro.overlong_buffer), PromptSampler(records, cfg.data.seed),
         KLController(algo.kl.coef, algo.kl.target, algo.kl.horizon), optimizer, scheduler, eval_problems(cfg),
         entropy_coef=algo.entropy_coef,

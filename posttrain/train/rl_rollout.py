@@ -87,6 +87,32 @@ class RolloutConfig:
             )
 
 
+def build_engine(
+    ro: RolloutConfig, model_path: str, model: Any, tokenizer: Any, precision: str = "fp32"
+) -> Any:
+    """The rollout engine of ``ro.backend`` over the policy. ``hf`` shares the policy module and
+    samples in ``ro.autocast`` or else the trainer's ``precision`` (bf16: decoded on a bf16 weight
+    copy refreshed at every ``update_weights``); ``ray`` runs HF engines in actors; ``vllm`` and
+    registered backends load ``model_path``."""
+    from posttrain.rollout.engine import get_engine
+    from posttrain.train.loop import resolve_model_path
+
+    if ro.backend == "hf":
+        sampling = {"bfloat16": "bf16", "float16": "fp32", None: precision}[ro.autocast]
+        return get_engine(
+            "hf", model=model, tokenizer=tokenizer, max_batch_rows=ro.max_batch_rows, precision=sampling
+        )
+    if ro.backend == "ray":  # actors on a Ray cluster, synced from the policy module
+        from posttrain.distributed.ray_rollout import ray_engine
+
+        return ray_engine(model, tokenizer, ro)
+    if ro.backend == "vllm":
+        return get_engine(
+            "vllm", model=resolve_model_path(model_path), tokenizer=tokenizer, lora_sync=ro.lora_sync
+        )
+    return get_engine(ro.backend, model=resolve_model_path(model_path), tokenizer=tokenizer)
+
+
 def rollout_seed(seed: int, step: int, round_: int) -> int:
     """The engine's sampling seed for (recipe seed, step, refill round): resume replays it."""
     return (seed * 1_000_003 + step * 1_009 + round_) % (2**62)

@@ -40,6 +40,7 @@ from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console
 from posttrain.train.loop import LoopConfig, ModelConfig, Run, prepare_run, run_loop
 from posttrain.train.optim import OptimConfig
+from posttrain.train.precision import autocast
 from posttrain.train.rm_data import ExamplePlan, RMDataConfig, collate_groups, rm_groups
 
 
@@ -125,7 +126,9 @@ def rm_step(
         group_part = local["group_index"].shape[0] / b["group_index"].shape[0] if real else 0.0
         part = group_part if loss_name == "pl" else pair_part
         with grad_sync(model, i == len(micro) - 1):
-            rewards, mask = call(model, group_rewards, local, device)
+            with autocast(loop.precision, device):
+                rewards, mask = call(model, group_rewards, local, device)
+            rewards = rewards.float()
             loss, _ = rm_loss(rewards, mask, local["margin"].to(device), loss_name)
             scaled = loss * share if scale == 1 else loss * (share * part * scale)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -339,3 +339,22 @@ def test_bf16_engine_log_probs_stay_near_fp32_and_the_default_is_exact(tiny_mode
     got = torch.tensor([lp for c in completions for lp in c.logprobs])
     diff = float((got - ref).abs().max())
     assert LOGP_TOL < diff < 0.1, diff
+
+
+def test_bf16_decodes_on_a_weight_copy_that_update_weights_refreshes(tiny_model_dir):
+    """bf16 on CPU: a bf16 copy of the weights (buffers such as RoPE frequencies stay fp32), so no
+    decode step re-casts them; the copy follows the trainer's module after update_weights."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    engine = HFEngine(model, tok, precision="bf16")
+    net = engine._decoder()
+    assert net is not model and all(p.dtype == torch.bfloat16 for p in net.parameters())
+    assert all(b.dtype == torch.float32 for b in net.buffers() if b.is_floating_point())
+    name, param = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        param.add_(1.0)  # a training step on the shared module
+    assert not torch.equal(dict(net.named_parameters())[name].float(), param.to(torch.bfloat16).float())
+    engine.update_weights(model)
+    assert engine._decoder() is net  # refreshed in place, not rebuilt
+    assert torch.equal(dict(net.named_parameters())[name], param.detach().to(torch.bfloat16))
+    assert HFEngine(model, tok)._decoder() is model  # fp32: the module itself
