@@ -24,11 +24,10 @@ import torch
 from posttrain.distributed.parallel import barrier, is_main, strategy_of
 from posttrain.errors import PosttrainError
 from posttrain.train.checkpoint import (
-    _fsync_dir,
     _fsync_tree,
     _torch_load,
-    list_checkpoints,
     load_checkpoint,
+    publish,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -105,16 +104,7 @@ def _save_sharded(run_dir: Path, step: int, model, optimizer, scheduler, state: 
         (tmp / "COMPLETE").write_text("ok\n")
         _fsync_tree(tmp)
         maybe_kill("mid-save", step)
-        if final.exists():
-            old = root / f"step-{step}.old-dcp"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, run_dir, keep_last)
     barrier()
     return final
 

@@ -107,8 +107,15 @@ def save_checkpoint(
             f"({previous or 'none yet'}) is intact",
         ) from exc
     maybe_kill("mid-save", step)
-    if final.exists():  # re-saving the same step (e.g. after an anomaly): swap in place
-        old = root / f"step-{step}.old-{os.getpid()}"
+    return publish(tmp, final, run_dir, keep_last)
+
+
+def publish(tmp: Path, final: Path, run_dir: str | Path, keep_last: int) -> Path:
+    """Rename a fully written checkpoint folder into place (swapping out one of the same step, e.g.
+    re-saved after an anomaly), fsync the folder, prune to the newest ``keep_last``."""
+    root = final.parent
+    if final.exists():
+        old = root / f"{final.name}.old-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)

@@ -157,17 +157,7 @@ optim: {{lr: 3.0e-3}}
 train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precision: fp32}}
 """
     )
-    runs = []
-    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"])]:
-        cmd = [sys.executable, "-m", "posttrain", "prm", str(recipe), f"output_dir={tmp_path / name}", *extra]
-        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs.append(tmp_path / name)
-    la, lb = losses(runs[0]), losses(runs[1])
-    assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) for k in la) < LOSS_TOL
-    for f in ("model.safetensors", "reward_head.safetensors"):
-        wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
-        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL
+    _reward_model_ddp_equals_one_process(tmp_path, "prm", recipe)
 
 
 def test_rm_ddp_equals_one_process(tmp_path, tiny_model_dir):
@@ -183,17 +173,7 @@ optim: {{lr: 3.0e-3, eps: 1.0e-3}}
 train: {{max_steps: 4, batch_size: 5, grad_accum: 2, tensorboard: false, precision: fp32}}
 """
     )
-    runs = []
-    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"])]:
-        cmd = [sys.executable, "-m", "posttrain", "rm", str(recipe), f"output_dir={tmp_path / name}", *extra]
-        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs.append(tmp_path / name)
-    la, lb = losses(runs[0]), losses(runs[1])
-    assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) for k in la) < LOSS_TOL
-    for f in ("model.safetensors", "reward_head.safetensors"):
-        wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
-        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL
+    _reward_model_ddp_equals_one_process(tmp_path, "rm", recipe)
 
 
 def test_pretrain_ddp_equals_one_process_and_is_reused(tmp_path):
@@ -223,3 +203,27 @@ train: {max_steps: 4, batch_size: 3, seq_len: 128, tensorboard: false}
     )  # the second 2-process run found the first one's
     loss_diff, weight_diff = max_diffs(tmp_path / "one", tmp_path / "ddp")
     assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
+
+
+def _reward_model_ddp_equals_one_process(tmp_path, command: str, recipe) -> None:
+    """`posttrain COMMAND RECIPE` on 1 process and with distributed.nproc=2: the same losses and
+    final weights (backbone and reward head) within the stated tolerances."""
+    runs = []
+    for name, extra in [("one", []), ("ddp", ["distributed.nproc=2"])]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "posttrain",
+            command,
+            str(recipe),
+            f"output_dir={tmp_path / name}",
+            *extra,
+        ]
+        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(tmp_path / name)
+    la, lb = losses(runs[0]), losses(runs[1])
+    assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) for k in la) < LOSS_TOL
+    for f in ("model.safetensors", "reward_head.safetensors"):
+        wa, wb = load_file(runs[0] / "final" / f), load_file(runs[1] / "final" / f)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOL
