@@ -171,7 +171,10 @@ def resolve(requested: str, device: torch.device | str, key: str = "train.precis
         return Choice(requested, "fp32" if requested == "auto" else requested, f"{device.type}: no probe")
     if requested == "fp32":
         return Choice(requested, "fp32", "asked for")
-    return decide_cpu(requested, probe_cpu(), key)
+    probe = probe_cpu()
+    if probe.native_flags and probe.speedup < BF16_MIN_SPEEDUP:
+        probe = probe_cpu(refresh=True)  # a cached reading taken on a busy machine is measured again
+    return decide_cpu(requested, probe, key)
 
 
 def autocast(precision: str, device: torch.device | str):
