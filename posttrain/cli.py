@@ -258,7 +258,8 @@ def report(
 @app.command()
 def export(
     args: Annotated[
-        list[str] | None, typer.Argument(help="MODEL_DIR OUT [key=value ...], or RECIPE.yaml [key=value ...].")
+        list[str] | None,
+        typer.Argument(help="MODEL_DIR OUT [key=value ...], or RECIPE.yaml [key=value ...]."),
     ] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="hf (merged HF folder) or gguf.")] = None,
     gguf_types: Annotated[str | None, typer.Option("--gguf-types", help="e.g. f16,q8_0 (gguf only).")] = None,
@@ -348,7 +349,9 @@ def data_preview(
 def data_clean(
     args: Annotated[
         list[str] | None,
-        typer.Argument(help="RECIPE.yaml, or IN... OUT (input files, output folder); then key=value overrides."),
+        typer.Argument(
+            help="RECIPE.yaml, or IN... OUT (input files, output folder); then key=value overrides."
+        ),
     ] = None,
     decontaminate: Annotated[
         list[str] | None,

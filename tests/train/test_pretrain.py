@@ -73,7 +73,9 @@ def test_recipe_key_ignores_output_dir_and_force():
     assert recipe_key(contaminated) != recipe_key(PretrainRecipe())
     assert recipe_key(PretrainRecipe()) != "425ff4d45237"  # the contaminated default's key (corpus v1)
     shipped = load_recipe(PretrainRecipe, "recipes/pretrain_tiny.yaml")
-    assert recipe_key(shipped) == "c273d733eeee"  # a new field changes it: add a logging-only one to LOGGING_ONLY, else bump it here
+    assert (
+        recipe_key(shipped) == "c273d733eeee"
+    )  # a new field changes it: add a logging-only one to LOGGING_ONLY, else bump it here
     assert recipe_key(
         load_recipe(PretrainRecipe, "recipes/pretrain_tiny.yaml", ["train.loggers=[mlflow]"])
     ) == ("c273d733eeee")  # where the metrics go is not part of what is learned

@@ -177,7 +177,9 @@ def test_prm_reward_grpo_trains(tmp_path, default_prm):
     )
     out = tmp_path / "prm_grpo"
     extra = [terms, "algorithm.advantage=grpo_process", "rollout.max_new_tokens=20", "optim.lr=1e-3"]
-    extra.append("anomaly.on_anomaly=warn")  # under bf16 the 20-token cap is hit by step 2: not what is tested
+    extra.append(
+        "anomaly.on_anomaly=warn"
+    )  # under bf16 the 20-token cap is hit by step 2: not what is tested
     run_rl(recipe(policy, out, *extra))
     rows = [r for r in metrics(out) if "event" not in r]  # not the anomaly warnings
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
