@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -93,8 +94,27 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "", source: str =
         raise ConfigError(f"section {prefix.rstrip('.') or '<root>'}: {exc}", where=source) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError as exc:
+            exc.where = _qualified(exc.where, prefix)
+            raise
     return obj
+
+
+_KEY_RE = re.compile(r"[A-Za-z_][\w\[\]]*(\.[\w\[\]]+)*")
+
+
+def _qualified(where: str | None, prefix: str) -> str | None:
+    """A section's validate() names keys from the section (``dedup.threshold``) or from the recipe
+    root (``rollout.temperature``); either way, the full dotted key where the section sits."""
+    if not where or not prefix or not _KEY_RE.fullmatch(where):
+        return where
+    parts = prefix.rstrip(".").split(".")
+    head = where.split(".")[0]
+    if head in parts:  # already names the section: keep what lies above it
+        return ".".join(parts[: parts.index(head)] + [where])
+    return prefix + where
 
 
 def _over_default(f: dataclasses.Field, value: Any) -> Any:
@@ -123,6 +143,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             return None
         errors = []
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error says what is wrong
+            return _coerce(options[0], value, key, source)
         # a value already of one of the plain types keeps it ("all-linear" stays a str, not ["all-linear"])
         options.sort(key=lambda a: not (isinstance(a, type) and type(value) is a))
         for arg in options:
