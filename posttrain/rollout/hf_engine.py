@@ -201,7 +201,8 @@ class HFEngine:
     required with a module. ``max_batch_rows`` bounds prompts x n rows decoded together.
     ``threads``: CPU threads while generating, torch's setting restored after (None: `decode_threads`,
     1 for tiny models; 0: leave torch's setting). ``precision``: fp32 (exact; the default of the
-    class, so a trainer sharing its module samples in its own numbers) | bf16 (autocast) | auto
+    class, so a trainer sharing its module samples in its own numbers) | bf16 (on CPU: a bf16
+    copy of the weights, `_decoder`; elsewhere autocast) | auto
     (bf16 where the hardware has it natively, `posttrain.train.precision`; the commands' default).
     """
 
@@ -272,10 +273,11 @@ class HFEngine:
         if self.threads and self.device.type == "cpu":
             torch.set_num_threads(min(self.threads, threads))
         out: list[Completion] = []
+        net = self._decoder()  # a bf16 weight copy needs no autocast; the model itself may
         try:
-            with autocast(self.precision if self._decoder() is self.model else "fp32", self.device):
+            with autocast(self.precision if net is self.model else "fp32", self.device):
                 for start in range(0, len(encoded), per_chunk):
-                    out += self._generate_chunk(encoded[start : start + per_chunk], start, params, gen)
+                    out += self._generate_chunk(net, encoded[start : start + per_chunk], start, params, gen)
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)
@@ -302,14 +304,14 @@ class HFEngine:
         return self._half
 
     def _generate_chunk(
-        self, encoded: list[list[int]], offset: int, params: SamplingParams, gen: torch.Generator
+        self, net: Any, encoded: list[list[int]], offset: int, params: SamplingParams, gen: torch.Generator
     ) -> list[Completion]:
         distinct: dict[tuple[int, ...], int] = {}
         for ids in encoded:
             distinct.setdefault(tuple(ids), len(distinct))
         row_of = [distinct[tuple(ids)] for ids in encoded for _ in range(params.n)]
         expand = torch.tensor(row_of, device=self.device)
-        tokens, logps, lengths, stopped = self._decode([list(k) for k in distinct], expand, params, gen)
+        tokens, logps, lengths, stopped = self._decode(net, [list(k) for k in distinct], expand, params, gen)
         seqs = [tokens[r, : lengths[r]].tolist() for r in range(len(row_of))]
         texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
         return [
@@ -325,13 +327,14 @@ class HFEngine:
             for r in range(len(row_of))
         ]
 
-    def _prefill(self, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    def _prefill(
+        self, net: Any, prompts: list[list[int]], steps: int
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """Encode the distinct prompts once: (last-position logits (U, V), cache, attention mask
         (U, P + S + steps), ones past the prompt). With a prefix store, each prompt's longest
         stored prefix (m_i tokens) is copied into the cache and only the rest is run
         (`posttrain.rollout.prefix_cache`); without one, m_i = 0: a plain left-padded prefill."""
         u, store = len(prompts), self.prefix
-        net = self._decoder()
         cache = new_cache(net, max(len(p) for p in prompts) + steps)
         if store is not None and not all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
             store = None  # sliding-window or other layer kinds: no reuse
@@ -359,19 +362,25 @@ class HFEngine:
             logits_to_keep=1,
             **{self.cache_kw: cache},
         )
-        if store is not None:
+        if store is not None:  # copy out only what the store does not hold yet
             for i, p in enumerate(prompts):
-                store.add(tuple(p), row_kv(cache, i, attn[i].nonzero().squeeze(1)))
+                if store.accepts(tuple(p)):
+                    store.add(tuple(p), row_kv(cache, i, attn[i].nonzero().squeeze(1)))
         attn = torch.cat([attn, attn.new_ones((u, steps))], dim=1)
         return out.logits[:, -1].float(), cache, attn  # the cache is filled in place
 
     @torch.inference_mode()
     def _decode(
-        self, prompts: list[list[int]], expand: torch.Tensor, params: SamplingParams, gen: torch.Generator
+        self,
+        net: Any,
+        prompts: list[list[int]],
+        expand: torch.Tensor,
+        params: SamplingParams,
+        gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
         """Decode rows = distinct prompts[expand]; returns (tokens (R, L), log-probs (R, L), lengths, stopped)."""
         rows, steps, dev = expand.numel(), params.max_new_tokens, self.device
-        logits, cache, attn = self._prefill(prompts, steps)
+        logits, cache, attn = self._prefill(net, prompts, steps)
         logits, attn, width = logits[expand], attn[expand], attn.shape[1] - steps
         cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
         tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=dev)
@@ -379,7 +388,6 @@ class HFEngine:
         lengths, stopped = [steps] * rows, [False] * rows
         stop_ids = torch.tensor(self.eos_ids + list(params.stop_token_ids), dtype=torch.long, device=dev)
         active, pos = torch.arange(rows, device=dev), attn[:, :width].sum(-1)
-        net = self._decoder()
         mask = decode_mask(net, cache, attn)
         for t in range(steps):
             tok, lp = sample_next(logits, params, gen)

@@ -68,8 +68,12 @@ class PrefixStore:
         self.reused_tokens += best
         return best, [(k[:, :best], v[:, :best]) for k, v in self.entries[best_key]]
 
+    def accepts(self, ids: tuple[int, ...]) -> bool:
+        """Whether `add` would store ``ids`` (not held yet, and not longer than the whole store)."""
+        return ids not in self.entries and len(ids) <= self.max_tokens
+
     def add(self, ids: tuple[int, ...], kv: KV) -> None:
-        if ids in self.entries or len(ids) > self.max_tokens:
+        if not self.accepts(ids):
             return
         self.entries[ids] = kv
         self.tokens += len(ids)

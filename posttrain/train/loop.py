@@ -214,9 +214,9 @@ def prepare_run(
     device = next(model.parameters()).device
     choice = resolve_precision(getattr(loop, "precision", "auto"), device)  # config.yaml keeps the request
     meta["precision"] = choice.to_metadata()
-    label = "[yellow]warning[/yellow]: precision" if choice.warn else "precision"
-    console.print(f"{label}: [bold]{choice.precision}[/bold] ({choice.reason})")
-    if main:
+    if main:  # several processes: rank 0 reports
+        label = "[yellow]warning[/yellow]: precision" if choice.warn else "precision"
+        console.print(f"{label}: [bold]{choice.precision}[/bold] ({choice.reason})")
         (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=1))
     return Run(run_dir, model, tokenizer, logger, resume_from, device, choice.precision)
 

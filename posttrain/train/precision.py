@@ -18,6 +18,7 @@ a warning giving the measured slowdown.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,8 +72,7 @@ class Choice:
 def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
     """(model name, flags) from /proc/cpuinfo (empty on other systems)."""
     if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.is_file() else ""
+        return _this_cpu()
     model, flags = "", set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
@@ -82,6 +82,12 @@ def cpu_info(cpuinfo: str | None = None) -> tuple[str, set[str]]:
             flags = set(value.split())
     model = model or platform.processor() or "unknown CPU"
     return model, flags
+
+
+@functools.cache
+def _this_cpu() -> tuple[str, set[str]]:
+    path = Path("/proc/cpuinfo")
+    return cpu_info(path.read_text() if path.is_file() else "")
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = PROBE_N, repeats: int = 5) -> float:
@@ -103,15 +109,24 @@ def _cache_file(cpu: str, flags: set[str], threads: int) -> Path:
     return cache_root() / "precision" / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
+_READ: dict[tuple[Path, int], Probe] = {}
+"""Probes already read by this process, by cache file and its mtime (`autocast("auto")` may
+resolve every step; a rewritten file is read again)."""
+
+
 def probe_cpu(refresh: bool = False) -> Probe:
     """The machine's probe, measured once per (CPU, flags, threads, torch) and cached."""
     cpu, flags = cpu_info()
     threads = torch.get_num_threads()
     file = _cache_file(cpu, flags, threads)
-    if file.is_file() and not refresh:
+    stamp = (file, file.stat().st_mtime_ns) if file.is_file() else None
+    if stamp in _READ and not refresh:
+        return _READ[stamp]
+    if stamp is not None and not refresh:
         try:
             raw = json.loads(file.read_text())
-            return Probe(**{**raw, "native_flags": tuple(raw["native_flags"])})
+            _READ[stamp] = Probe(**{**raw, "native_flags": tuple(raw["native_flags"])})
+            return _READ[stamp]
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache entry is measured again
     probe = Probe(
@@ -125,6 +140,7 @@ def probe_cpu(refresh: bool = False) -> Probe:
     tmp = file.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(asdict(probe)))
     tmp.replace(file)
+    _READ[(file, file.stat().st_mtime_ns)] = probe
     return probe
 
 
