@@ -11,19 +11,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A Qwen2 (hidden 64, 2 layers) + the default tokenizer trained on task text, saved as an HF folder."""
+def model_dir(out, n_docs: int, **sizes):
+    """A Qwen2 of `sizes` (TinyModelConfig fields) + the default tokenizer trained on `n_docs` task
+    documents, seeded, saved as an HF folder at `out`."""
     from posttrain.models.load import save_hf_folder
     from posttrain.models.tokenizer import train_default_tokenizer
     from posttrain.train.pretrain import CorpusConfig, TinyModelConfig, build_corpus, build_model
 
-    docs = build_corpus(CorpusConfig(n_docs=600), seed=0)
-    tok = train_default_tokenizer(docs, vocab_size=400)
+    tok = train_default_tokenizer(build_corpus(CorpusConfig(n_docs=n_docs), seed=0), vocab_size=400)
     torch.manual_seed(0)
-    model = build_model(
-        TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128), tok
-    )
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    save_hf_folder(model, tok, out)
+    save_hf_folder(build_model(TinyModelConfig(**sizes), tok), tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def build_model_dir():
+    """`model_dir` as a fixture, for modules that build a model of other sizes."""
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A Qwen2 (hidden 64, 2 layers) + the default tokenizer trained on task text, saved as an HF folder."""
+    sizes = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    return model_dir(tmp_path_factory.mktemp("tiny") / "model", 600, **sizes)

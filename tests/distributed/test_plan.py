@@ -153,20 +153,10 @@ def measured_peak(overrides: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def mid_model_dir(tmp_path_factory):
+def mid_model_dir(tmp_path_factory, build_model_dir):
     """A 4-layer Qwen2 with hidden 256 (4.3M parameters): state and activations well above RSS noise."""
-    import torch
-
-    from posttrain.models.load import save_hf_folder
-    from posttrain.models.tokenizer import train_default_tokenizer
-    from posttrain.train.pretrain import CorpusConfig, TinyModelConfig, build_corpus, build_model
-
-    tok = train_default_tokenizer(build_corpus(CorpusConfig(n_docs=300), seed=0), vocab_size=400)
-    torch.manual_seed(0)
-    cfg = TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024)
-    out = tmp_path_factory.mktemp("mid") / "model"
-    save_hf_folder(build_model(cfg, tok), tok, out)
-    return out
+    sizes = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024)
+    return build_model_dir(tmp_path_factory.mktemp("mid") / "model", 300, **sizes)
 
 
 @pytest.mark.parametrize("peft", ["full", "lora"])

@@ -23,18 +23,10 @@ LOGP_TOL = 0.05  # mean |vLLM - trainer| per token: bf16 sampling vs the trainer
 
 
 @pytest.fixture(scope="module")
-def gpu_model_dir(tmp_path_factory):
+def gpu_model_dir(tmp_path_factory, build_model_dir):
     """A 2-layer Qwen2 with head_dim 64 (vLLM's attention kernels need >= 32) and the default tokenizer."""
-    from posttrain.models.load import save_hf_folder
-    from posttrain.models.tokenizer import train_default_tokenizer
-    from posttrain.train.pretrain import CorpusConfig, TinyModelConfig, build_corpus, build_model
-
-    tok = train_default_tokenizer(build_corpus(CorpusConfig(n_docs=300), seed=0), vocab_size=400)
-    torch.manual_seed(0)
-    cfg = TinyModelConfig(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512)
-    out = tmp_path_factory.mktemp("gpu") / "model"
-    save_hf_folder(build_model(cfg, tok), tok, out)
-    return out
+    sizes = dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    return build_model_dir(tmp_path_factory.mktemp("gpu") / "model", 300, **sizes)
 
 
 def _engine(path, **kw) -> VLLMEngine:
