@@ -17,6 +17,7 @@ import hashlib
 import os
 import random
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,10 @@ from posttrain.monitor.logger import console
 from posttrain.train.loop import LoopConfig, prepare_run, run_loop
 from posttrain.train.optim import OptimConfig
 
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 """Bumped whenever the corpus rule changes, so cached defaults of an older rule are not reused
-(2: test questions of every task excluded, corpus.jsonl.gz and its manifest written)."""
+(2: test questions of every task excluded, corpus.jsonl.gz and its manifest written; 3: decontaminated
+through data clean, which also drops documents that begin with a whole test question)."""
 
 
 @dataclass
@@ -73,8 +75,9 @@ class CorpusConfig:
     levels: list[int] | None = None
     """Difficulty levels to draw from (null = all)."""
     exclude_test: bool = True
-    """Drop every document whose question is in the test split of any registered task that can
-    write it (`data.tasks.split.in_any_test`); false rebuilds the contaminated corpora of before."""
+    """Decontaminate against every registered task's test split through data clean
+    (`data.quality.decontam`, whole split): a document whose question is, or begins with, a test
+    question is dropped; false rebuilds the contaminated corpora of before."""
 
 
 @dataclass
@@ -127,23 +130,31 @@ def resolve_output_dir(cfg: PretrainRecipe) -> Path:
     return Path(cfg.output_dir)
 
 
-def corpus_records(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> tuple[list[dict], int]:
-    """Documents drawn from each task in proportion to `mix`, exact-deduplicated, shuffled.
+def corpus_records(
+    cfg: CorpusConfig, seed: int, step_sep: str = "<step>"
+) -> tuple[list[dict], dict[str, int]]:
+    """Documents drawn from each task in proportion to `mix`, exact-deduplicated, decontaminated, shuffled.
 
-    Returns one record per document (task, level, question, text) and the number of distinct
-    questions drawn and dropped because they are held out for test (`exclude_test`)."""
-    from posttrain.data.tasks import get_task, in_any_test
+    With `exclude_test`, every drawn document goes through data clean's decontamination against
+    every registered task's test split (`data.quality.decontam`, `whole_split` on): a document is
+    dropped, and another drawn in its place, when a line of it is or begins with a test question, or
+    holds one of the sampled test questions' n-grams. Returns one record per document (task, level,
+    question, text) and the distinct documents dropped, by what matched (``test split``, ``exact
+    question``, ``N-gram``)."""
+    from posttrain.data.quality.decontam import DecontamConfig, build_index
+    from posttrain.data.tasks import get_task
 
     unknown = set(cfg.mix) - set(cfg.tasks)
     if unknown:
         raise ConfigError(
             f"corpus.mix names tasks not in corpus.tasks: {sorted(unknown)}", where="corpus.mix"
         )
+    index = build_index(DecontamConfig(evals=["tasks"])) if cfg.exclude_test else None
     rng = random.Random(seed)
     weights = [cfg.mix.get(t, 1.0) for t in cfg.tasks]
     quota = {t: round(cfg.n_docs * w / sum(weights)) for t, w in zip(cfg.tasks, weights, strict=True)}
     records: list[dict] = []
-    held: dict[str, bool] = {}
+    dropped: dict[str, str] = {}  # document -> what matched
     for name, n in quota.items():
         task = get_task(name)
         levels = [lv for lv in task.levels if cfg.levels is None or lv in cfg.levels]
@@ -152,14 +163,16 @@ def corpus_records(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> tu
             if len(seen) >= n:
                 break
             p = task.generate(rng, rng.choice(levels))
-            if cfg.exclude_test and held.setdefault(p.question, in_any_test(p.question)):
-                continue
             doc = f"{p.question}\n{p.response(step_sep=step_sep)}"
-            if doc not in seen:
-                seen.add(doc)
-                records.append({"task": name, "level": p.level, "question": p.question, "text": doc})
+            if doc in seen or doc in dropped:
+                continue
+            if index is not None and (found := index.find(doc, p.question)) is not None:
+                dropped[doc] = found["match"]
+                continue
+            seen.add(doc)
+            records.append({"task": name, "level": p.level, "question": p.question, "text": doc})
     rng.shuffle(records)
-    return records, sum(held.values())
+    return records, dict(sorted(Counter(dropped.values()).items()))
 
 
 def build_corpus(cfg: CorpusConfig, seed: int, step_sep: str = "<step>") -> list[str]:

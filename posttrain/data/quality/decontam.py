@@ -12,7 +12,10 @@ differ). A record is ``contaminated`` when
 - its whole text contains a run of n tokens equal to n consecutive tokens of an eval
   question, with n = ``ngram`` (13) for long questions and n = the question's own length
   for shorter ones (the whole question must appear), down to ``min_ngram`` tokens;
-- or (``exact_question``) its question equals an eval question, whatever their length.
+- or (``exact_question``) its question equals an eval question, whatever their length;
+- or (``whole_split``, for the task suite) a line of its raw text is, or begins with, a question of
+  a task's test split: membership by the split's hash partition (`split.find_test_question`), so it
+  covers every question of the split, not only the ``task_n_per_level`` sampled ones.
 
 Questions shorter than ``min_ngram`` tokens are matched only as exact questions, so short
 common phrases ("what is the") never remove a record. The evidence names the eval item
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.data.quality.items import Item, normalize_text, question_text, read_source
+from posttrain.data.tasks.split import find_test_question
 from posttrain.errors import ConfigError, DataError
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -50,6 +54,9 @@ class DecontamConfig:
     """Test problems per task level for ``tasks`` / ``task:NAME``."""
     task_seed: int = 0
     """Seed of the task suite's test problems."""
+    whole_split: bool = True
+    """For ``tasks`` / ``task:NAME``: also drop a record a line of which is, or begins with, any
+    question of the test split (hash membership, `data.tasks.split.find_test_question`), sampled or not."""
 
     def validate(self) -> None:
         if not 1 <= self.min_ngram <= self.ngram:
@@ -105,6 +112,8 @@ class DecontamIndex:
         self.tables: dict[int, dict[tuple[str, ...], int]] = {}
         self.firsts: dict[int, set[str]] = {}
         self.exact: dict[str, int] = {}
+        self.split_tasks: dict[str, object] = {}
+        """Tasks whose whole test split is checked (``whole_split``), by name."""
 
     def add(self, where: str, question: str) -> None:
         idx = len(self.items)
@@ -125,11 +134,24 @@ class DecontamIndex:
         where, question = self.items[idx]
         return {"eval": where, "question": question[:300], "match": match, "text": text[:300]}
 
-    def find(self, text: str, question: str = "", normalized: bool = False) -> dict | None:
+    def find(
+        self, text: str, question: str = "", normalized: bool = False, raw: str | None = None
+    ) -> dict | None:
         """Evidence of the first eval item found in ``text`` (or equal to ``question``), else None.
-        ``normalized``: ``text`` is already `normalize_text`'d."""
+        ``normalized``: ``text`` is already `normalize_text`'d, and ``raw`` is the text before that
+        (the whole-split check reads questions as the tasks write them)."""
         if self.exact and question and (idx := self.exact.get(normalize_text(question))) is not None:
             return self._evidence(idx, "exact question", question)
+        raw = text if raw is None and not normalized else raw
+        if self.split_tasks and raw and (hit := find_test_question(raw, self.split_tasks.values())):
+            q, task, level = hit
+            line = next(ln for ln in raw.splitlines() if ln.strip().startswith(q))
+            return {
+                "eval": f"task {task} test level {level}",
+                "question": q,
+                "match": "test split",
+                "text": line[:300],
+            }
         toks = _TOKEN_RE.findall(text if normalized else normalize_text(text))
         for n, table in self.tables.items():
             firsts = self.firsts[n]
@@ -145,6 +167,11 @@ def build_index(cfg: DecontamConfig) -> DecontamIndex:
     for i, spec in enumerate(cfg.evals):
         for where, question in eval_questions(spec, cfg, key=f"decontam.evals[{i}]"):
             index.add(where, question)
+        if cfg.whole_split and (spec == "tasks" or spec.startswith("task:")):
+            from posttrain.data.tasks import TASKS
+
+            names = sorted(TASKS) if spec == "tasks" else [spec.split(":", 1)[1]]
+            index.split_tasks.update({n: TASKS[n] for n in names})
     return index
 
 
@@ -156,7 +183,9 @@ def decontaminate(items: Iterable[Item], index: DecontamIndex) -> Iterator[Item]
             found = (
                 pre["contaminated"]
                 if "contaminated" in pre
-                else index.find(item.norm, question_text(item.data, item.kind), normalized=True)
+                else index.find(
+                    item.norm, question_text(item.data, item.kind), normalized=True, raw=item.text
+                )
             )
             if found is not None:
                 item.drop("contaminated", **found)

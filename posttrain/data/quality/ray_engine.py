@@ -72,7 +72,9 @@ class RecordWorker:
                     item.pre["minhash"] = self.near.signature(item.norm).hashvalues
                 if self.index is not None:
                     question = question_text(item.data, item.kind)
-                    item.pre["contaminated"] = self.index.find(item.norm, question, normalized=True)
+                    item.pre["contaminated"] = self.index.find(
+                        item.norm, question, normalized=True, raw=item.text
+                    )
             out.append(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
         return {"blob": np.array(out, dtype=object)}
 

@@ -12,7 +12,14 @@ from posttrain.data.tasks.base import Problem, Task, extract_answer, split_steps
 from posttrain.data.tasks.countdown import CountdownTask
 from posttrain.data.tasks.registry import TASKS, get_task, register_task
 from posttrain.data.tasks.sort import SortTask
-from posttrain.data.tasks.split import held_out_fraction, in_any_test, in_test, make_split, task_problems
+from posttrain.data.tasks.split import (
+    find_test_question,
+    held_out_fraction,
+    in_any_test,
+    in_test,
+    make_split,
+    task_problems,
+)
 
 __all__ = [
     "TASKS",
@@ -25,6 +32,7 @@ __all__ = [
     "get_task",
     "held_out_fraction",
     "in_any_test",
+    "find_test_question",
     "in_test",
     "make_split",
     "register_task",

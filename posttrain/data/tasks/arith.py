@@ -31,6 +31,7 @@ from posttrain.data.tasks.expr import (
     render,
     render_tokens,
     tokenize,
+    well_formed,
 )
 from posttrain.errors import ConfigError, DataError
 
@@ -139,8 +140,9 @@ class ArithTask(Task):
         return tokens
 
     def _operands(self, question: str) -> list[int] | None:
+        """The operands of a well-formed question (`expr.well_formed`), else None."""
         tokens = tokenize(question.removeprefix(PREFIX)) if question.startswith(PREFIX) else None
-        return [t for t in tokens if isinstance(t, int)] if tokens else None
+        return [t for t in tokens if isinstance(t, int)] if tokens and well_formed(tokens) else None
 
     def question_levels(self, question: str) -> tuple[int, ...]:
         """The level whose operand count (level + 1) the question has; empty if it is no arith question."""

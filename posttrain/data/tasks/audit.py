@@ -2,10 +2,10 @@
 
 `write_corpus` stores the documents as ``corpus.jsonl.gz`` (one record per document: task,
 level, question, text) beside ``corpus_manifest.json`` (the generating config and seed, the
-SHA-256 of the uncompressed JSONL, counts per task and level, and how many drawn documents
-questions drawn were dropped as test questions). `audit_corpus` re-reads both, checks they agree, and counts
-the documents whose question is in some task's test split (`split.in_any_test`): zero for a
-decontaminated corpus.
+SHA-256 of the uncompressed JSONL, counts per task and level, and how many drawn
+documents decontamination dropped). `audit_corpus` re-reads both, checks they agree, and counts
+the documents whose question is in some task's test split (`split.in_any_test`) and those a line
+of which begins with a test question (`split.find_test_question`): both zero for a decontaminated corpus.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data.tasks.registry import TASKS
-from posttrain.data.tasks.split import in_any_test
+from posttrain.data.tasks.split import find_test_question, in_any_test
 from posttrain.errors import DataError
 
 CORPUS_FILE = "corpus.jsonl.gz"
@@ -41,11 +41,12 @@ def _counts(records: list[dict]) -> dict[str, int]:
 
 
 def write_corpus(
-    folder: str | os.PathLike, records: list[dict], config: Any, seed: int, dropped_test: int
+    folder: str | os.PathLike, records: list[dict], config: Any, seed: int, removed: dict[str, int]
 ) -> Path:
     """Write ``corpus.jsonl.gz`` and ``corpus_manifest.json`` into ``folder``; returns the manifest.
 
-    ``config`` is the generating config (a dataclass or dict, stored as JSON)."""
+    ``config`` is the generating config (a dataclass or dict, stored as JSON); ``removed`` counts the
+    distinct drawn documents decontamination dropped, by what matched."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     body = _jsonl(records)
@@ -57,10 +58,11 @@ def write_corpus(
         "n_docs": len(records),
         "sha256": hashlib.sha256(body).hexdigest(),
         "docs_per_task_level": _counts(records),
-        "dropped_test_questions": dropped_test,
+        "removed": {"contaminated": sum(removed.values()), "by_match": removed},
         "held_out_by": {t.name: {lv: t.test_fraction(lv) for lv in t.levels} for t in TASKS.values()},
-        "rule": "a document is dropped if its question is in the test split (data.tasks.split) "
-        "of any registered task and level that can write it",
+        "rule": "data clean's decontamination against every registered task's test split "
+        "(posttrain.data.quality.decontam, whole_split): a document is dropped if a line of it is, or "
+        "begins with, a question of the split (data.tasks.split), or holds a sampled test question's n-gram",
     }
     _atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
     return folder / MANIFEST_FILE
@@ -89,11 +91,13 @@ def read_corpus(folder: str | os.PathLike) -> tuple[list[dict], dict]:
 
 
 def audit_corpus(folder: str | os.PathLike) -> dict[str, int]:
-    """Check corpus against manifest; count documents and the distinct test questions among them."""
+    """Check corpus against manifest; count documents, the distinct test questions among their
+    questions, and the documents a line of which is or begins with a test question."""
     records, _ = read_corpus(folder)
     questions = {r["question"] for r in records}
     return {
         "docs": len(records),
         "questions": len(questions),
         "test_questions": sum(in_any_test(q) for q in questions),
+        "docs_with_test_question": sum(find_test_question(r["text"]) is not None for r in records),
     }

@@ -85,6 +85,25 @@ def tokenize(text: str) -> list[Token] | None:
     return tokens
 
 
+def well_formed(tokens: Sequence[Token]) -> bool:
+    """Whether ``tokens`` read as one expression: operands (ints, or parenthesised expressions)
+    joined by binary operators, parentheses balanced. ``Compute 17 - 2 +`` is a prefix of a
+    question, not a question."""
+    depth, want_operand = 0, True
+    for tok in tokens:
+        if want_operand and tok == "(":
+            depth += 1
+        elif want_operand and isinstance(tok, int):
+            want_operand = False
+        elif not want_operand and tok == ")" and depth > 0:
+            depth -= 1
+        elif not want_operand and tok in OPS:
+            want_operand = True
+        else:
+            return False
+    return bool(tokens) and not want_operand and depth == 0
+
+
 def render_tokens(tokens: Sequence[Token]) -> str:
     """Join tokens with single spaces, then let parentheses hug their contents."""
     text = " ".join(str(t) for t in tokens)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -21,6 +22,7 @@ from posttrain.data.tasks.registry import TASKS, get_task
 from posttrain.errors import ConfigError
 
 Split = Literal["train", "test"]
+_WORD_END = re.compile(r"\S+")
 
 
 def _hash64(text: str) -> int:
@@ -44,6 +46,26 @@ def held_out_fraction(question: str, tasks: Iterable[Task] | None = None) -> flo
 def in_any_test(question: str, tasks: Iterable[Task] | None = None) -> bool:
     """Whether ``question`` is in the test split of some (task, level) that can write it."""
     return in_test(question, held_out_fraction(question, tasks))
+
+
+def find_test_question(text: str, tasks: Iterable[Task] | None = None) -> tuple[str, str, int] | None:
+    """The first test-split question that begins a line of ``text``, as ``(question, task, level)``; else None.
+
+    Each line (stripped) is tried at every prefix that ends before a space, and whole: ``Compute 8 +
+    16 + 5`` begins ``Compute 8 + 16 + 5 + 11``, whose chain of thought computes the shorter question's
+    answer on the way. Membership is the hash partition itself, so every question of the split counts,
+    not a sample of them. A question in the middle of a line is found only by decontamination's n-gram
+    match (`posttrain.data.quality.decontam`)."""
+    tasks = list(TASKS.values()) if tasks is None else list(tasks)
+    for line in text.splitlines():
+        line = line.strip()
+        for end in (m.end() for m in _WORD_END.finditer(line)):
+            question = line[:end]
+            for task in tasks:
+                for level in task.question_levels(question):
+                    if in_test(question, task.test_fraction(level)):
+                        return question, task.name, level
+    return None
 
 
 def _stream(task: str, split: str, level: int, seed: int) -> random.Random:

@@ -57,10 +57,32 @@ def test_task_suite_test_split():
 
     test_q = make_split("arith", "test", 3)[-1].question
     train_q = make_split("arith", "train", 1)[0].question
-    got = check([chat(test_q, "x"), chat(f"{test_q} + 1", "x")], evals=["task:arith"], task_n_per_level=5)
+    rows = [chat(test_q, "x"), chat(f"{test_q} + 1", "x")]
+    got = check(rows, evals=["task:arith"], task_n_per_level=5)
     assert got[0]["eval"].startswith("task arith test level") and got[0]["match"] == "exact question"
-    assert got[1]["match"].endswith("-gram")
+    assert got[1]["match"] == "test split"  # the whole split is checked before the sampled n-grams
+    assert check(rows, evals=["task:arith"], task_n_per_level=5, whole_split=False)[1]["match"].endswith(
+        "-gram"
+    )
     assert check([chat(train_q, "x")], evals=["tasks"], task_n_per_level=5) == [None]
+
+
+def test_whole_split_catches_unsampled_test_questions_and_their_extensions():
+    from posttrain.data.tasks import make_split
+
+    sampled = {p.question for p in make_split("arith", "test", 1)}
+    unsampled = next(p.question for p in make_split("arith", "test", 60)[30:] if p.question not in sampled)
+    rows = [
+        chat(unsampled, "x"),
+        chat("Two questions.", f"First:\n  {unsampled} + 9\nthen more"),  # begins a line of the reply
+        chat(f"Now: {unsampled}", "x"),  # inside a line: only the sampled n-grams look there
+    ]
+    got = check(rows, evals=["task:arith"], task_n_per_level=1)
+    assert got[0]["match"] == "test split" and got[0]["question"] == unsampled
+    assert got[0]["eval"].startswith("task arith test level")
+    assert got[1]["match"] == "test split" and got[1]["text"].strip() == f"{unsampled} + 9"
+    assert got[2] is None
+    assert check(rows[:2], evals=["task:arith"], task_n_per_level=1, whole_split=False) == [None, None]
 
 
 def test_bad_eval_sets(tmp_path, jsonl):
