@@ -47,6 +47,9 @@ class DecodingConfig:
     """Top-k truncation (0: off)."""
     max_new_tokens: int = 256
     """Generation budget per sample (a strategy's ``step.max_new_tokens`` unless its config sets it)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample (kept in its text), e.g. ``["\\n```\\n"]``: stop after a chat reply's
+    first closing code fence instead of paying for the explanation after it (sampling only)."""
     seed: int = 0
     """Sampling seed (chunk c samples with seed + c, so a resumed run draws the same)."""
     k: list[int] | None = None
@@ -136,6 +139,10 @@ class EvalRecipe:
                     )
             if dec.strategy is not None:
                 _search_config(dec, where)
+                if dec.stop:
+                    raise ConfigError("stop strings apply to sampling, not to a search strategy",
+                                      where=f"{where}.stop", fix="remove stop (a strategy's step config "
+                                      "sets its own step separator)")  # fmt: skip
                 if dec.n != 1:
                     raise ConfigError("a search strategy returns one answer per problem", where=f"{where}.n",
                                       fix="leave n at 1 (set the strategy's own n in strategy_config)")  # fmt: skip
@@ -211,7 +218,8 @@ def generate_chunk(dec: DecodingConfig, decoder: Decoder, items: list[EvalItem],
 
     if dec.strategy is None:
         params = eval_defaults(decoder.path, n=dec.n, temperature=dec.temperature, top_p=dec.top_p,
-                               top_k=dec.top_k, max_new_tokens=dec.max_new_tokens, seed=dec.seed + chunk)  # fmt: skip
+                               top_k=dec.top_k, max_new_tokens=dec.max_new_tokens, seed=dec.seed + chunk,
+                               stop=list(dec.stop))  # fmt: skip
         groups = by_prompt(decoder.engine.generate([decoder.prompt(it) for it in items], params))
         return [([c.text for c in g], [len(c.token_ids) for c in g], [c.finish_reason for c in g], 0)
                 for g in groups]  # fmt: skip

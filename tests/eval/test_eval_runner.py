@@ -163,6 +163,34 @@ def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model_dir, tmp_path):
     assert batched == alone
 
 
+def test_stop_strings_end_samples_at_their_first_occurrence(tiny_model_dir):
+    """A decoding's ``stop`` ends each greedy text right after the stop string's first occurrence
+    (within its last token), a prefix of the text decoded without it; texts without it are unchanged;
+    a search strategy with stop strings is a ConfigError."""
+    from posttrain.eval.data import load_items
+    from posttrain.eval.runner import generate_chunk, load_decoder
+
+    items = load_items(EvalDataConfig(tasks=["arith", "sort"], levels=[1, 2], n_per_level=3))
+    decoder = load_decoder(SearchModelConfig(path=str(tiny_model_dir), prompt="plain"))
+    full = generate_chunk(DecodingConfig(max_new_tokens=16), decoder, items, 0)
+    stop = full[0][0][0][3:5]  # a string the first completion is known to contain
+    cut = generate_chunk(DecodingConfig(max_new_tokens=16, stop=[stop]), decoder, items, 0)
+    hits = 0
+    for (whole, n_whole, _, _), (short, n_short, why, _) in zip(full, cut, strict=True):
+        at = whole[0].find(stop)
+        if at < 0:
+            assert (short[0], n_short) == (whole[0], n_whole)
+            continue
+        hits += 1
+        assert whole[0].startswith(short[0]) and short[0].find(stop) == at and why == ["stop"]
+        assert n_short[0] < n_whole[0] or whole[0].endswith(stop)
+    assert hits >= 1
+    recipe = EvalRecipe(decodings=[DecodingConfig(strategy="best_of_n", stop=["\n"])])
+    with pytest.raises(ConfigError, match="stop strings apply to sampling") as err:
+        recipe.validate()
+    assert err.value.where == "decodings[0].stop"
+
+
 def test_short_form_command_line(tmp_path):
     from typer.testing import CliRunner
 
