@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -112,29 +113,50 @@ def _parts(
     return [*parts, ("all tasks", None, None)]
 
 
+def _arm(values: list[float], base: float) -> str:
+    """One arm of a verdict line: its accuracy, or its mean +- sd and runs over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.1f} ({values[0] - base:+.1f})"
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    return f"{mean:.1f} ± {sd:.1f} ({mean - base:+.1f}; runs {', '.join(f'{v:.1f}' for v in values)})"
+
+
 def verdict(
     reports: dict[str, AccuracyReport],
     treatment: str,
     control: str,
     baseline: str,
     demos: dict[str, list[int]] | None = None,
+    runs: dict[str, list[str]] | None = None,
 ) -> list[str]:
     """Per task, and per part of a task with / without demonstrations (``demos``: task -> levels the
-    baseline saw solved): did the treatment or the control end higher? Honest, from the table."""
-    if not {treatment, control, baseline} <= set(reports):
+    baseline saw solved): did the treatment or the control end higher? Honest, from the table.
+
+    ``runs`` maps an arm to all its graded runs (several seeds, `StageConfig.seeds`): each arm is
+    then its mean +- sample sd over them, the runs are listed, and the winner is by the means."""
+    runs = runs or {}
+    arms = {a: [n for n in runs.get(a, [a]) if n in reports] for a in (treatment, control)}
+    if baseline not in reports or not all(arms.values()):
         return []
-    tr, ctl, base = reports[treatment], reports[control], reports[baseline]
+    base = reports[baseline]
+    seeds = max(len(v) for v in arms.values())
     lines = []
-    for name, task, levels in _parts(tr, demos):
-        a, b, s = (100 * r.acc(task, levels=levels) for r in (tr, ctl, base))
-        if math.isnan(a) or math.isnan(b):
+    for name, task, levels in _parts(reports[treatment], demos):
+        tr, ctl = ([100 * reports[n].acc(task, levels=levels) for n in arms[a]] for a in (treatment, control))
+        s = 100 * base.acc(task, levels=levels)
+        if any(math.isnan(v) for v in (*tr, *ctl)):
             continue
+        a, b = statistics.fmean(tr), statistics.fmean(ctl)
         winner = treatment if a > b else control if b > a else None
-        said = f"{winner} ends higher ({a - b:+.1f} points)" if winner else "a tie"
+        said = (
+            f"{winner} ends higher ({a - b:+.1f} points{', means' if seeds > 1 else ''})"
+            if winner
+            else "a tie"
+        )
         if max(a, b) <= s:
             said += f"; neither improved on {baseline}"
-        lines.append(f"- {name}: {baseline} {s:.1f} -> {treatment} {a:.1f} ({a - s:+.1f}) "
-                     f"vs {control} {b:.1f} ({b - s:+.1f}): {said}.")  # fmt: skip
+        lines.append(f"- {name}: {baseline} {s:.1f} -> {treatment} {_arm(tr, s)} "
+                     f"vs {control} {_arm(ctl, s)}: {said}.")  # fmt: skip
     return lines
 
 
@@ -221,6 +243,9 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
     """OUTPUT_DIR/report.md and accuracy.json; the accuracy table on the console."""
     out = Path(cfg.output_dir)
     recipes = {r.name: r.recipe for r in results}
+    from posttrain.pipelines.runner import seed_runs
+
+    runs = seed_runs(cfg.stages)
     lines = ["# Pipeline report", ""]
     if grades:
         table = format_table(grades, markdown=True)
@@ -232,7 +257,7 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
                   f"problems per task and level); greedy, graded by each task's verifier.", "", table, ""]  # fmt: skip
     for c in cfg.compare:
         demos = demonstrated_levels(recipes.get(c.baseline))
-        if not (v := verdict(grades, c.treatment, c.control, c.baseline, demos)):
+        if not (v := verdict(grades, c.treatment, c.control, c.baseline, demos, runs)):
             continue
         held = [f"{t} {_levels(lv)}" for t, lv in (demos or {}).items() if lv]
         lines += [f"## {c.treatment} vs {c.control}", "",

@@ -23,6 +23,7 @@ After each stage that produces a model, the model is graded on the task suite's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -72,6 +73,11 @@ class StageConfig:
     """Grade this stage's model on the held-out split (a column of the report's table)."""
     equal_compute: EqualComputeConfig | None = None
     """Set ``train.max_steps`` so this stage trains as long as another (see the class)."""
+    seeds: list[int] = field(default_factory=list)
+    """Also run this stage with each of these seeds (``seed: S`` laid over its recipe) as stages
+    ``NAME-sS`` right after it, each with its own folder, fingerprint and accuracy column.
+    References to NAME use the main run; a `compare` over NAME reports mean +- sd over all its runs.
+    On the command line: ``stages.NAME.seeds=[1,2]``."""
 
 
 @dataclass
@@ -124,7 +130,8 @@ class PipelineRecipe:
             raise ConfigError("a pipeline needs at least one stage", where="stages",
                               fix="list stages, e.g. - {name: sft, command: sft, recipe: recipes/sft_tiny.yaml}")  # fmt: skip
         seen: dict[str, CommandSpec] = {}
-        for i, st in enumerate(self.stages):
+        stages = expand_seeds(self.stages)
+        for i, st in enumerate(stages):
             where = f"stages[{i}]" + (f" ({st.name})" if st.name else "")
             if not NAME.match(st.name):
                 raise ConfigError(f"stage name {st.name!r} is not a name", where=f"{where}.name",
@@ -135,12 +142,12 @@ class PipelineRecipe:
                 )
             spec = get_command(st.command, f"{where}.command")
             for ref_stage, key, at in references(st):
-                check_reference(st.name, ref_stage, key, at, seen, [s.name for s in self.stages])
+                check_reference(st.name, ref_stage, key, at, seen, [s.name for s in stages])
             if st.equal_compute is not None:
                 for at in ("match", "step_time_of"):
                     ref = getattr(st.equal_compute, at)
                     check_reference(st.name, ref, "output_dir", f"equal_compute.{at}", seen,
-                                    [s.name for s in self.stages])  # fmt: skip
+                                    [s.name for s in stages])  # fmt: skip
             check_stage_recipe(st, spec)
             seen[st.name] = spec
         for name in self.eval.models:
@@ -153,6 +160,21 @@ class PipelineRecipe:
                 if getattr(c, at) not in graded:
                     raise ConfigError(f"compare[{i}].{at}: no stage named {getattr(c, at)!r}",
                                       where=f"compare[{i}].{at}", fix=_did_you_mean(getattr(c, at), graded))  # fmt: skip
+
+
+def expand_seeds(stages: list[StageConfig]) -> list[StageConfig]:
+    """The stages with each stage's `seeds` runs inserted after it (``NAME-sS``, ``seed: S``)."""
+    out: list[StageConfig] = []
+    for st in stages:
+        out.append(st)
+        out += [dataclasses.replace(st, name=f"{st.name}-s{s}", seeds=[], overrides={**st.overrides, "seed": s})
+                for s in st.seeds]  # fmt: skip
+    return out
+
+
+def seed_runs(stages: list[StageConfig]) -> dict[str, list[str]]:
+    """Stage name -> the names of all its runs (itself, then its `seeds` runs)."""
+    return {st.name: [st.name, *(f"{st.name}-s{s}" for s in st.seeds)] for st in stages}
 
 
 def _did_you_mean(name: str, names) -> str:
@@ -265,7 +287,14 @@ def load_pipeline(path: str | Path | None, overrides: list[str] | tuple[str, ...
         if name not in by_name:
             raise ConfigError(f"override {key!r}: no stage named {name!r}", where=key,
                               fix=_did_you_mean(name, by_name))  # fmt: skip
-        by_name[name].overrides[".".join(rest)] = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        if rest == ["seeds"]:  # a stage key, not a recipe key
+            if not (isinstance(parsed, list) and all(isinstance(v, int) for v in parsed)):
+                raise ConfigError(f"{key} must be a list of integers, got {value!r}", where=key,
+                                  fix=f"write e.g. {key}=[1,2]")  # fmt: skip
+            by_name[name].seeds = parsed
+            continue
+        by_name[name].overrides[".".join(rest)] = parsed
     cfg.validate()
     return cfg
 
@@ -446,7 +475,7 @@ def run_pipeline(cfg: PipelineRecipe) -> Path:
     recipes: dict[str, Any] = {}
     results: list[StageResult] = []
     grades = {name: grade_model(out, name, path, cfg.eval) for name, path in cfg.eval.models.items()}
-    for st in cfg.stages:
+    for st in expand_seeds(cfg.stages):
         results.append(run_stage(st, cfg, state, recipes))
         spec = COMMANDS[st.command]
         if cfg.eval.enabled and st.graded and spec.output == "final" and spec.policy:

@@ -52,14 +52,18 @@ TOY = [
 
 def test_quickstart_pipeline_runs_every_stage_and_reports(tmp_path):
     out = tmp_path / "qs"
+    seeds = ["stages.grpo.seeds=[1]", "stages.control.seeds=[1]"]
     cfg = load_pipeline(
         "recipes/quickstart.yaml",
-        [*TOY, f"output_dir={out}", f"stages.pretrain.output_dir={tmp_path / 'pt'}"],
+        [*TOY, *seeds, f"output_dir={out}", f"stages.pretrain.output_dir={tmp_path / 'pt'}"],
     )
     report = run_pipeline(cfg).read_text()
     header = next(line for line in report.splitlines() if line.startswith("| task"))
-    assert header == "| task | level | pretrain | sft | grpo | control |"
+    assert header == "| task | level | pretrain | sft | grpo | grpo-s1 | control | control-s1 |"
     assert "## grpo vs control" in report and "compute_optimal(PRM)" in report
+    assert yaml.safe_load((out / "grpo-s1" / "config.yaml").read_text())["seed"] == 1
+    line = next(ln for ln in report.splitlines() if ln.startswith("- all tasks:"))
+    assert line.count(" ± ") == 2 and line.count("runs ") == 2  # each arm over its 2 seeds
     assert "| best_of_n(n=8) (oracle) |" in report and "Reference band (oracle)" in report
     for stage in ("pretrain", "sft", "grpo", "control", "search"):
         assert f"| {stage} | " in report
@@ -103,6 +107,42 @@ def test_verdict_names_the_winner_per_task():
         "neither improved on sft."
     )
     assert verdict({"sft": reports["sft"]}, *ARMS) == []
+
+
+def test_verdict_over_seeds_gives_mean_sd_and_the_runs():
+    reports = {
+        "sft": _report({("arith", 1): 3}),
+        "grpo": _report({("arith", 1): 6}),
+        "grpo-s1": _report({("arith", 1): 4}),
+        "grpo-s2": _report({("arith", 1): 5}),
+        "control": _report({("arith", 1): 4}),
+        "control-s1": _report({("arith", 1): 4}),
+    }
+    runs = {"grpo": ["grpo", "grpo-s1", "grpo-s2"], "control": ["control", "control-s1"]}
+    assert verdict(reports, *ARMS, runs=runs)[0] == (
+        "- arith: sft 30.0 -> grpo 50.0 ± 10.0 (+20.0; runs 60.0, 40.0, 50.0) vs control 40.0 ± 0.0 "
+        "(+10.0; runs 40.0, 40.0): grpo ends higher (+10.0 points, means)."
+    )
+    # a run that was not graded (e.g. not reached yet) is left out, not counted as zero
+    del reports["grpo-s2"]
+    assert "grpo 50.0 ± 14.1 (+20.0; runs 60.0, 40.0)" in verdict(reports, *ARMS, runs=runs)[0]
+
+
+def test_stage_seeds_expand_into_named_runs_and_are_checked(tmp_path):
+    from posttrain.errors import ConfigError
+    from posttrain.pipelines.runner import expand_seeds
+
+    cfg = load_pipeline("recipes/quickstart.yaml", ["stages.grpo.seeds=[1,2]"])
+    names = [st.name for st in expand_seeds(cfg.stages)]
+    assert names[names.index("grpo") : names.index("grpo") + 4] == ["grpo", "grpo-s1", "grpo-s2", "control"]
+    assert expand_seeds(cfg.stages)[names.index("grpo-s2")].overrides["seed"] == 2
+    with pytest.raises(ConfigError, match=r"stages.grpo.seeds must be a list of integers"):
+        load_pipeline("recipes/quickstart.yaml", ["stages.grpo.seeds=two"])
+    clash = tmp_path / "p.yaml"
+    clash.write_text(yaml.safe_dump({"stages": [
+        {"name": "a", "command": "sft", "seeds": [1]}, {"name": "a-s1", "command": "sft"}]}))  # fmt: skip
+    with pytest.raises(ConfigError, match="two stages are named 'a-s1'"):
+        load_pipeline(clash)
 
 
 def test_verdict_splits_levels_with_and_without_demonstrations():
