@@ -11,12 +11,17 @@ only when the adapter is used. `lm_class` builds (once) and registers ``Posttrai
 - ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length``, summed.
 - ``generate_until``: our HF rollout engine (batched, KV cache) with the request's ``until`` as
   stop strings (the text is cut at the first one), ``max_gen_toks`` and ``temperature`` (0 or
-  ``do_sample: false``: greedy).
+  ``do_sample: false``: greedy); or, with ``--model_args strategy=NAME``, a registered search
+  strategy (`search_generate`: e.g. ``strategy=best_of_n,n=4,select=likelihood`` or
+  ``strategy=best_of_n,n=8,select=orm,scorer=orm:runs/rm/final``; the strategy's own keys, and
+  ``step.KEY`` for its step config, go in the same model_args). Log-likelihoods are unchanged.
 
 ``posttrain eval MODEL --harness TASKS`` runs `run_harness` (``--harness-include DIR``: custom
 task YAMLs; the HF hub is switched off, so tasks must read local files); the lm-eval CLI works
-through ``python -m posttrain.eval.harness run --model posttrain --model_args path=MODEL ...``
-(lm-eval has no plugin entry point for models, so the module registers ``posttrain`` first).
+as ``lm_eval --model posttrain --model_args pretrained=MODEL ...`` (lm-eval 0.4.13 has no plugin
+entry point for models: the ``posttrain-lm-eval.pth`` start-up hook, `posttrain._lm_eval_hook`,
+registers ``posttrain`` when lm-eval loads its models), or ``python -m posttrain.eval.harness run
+...`` where that hook is not installed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +58,10 @@ def lm_class() -> type:
     @register_model("posttrain")
     class PosttrainLM(TemplateLM):
         def __init__(self, path: str = "default", batch_size: int | str = 8, max_length: int | None = None,
-                     max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto", **_: Any):  # fmt: skip
+                     max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto",
+                     strategy: str | None = None, scorer: str = "none", **config: Any):  # fmt: skip
             super().__init__()
+            self.search = search_settings(strategy, scorer, config)
             from posttrain.models.load import load_model, load_tokenizer
             from posttrain.rollout.engine import get_engine
             from posttrain.train.loop import resolve_model_path
@@ -107,15 +115,32 @@ def lm_class() -> type:
     return PosttrainLM
 
 
+def __getattr__(name: str) -> Any:
+    """``PosttrainLM``: the placeholder ``posttrain.eval.harness:PosttrainLM`` that
+    `posttrain._lm_eval_hook` registers resolves here (the class is built on first use)."""
+    if name == "PosttrainLM":
+        return lm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def lm_kwargs(arg_dict: dict, additional_config: dict | None) -> dict:
     """``--model_args`` win over the CLI's batch size / device; lm-eval's default ``cuda:0`` is
-    dropped on a machine without CUDA (our ``device: auto`` picks the device)."""
+    dropped on a machine without CUDA (our ``device: auto`` picks the device); ``pretrained``
+    (lm-eval's usual key) is accepted for ``path``."""
     import torch
 
     extra = {k: v for k, v in (additional_config or {}).items() if k in ("batch_size", "device") and v}
     if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
         extra.pop("device")
-    return {**extra, **arg_dict}
+    args = dict(arg_dict)
+    if "pretrained" in args:
+        from posttrain.errors import ConfigError
+
+        if "path" in args:
+            raise ConfigError("model_args give both pretrained and path", where="--model_args",
+                              fix="keep one of them: pretrained=MODEL")  # fmt: skip
+        args["path"] = args.pop("pretrained")
+    return {**extra, **args}
 
 
 def rolling_logprobs(lm: Any, texts: list[str]) -> list[float]:
@@ -151,9 +176,72 @@ def generate_until(lm: Any, args: list[tuple[str, dict]]) -> list[str]:
                                 stop=until, seed=0)  # fmt: skip
         keep = max(lm.max_length - params.max_new_tokens, 1)
         prompts = [lm.tok_encode(args[i][0])[-keep:] for i in idx]
-        for i, c in zip(idx, lm.engine.generate(prompts, params), strict=True):
-            out[i] = cut_at(c.text, until)
+        if getattr(lm, "search", None) is not None:
+            texts = search_generate(lm.engine, lm.search, [args[i][0] for i in idx], params.max_new_tokens)
+        else:
+            texts = [c.text for c in lm.engine.generate(prompts, params)]
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = cut_at(text, until)
     return out
+
+
+@dataclass
+class SearchSettings:
+    """A search strategy as the adapter's decoder (``--model_args strategy=NAME,...``)."""
+
+    strategy: str
+    """A registered strategy (``posttrain.search.strategy_names()``), e.g. best_of_n."""
+    scorer: str
+    """``none``, ``majority``, or a reward / value model (``orm:PATH``, ``prm:PATH``, ``value:PATH``)."""
+    config: dict[str, Any]
+    """Keys of the strategy's config class; ``step.x=v`` sets its step config; ``seed`` defaults
+    to 0 (the same samples on every run)."""
+
+
+def search_settings(strategy: str | None, scorer: str, extra: dict[str, Any]) -> SearchSettings | None:
+    """The adapter's search settings from ``--model_args`` (None: plain decoding), checked now: a
+    key that is neither the adapter's nor the strategy's, or an oracle scorer (lm-eval gives the
+    model no ground truth), is a ConfigError naming ``--model_args``."""
+    from posttrain.errors import ConfigError
+
+    if strategy is None:
+        if extra or scorer != "none":
+            keys = sorted(extra) + (["scorer"] if scorer != "none" else [])
+            raise ConfigError(f"unknown model_args {keys}", where="--model_args",
+                              fix="the adapter takes pretrained/path, batch_size, max_length, max_gen_toks, dtype, "
+                                  "device, and strategy=NAME with scorer and the strategy's own keys")  # fmt: skip
+        return None
+    from posttrain.search.compare import StrategySpec, strategy_config
+    from posttrain.search.scorer_specs import parse_scorer
+
+    config: dict[str, Any] = {"seed": 0}
+    for key, value in extra.items():  # step.max_new_tokens=64 -> {"step": {"max_new_tokens": 64}}
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    strategy_config(StrategySpec(strategy, config=config), where="--model_args")
+    if parse_scorer(scorer, "--model_args scorer").oracle:
+        raise ConfigError(f"scorer {scorer!r} needs each problem's ground truth, which lm-eval does not pass",
+                          where="--model_args scorer", fix="use majority, none, orm:PATH, prm:PATH or value:PATH")  # fmt: skip
+    return SearchSettings(strategy, scorer, config)
+
+
+def search_generate(
+    engine: Any, search: SearchSettings, contexts: list[str], max_new_tokens: int
+) -> list[str]:
+    """One search per context (all batched in one `run_search` call); the request's
+    ``max_gen_toks`` is the strategy's ``step.max_new_tokens`` unless model_args set it."""
+    from posttrain.search.compare import StrategySpec, make_scorer, strategy_config
+    from posttrain.search.protocols import Query
+    from posttrain.search.registry import run_search
+
+    cfg = strategy_config(StrategySpec(search.strategy, config=search.config), where="--model_args")
+    if "max_new_tokens" not in search.config.get("step", {}):
+        cfg.step.max_new_tokens = max_new_tokens
+    scorer = make_scorer(search.scorer, cfg.step.step_sep)
+    return [r.text for r in run_search(search.strategy, engine, [Query(c) for c in contexts], scorer, cfg)]
 
 
 def cut_at(text: str, until: list[str]) -> str:

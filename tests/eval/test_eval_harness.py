@@ -129,3 +129,45 @@ def test_lm_eval_cli_arguments(tiny_model_dir):
     assert lm.batch_size == 2
     if not torch.cuda.is_available():
         assert next(lm.model.parameters()).device.type == "cpu"
+
+
+def test_search_strategy_as_the_adapters_decoder(tiny_model_dir):
+    """``--model_args strategy=...``: greedy search, and best-of-4 at temperature 0 (four copies of
+    the greedy chain), give the hand greedy loop's text; keys reach the strategy's config."""
+    from lm_eval.api.instance import Instance
+
+    kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (r["question"], kwargs), i) for i, r in enumerate(GEN)]
+    greedy = lm_class().create_from_arg_string(f"pretrained={tiny_model_dir},strategy=greedy")
+    with torch.no_grad():
+        want = [cut_at(hand_greedy(greedy.model, greedy.tokenizer, r["question"], 8), ["\n"]) for r in GEN]
+    assert greedy.generate_until(reqs) == want
+    args = (
+        f"pretrained={tiny_model_dir},strategy=best_of_n,n=4,select=likelihood,temperature=0,step.max_depth=3"
+    )
+    bon = lm_class().create_from_arg_string(args)
+    assert bon.search.config == {
+        "seed": 0,
+        "n": 4,
+        "select": "likelihood",
+        "temperature": 0,
+        "step": {"max_depth": 3},
+    }
+    assert bon.generate_until(reqs) == want
+
+
+def test_bad_search_model_args_are_clear_errors(tiny_model_dir):
+    from posttrain.errors import ConfigError
+
+    cls = lm_class()
+    with pytest.raises(ConfigError, match=r"unknown model_args \['n'\]"):
+        cls.create_from_arg_string(f"pretrained={tiny_model_dir},n=4")
+    with pytest.raises(ConfigError, match="best_of_n") as err:
+        cls.create_from_arg_string(f"pretrained={tiny_model_dir},strategy=best_of_n,nn=4")
+    assert err.value.where.startswith("--model_args")
+    with pytest.raises(ConfigError, match="ground truth"):
+        cls.create_from_arg_string(
+            f"pretrained={tiny_model_dir},strategy=best_of_n,select=verifier,scorer=verifier"
+        )
+    with pytest.raises(ConfigError, match="unknown search strategy"):
+        cls.create_from_arg_string(f"pretrained={tiny_model_dir},strategy=best_of_m")
