@@ -265,6 +265,9 @@ def write_report(cfg, results, grades: dict[str, AccuracyReport]) -> Path:
                   + (f"`{c.baseline}` had demonstrations of {', '.join(held)}; the other levels had none. "
                      if held else "") + "Read each line as: the baseline's accuracy, then each arm's.",
                   "", *v, ""]  # fmt: skip
+        if len(runs.get(c.treatment, [])) < 2 or len(runs.get(c.control, [])) < 2:
+            lines += [f"One run per arm, so the spread over seeds is unknown and a gap of a few points may be "
+                      f"noise: add `stages.{c.treatment}.seeds=[1,2] stages.{c.control}.seeds=[1,2]` for three.", ""]  # fmt: skip
     for r in results:
         if r.command == "rl" and (svg := write_rl_curves(out, r.name, Path(r.outputs["output_dir"]))):
             lines += [

@@ -64,6 +64,7 @@ def test_quickstart_pipeline_runs_every_stage_and_reports(tmp_path):
     assert yaml.safe_load((out / "grpo-s1" / "config.yaml").read_text())["seed"] == 1
     line = next(ln for ln in report.splitlines() if ln.startswith("- all tasks:"))
     assert line.count(" ± ") == 2 and line.count("runs ") == 2  # each arm over its 2 seeds
+    assert "One run per arm" not in report
     assert "| best_of_n(n=8) (oracle) |" in report and "Reference band (oracle)" in report
     for stage in ("pretrain", "sft", "grpo", "control", "search"):
         assert f"| {stage} | " in report

@@ -196,6 +196,8 @@ def test_eval_models_are_graded_as_columns_before_the_stages(tmp_path, tiny_mode
     run_pipeline(load_pipeline(path))
     acc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert list(acc) == ["base", "a", "b"]  # the named model first, then the graded stages
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## b vs a" in report and "One run per arm" in report  # says the spread is unknown
     cached = json.loads((tmp_path / "out" / "eval" / "base.json").read_text())
     assert sum(n for *_, n in cached["cells"]) == 3
 
