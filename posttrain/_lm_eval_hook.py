@@ -2,7 +2,7 @@
 
 lm-eval 0.4.13 has no plugin entry point for models: ``lm_eval.models`` fills
 ``lm_eval.api.registry.model_registry`` from a fixed dict, and the ``lm_eval`` console script
-resolves ``--model`` against it. So the package build (``build_hooks.py``) installs
+resolves ``--model`` against it. So the package build (`posttrain._build`) installs
 ``posttrain-lm-eval.pth`` next to the package in site-packages; Python runs its one line,
 ``import posttrain._lm_eval_hook as h; h.install()``, at start-up. `install` only puts a
 one-shot finder at the front of ``sys.meta_path``; it imports nothing else. The finder answers

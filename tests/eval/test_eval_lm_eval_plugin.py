@@ -1,5 +1,5 @@
 """``lm_eval --model posttrain``: the start-up hook (posttrain/_lm_eval_hook.py), the .pth that the
-package build installs (build_hooks.py), and lm-eval's own console command on a local task."""
+package build installs (posttrain/_build.py), and lm-eval's own console command on a local task."""
 
 from __future__ import annotations
 
@@ -61,21 +61,34 @@ def test_hook_registers_a_lazy_placeholder_when_lm_eval_loads_its_models():
 
 
 def test_build_puts_the_pth_at_the_root_of_the_wheel_and_the_editable_wheel(tmp_path):
-    from build_hooks import PTH_LINE, PTH_NAME
+    """The sdist carries the build step (it is in the package), a wheel built from the sdist and
+    an editable wheel both hold the .pth at their root and in their RECORD."""
+    import tarfile
+
+    from posttrain._build import PTH_LINE, PTH_NAME
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "build_hooks.py"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "posttrain", src / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
-    code = (
-        "import sys; from setuptools import build_meta as b\n"
-        "out = sys.argv[1]; b.build_wheel(out); b.build_editable(out)"  # build_meta rewrites sys.argv
+    dist = tmp_path / "dist"
+    code = (  # build_meta rewrites sys.argv: read it first
+        "import sys, tarfile; from setuptools import build_meta as b\n"
+        "out = sys.argv[1]; sdist = b.build_sdist(out); b.build_editable(out)\n"
+        "tarfile.open(f'{out}/{sdist}').extractall(f'{out}/unpacked', filter='data')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=src, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    wheels = sorted((tmp_path / "dist").glob("*.whl"))
+    (unpacked,) = (dist / "unpacked").iterdir()
+    code = "import sys; from setuptools import build_meta as b; out = sys.argv[1]; b.build_wheel(out)"
+    out = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=unpacked, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with tarfile.open(next(dist.glob("*.tar.gz"))) as tf:
+        assert any(n.endswith("posttrain/_build.py") for n in tf.getnames())
+    wheels = sorted(dist.glob("*.whl"))
     assert len(wheels) == 2  # posttrain-0.1.0-py3-none-any.whl and its 0.editable twin
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:

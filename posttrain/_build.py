@@ -1,6 +1,6 @@
-"""Package build step (``[tool.setuptools.cmdclass]`` in pyproject.toml): installs
-``posttrain-lm-eval.pth`` beside the ``posttrain`` package, so that ``lm_eval --model posttrain``
-finds our adapter (`posttrain._lm_eval_hook` says how, and why lm-eval 0.4.13 needs it).
+"""Package build step (``[tool.setuptools.cmdclass]`` in pyproject.toml; only setuptools imports
+it): installs ``posttrain-lm-eval.pth`` beside the ``posttrain`` package, so that ``lm_eval
+--model posttrain`` finds our adapter (`posttrain._lm_eval_hook` says how, and why lm-eval 0.4.13 needs it).
 
 A wheel gets the file at its root (site-packages once installed); an editable install
 (``pip install -e .``) writes it into the editable wheel, so both carry it, and ``pip uninstall``
