@@ -91,6 +91,30 @@ def test_logit_kd_loss_falls(tiny_model_dir, student_dir, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_nll_weight_adds_the_data_nll_to_the_divergence(tiny_model_dir):
+    """Teacher = student: the divergence is 0, so the loss is exactly nll_weight x the token-mean NLL."""
+    from posttrain.data.collate import pad_collate
+    from posttrain.data.render import Sample
+    from posttrain.models.load import load_model
+    from posttrain.train.distill.logit import make_step
+
+    model = load_model(str(tiny_model_dir)).float()
+    batch = pad_collate([Sample([5, 6, 7, 8], [-100, 6, 7, 8]), Sample([9, 10, 11], [-100, -100, 11])], 0)
+    loop = LoopConfig(precision="fp32")
+    vocab = model.config.vocab_size
+    plain = make_step(model, DistillLossConfig(), vocab)(model, [batch], loop, torch.device("cpu"))
+    mixed = make_step(model, DistillLossConfig(nll_weight=0.5), vocab)(
+        model, [batch], loop, torch.device("cpu")
+    )
+    assert abs(plain["loss"]) < 1e-6 and abs(mixed["distill/forward_kl"]) < 1e-6
+    assert mixed["loss"] == pytest.approx(0.5 * mixed["nll_token_mean"], rel=1e-5)
+    assert mixed["nll_token_mean"] > 1.0  # a random tiny model: the NLL term is far from 0
+    with pytest.raises(ConfigError, match="nll_weight"):
+        _recipe(
+            tiny_model_dir, tiny_model_dir, "x", mode="on_policy", loss=DistillLossConfig(nll_weight=0.1)
+        ).validate()
+
+
 def test_different_tokenizers_is_a_config_error(tiny_model_dir, tmp_path):
     from posttrain.models.load import save_hf_folder
     from posttrain.models.tokenizer import train_default_tokenizer

@@ -25,6 +25,9 @@ class DistillLossConfig:
     """jsd only: m = beta p_teacher + (1 - beta) q_student; 0 = forward KL, 1 = reverse KL (GKD / TRL)."""
     temperature: float = 1.0
     """Both logits are divided by it before the softmax (no tau^2 factor)."""
+    nll_weight: float = 0.0
+    """logit mode: add this times the student's NLL of the data's own token at every trained
+    position (Hinton et al. 2015's mix of hard and soft targets); 0 = the divergence alone."""
 
 
 @dataclass
@@ -93,6 +96,15 @@ class DistillRecipe:
             raise ConfigError(f"loss.beta={self.loss.beta} is outside [0, 1]", where="loss.beta")
         if self.loss.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0", where="loss.temperature")
+        if self.loss.nll_weight < 0:
+            raise ConfigError("loss.nll_weight must be >= 0", where="loss.nll_weight")
+        if self.loss.nll_weight and self.mode != "logit":
+            raise ConfigError(
+                f"loss.nll_weight trains on the data's tokens; mode={self.mode} has no fixed data tokens "
+                "(on_policy would fit the student's own samples, sequence is plain SFT already)",
+                where="loss.nll_weight",
+                fix="set loss.nll_weight=0, or use mode=logit",
+            )
         if self.teacher_topk < 0:
             raise ConfigError("teacher_topk must be >= 0", where="teacher_topk")
         if self.teacher_topk and self.mode != "logit":

@@ -10,6 +10,7 @@ the totals of the whole accumulation step (so accumulation equals the full-batch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.algos.aggregate import token_weights
 from posttrain.algos.distill_losses import token_divergence, topk_token_divergence
@@ -69,6 +70,7 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
     """The `run_loop` step: forward/backward of the distillation loss over one step's micro-batches.
 
     ``teacher`` None means every batch carries cached top-k rows (``topk_idx``, ``topk_logp``).
+    Per token: the divergence, plus ``loss.nll_weight`` x the student's NLL of the data's token.
     Metrics: loss, distill/<kind> (token mean), nll_token_mean (student NLL of the targets), tokens
     (and completion_tokens on on-policy batches).
     """
@@ -84,15 +86,18 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
             with autocast(loop.precision, device):
                 s_logits = labelled_logits(model, b, vocab)
                 if teacher is None:
-                    per = topk_token_divergence(s_logits, b["topk_idx"], b["topk_logp"], **kw)
+                    div = topk_token_divergence(s_logits, b["topk_idx"], b["topk_logp"], **kw)
                 else:
                     with torch.no_grad():
                         t_logits = labelled_logits(teacher, b, vocab)
-                    per = token_divergence(s_logits, t_logits, **kw)
+                    div = token_divergence(s_logits, t_logits, **kw)
+                per = div
+                if loss.nll_weight:
+                    per = div + loss.nll_weight * F.cross_entropy(s_logits.float(), targets, reduction="none")
             value = (per * w).sum()
             (scaler.scale(value) if scaler is not None else value).backward()
             total += float(value.detach())
-            div_sum += float(per.detach().sum())
+            div_sum += float(div.detach().sum())
             logp = torch.log_softmax(s_logits.detach().float(), -1)
             nll_sum -= float(logp.gather(1, targets[:, None]).sum())
             sampled += float(b.get("completion_tokens", 0.0))
