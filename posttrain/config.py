@@ -53,7 +53,12 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tu
             raise ConfigError("a recipe must be a YAML mapping of keys to values", where=str(path))
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(cls, raw, prefix="", source=source)
+    try:
+        return from_dict(cls, raw, prefix="", source=source)
+    except ConfigError as exc:  # a section's validate() names its key: name the file too
+        if path is not None and not str(exc.where or "").startswith(str(path)):
+            exc.where = f"{path}: {exc.where}" if exc.where else str(path)
+        raise
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

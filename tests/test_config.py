@@ -82,7 +82,7 @@ def test_a_partial_section_keeps_the_recipes_own_defaults():
     assert cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 30
 
 
-def test_a_nested_section_error_names_the_full_key():
+def test_a_nested_section_error_names_the_full_key(tmp_path):
     """An optional section (X | None) reports X's own error, and a validate() that names a key
     relative to its section (``dedup.threshold``) is qualified with where the section sits."""
     from posttrain.config import load_recipe
@@ -93,6 +93,11 @@ def test_a_nested_section_error_names_the_full_key():
         load_recipe(SFTRecipe, None, ["clean={dedup: {threshold: 2.0}}"])
     assert err.value.where == "clean.dedup.threshold" and "must be in (0, 1]" in err.value.message
     assert "allowed types" not in str(err.value)
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("clean:\n  dedup:\n    threshold: 2.0\n")
+    with pytest.raises(ConfigError) as err:  # from a file: the file, then the key
+        load_recipe(SFTRecipe, recipe, [])
+    assert err.value.where == f"{recipe}: clean.dedup.threshold"
     with pytest.raises(ConfigError) as err:  # a section naming its keys from the recipe root stays as is
         load_recipe(RLRecipe, None, ["rollout.temperature=0"])
     assert err.value.where == "rollout.temperature"
