@@ -12,18 +12,21 @@ run has gone wrong, with the recent values, the threshold and the settings that 
 - ``length``: ``response/length_mean`` grown by more than ``length_growth`` (a fraction) from the
   start to the end of the window, or ``response/clipped_ratio`` jumping above ``clipped_max`` from
   a window mean below it (a run that clipped from its first step is not a change);
-- ``reward_hacking``: between two held-out evaluations the training reward (``reward/total_mean``,
-  mean over the steps before each) rose by more than ``hack_rise`` while the held-out metric
-  (``eval/<heldout>``) fell by more than ``hack_drop``; or a shaping term (``reward/<t>_mean`` for t
+- ``reward_hacking``: at a held-out evaluation, against any earlier one, the training reward
+  (``reward/total_mean``, mean over the steps since the evaluation before each) rose by more than
+  ``hack_rise`` while the held-out metric (``eval/<heldout>``) fell by more than ``hack_drop``; or a shaping term (``reward/<t>_mean`` for t
   in ``shaping_terms``) rose over the window while every task term fell;
 - ``no_signal``: every group had equal rewards (``rollout/zero_variance_frac`` = 1) for
   ``no_signal_steps`` steps in a row, so nothing updated; ``weak_signal`` (warn only, at most once
   per window): the window's mean share of such groups is ``weak_signal`` or more;
-- ``loss_divergence`` (SFT and every trainer logging ``loss``): the window's mean loss above
-  ``loss_divergence`` x the best window mean so far.
+- ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the mean loss of the
+  last 3 steps above ``loss_divergence`` x the best such mean so far, and above the first step's
+  loss (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window).
 
-The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a
-resumed run judges its window as the uninterrupted one would.
+The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a run
+resumed after an interruption judges its window as the uninterrupted one would; a run resumed
+after a pause starts the detectors afresh from the paused step (its settings were changed, and the
+window that paused it would pause it again at once).
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class AnomalyConfig:
     """Warn (never pause) when, over the window, this share of groups or more had equal rewards on
     average: most samples teach nothing. Said at most once per window."""
     loss_divergence: float = 3.0
-    """Window mean loss above this many times the best window mean so far."""
+    """Mean loss of the last 3 steps above this many times its best so far (and above the first
+    step's loss)."""
     rollback_lr_factor: float = 0.5
     """rollback: the lr is multiplied by this after each rollback."""
     max_rollbacks: int = 2
@@ -140,6 +144,10 @@ def _rising(values: list[float]) -> float:
     return statistics.fmean(values[half:]) - statistics.fmean(values[:half])
 
 
+LOSS_SMOOTH = 3
+"""Steps the loss-divergence check averages (fewer when ``window`` is smaller)."""
+
+
 class AnomalyMonitor:
     """Keeps the recent history of the watched metrics and runs every enabled check on each step."""
 
@@ -155,6 +163,7 @@ class AnomalyMonitor:
         self.no_signal_run = 0
         self.weak_said = -(10**9)
         self.best_loss = float("inf")
+        self.first_loss: float | None = None
 
     def _push(self, key: str, value: float) -> list[float]:
         h = self.history.setdefault(key, deque(maxlen=self.cfg.window + 1))
@@ -265,13 +274,17 @@ class AnomalyMonitor:
 
     def _loss(self, step, seen, before):
         c, h = self.cfg, seen.get("loss")
-        if not c.loss_divergence or not h or len(h) <= c.window:
+        if not c.loss_divergence or not h:
             return None
-        mean = statistics.fmean(h[1:])
-        self.best_loss = min(self.best_loss, mean)
-        if self.best_loss > 0 and mean > c.loss_divergence * self.best_loss:
+        if self.first_loss is None:
+            self.first_loss = h[-1]
+        recent = statistics.fmean(h[-min(LOSS_SMOOTH, c.window) :])
+        self.best_loss = min(self.best_loss, recent)
+        # also worse than at the start: a loss near 0 that triples on noise has not diverged
+        if len(h) >= 2 and recent > c.loss_divergence * self.best_loss and recent > self.first_loss:
             return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
-                           f"the loss diverged: window mean {mean:.3g} vs best {self.best_loss:.3g}",
+                           f"the loss diverged: {recent:.3g} (mean of the last {LOSS_SMOOTH} steps) vs best "
+                           f"{self.best_loss:.3g} and {self.first_loss:.3g} at the start",
                            ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
         return None
 
@@ -299,23 +312,27 @@ class AnomalyMonitor:
             return None
         since, self.rewards_since_eval = self.rewards_since_eval, []
         self.evals.append((step, float(metrics[key]), statistics.fmean(since) if since else float("nan")))
-        if len(self.evals) < 2:
-            return None
-        (_, acc0, r0), (_, acc1, r1) = self.evals[-2], self.evals[-1]
-        # the reward's rise: between the steps before each evaluation, or within the steps since the
-        # last one when no reward came before it (an evaluation at step 0)
-        rise = r1 - r0 if r0 == r0 else (_rising(since) if len(since) >= 2 else 0.0)
-        if rise > c.hack_rise and acc0 - acc1 > c.hack_drop:
-            return Anomaly("reward_hacking", key, step, [e[1] for e in self.evals], acc0 - c.hack_drop,
-                           f"the training reward rose by {rise:.3g} while {key} fell {acc0:.3g} -> {acc1:.3g}",
-                           ["anomaly.hack_drop", "rewards", "eval.every"])  # fmt: skip
+        _, acc1, r1 = self.evals[-1]
+        # against each earlier evaluation, oldest first: greedy accuracy often falls before the
+        # sampled reward rises, so the two evaluations that show both need not be adjacent
+        for i, (s0, acc0, r0) in enumerate(self.evals[:-1]):
+            if r0 == r0:
+                rise = r1 - r0
+            elif i + 2 < len(self.evals):  # evaluated before any step: its reward is the next interval's
+                rise = r1 - self.evals[i + 1][2]
+            else:  # the interval right after a step-0 evaluation: the rise within it
+                rise = _rising(since) if len(since) >= 2 else 0.0
+            if rise > c.hack_rise and acc0 - acc1 > c.hack_drop:
+                return Anomaly("reward_hacking", key, step, [e[1] for e in self.evals], acc0 - c.hack_drop,
+                               f"the training reward rose by {rise:.3g} since step {s0} while {key} fell "
+                               f"{acc0:.3g} -> {acc1:.3g}", ["anomaly.hack_drop", "rewards", "train.eval_every"])  # fmt: skip
         return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "evals": self.evals,
                 "rewards_since_eval": self.rewards_since_eval, "no_signal_run": self.no_signal_run,
-                "weak_said": self.weak_said,
-                "best_loss": self.best_loss}  # fmt: skip
+                "weak_said": self.weak_said, "best_loss": self.best_loss,
+                "first_loss": self.first_loss}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = {k: deque(v, maxlen=self.cfg.window + 1) for k, v in state["history"].items()}
@@ -324,6 +341,7 @@ class AnomalyMonitor:
         self.no_signal_run = state["no_signal_run"]
         self.weak_said = state.get("weak_said", -(10**9))
         self.best_loss = state["best_loss"]
+        self.first_loss = state.get("first_loss")
 
 
 class AnomalyGuard:
@@ -339,6 +357,7 @@ class AnomalyGuard:
         self.cfg, self.logger = cfg, logger
         self.monitor = AnomalyMonitor(cfg)
         self.rollbacks = 0
+        self.paused = False
 
     def check(self, step: int, metrics: dict[str, float], save, rollback=None) -> int | None:
         """None to go on; the restored step after a rollback. Raises RunPaused on pause."""
@@ -369,6 +388,7 @@ class AnomalyGuard:
             self._record(step, found, "warn")
             return None
         self._record(step, found, "pause")
+        self.paused = True  # saved with the checkpoint: the resume starts the detectors afresh
         path = save()
         self.logger.close()
         raise RunPaused(found[0], str(path))
@@ -379,12 +399,30 @@ class AnomalyGuard:
             self.logger.event(step, "anomaly", action=action, **fields)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
+        return {"monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks, "paused": self.paused}
+
+    def restore_history(self, trainer_state: dict[str, Any]) -> None:
+        """After a rollback: the detector history saved in that checkpoint, not its rollback count."""
+        if trainer_state.get("anomaly"):
+            self.monitor.load_state_dict(trainer_state["anomaly"]["monitor"])
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Resume: the detector history, exactly, after an interruption; after a pause, a fresh
+        history (the old window still holds the anomaly and would pause again at once, whatever
+        setting was changed), the rollback count kept."""
         if state:
-            self.monitor.load_state_dict(state["monitor"])
+            if not state.get("paused"):
+                self.monitor.load_state_dict(state["monitor"])
             self.rollbacks = state["rollbacks"]
+
+
+def scale_lr(optimizer, scheduler, factor: float) -> None:
+    """Multiply the learning rate by ``factor`` for the rest of the run (a rollback): the
+    scheduler's base rates and every parameter group's current rate."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 ALARM_EVERY = 10

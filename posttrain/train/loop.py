@@ -31,6 +31,7 @@ from posttrain.distributed import trainer as dist
 from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, is_main, local_micro, world
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import RunLogger, check_finite, console, progress_bar
+from posttrain.train.anomaly import AnomalyConfig, AnomalyGuard, scale_lr
 from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.lm_loss import causal_lm_loss, loss_targets
@@ -321,6 +322,7 @@ def run_loop(
     *,
     step_fn: StepFn | None = None,
     evaluate: EvalFn | None = None,
+    anomaly: AnomalyConfig | None = None,
 ):
     """Train `model` over `plan` for the configured steps; checkpoints, logs, returns the model.
 
@@ -329,6 +331,7 @@ def run_loop(
         backward of one optimiser step (default: masked causal-LM NLL, `train_step`); trainers
         with other losses (preference, reward model) pass theirs.
     evaluate(model, step): called every `loop.eval_every` steps and at the end.
+    anomaly: the detectors run after each step and their action (`_check_anomaly`); None = off.
     """
     step_fn = step_fn or train_step
     loop = replace(loop, precision=run.precision)  # the step functions see the resolved precision
@@ -338,26 +341,21 @@ def run_loop(
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, steps)
     scaler = torch.amp.GradScaler(device.type) if loop.precision == "fp16" else None
-    state = {"epoch": 0, "index": 0}
-    step = 0
-    if run.resume_from is not None:
-        state = dist_ckpt.load(run.resume_from, model, optimizer, scheduler)
-        step = state["step"]
+    guard = AnomalyGuard(anomaly, run.logger) if anomaly is not None else None
+    step, state = _resume(run, model, optimizer, scheduler, guard)
     model.train()
-    ckpt = lambda s: dist_ckpt.save(run.dir, s, model, optimizer, scheduler, state, loop.keep_last)  # noqa: E731
+
+    def ckpt(at: int) -> Path:  # reads `state` (the data position) when called
+        return dist_ckpt.save(
+            run.dir, at, model, optimizer, scheduler, _trainer_state(state, guard), loop.keep_last
+        )
+
     with progress_bar(steps, "train", disable=not is_main()) as bar, StopRequest() as stop:
         task = bar.add_task("train", total=steps, completed=step, stats="")
         while step < steps:
             t0 = time.perf_counter()
             dist.check_in(step)  # a dead or stuck rank ends the job here, named, after the timeout
-            micro = []
-            while len(micro) < loop.grad_accum:
-                batches = plan.epoch(state["epoch"])
-                if state["index"] >= len(batches):
-                    state = {"epoch": state["epoch"] + 1, "index": 0}
-                    continue
-                micro.append(batches[state["index"]])
-                state = {"epoch": state["epoch"], "index": state["index"] + 1}
+            micro, state = _next_micro(plan, state, loop.grad_accum)
             metrics = step_fn(model, micro, loop, device, scaler)
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -384,6 +382,10 @@ def run_loop(
             )
             if evaluate is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == steps):
                 dist.evaluate_ranks(evaluate, model, step)
+            back = guard and _check_anomaly(guard, run, step, metrics, ckpt, model, optimizer, scheduler)
+            if back:  # rolled back to a checkpoint (at a lower lr): go on from there
+                step, state = back["step"], {"epoch": back["epoch"], "index": back["index"]}
+                continue
             stopping = dist.stop_agreed(stop.signum)  # every rank stops after the same step
             if (loop.save_every and step % loop.save_every == 0) or step == steps or stopping:
                 saved = ckpt(step)
@@ -391,6 +393,59 @@ def run_loop(
                 run.logger.close()
                 raise RunInterrupted(stop.signum or signal.SIGTERM, step, str(saved))
     return model
+
+
+def _resume(run: Run, model, optimizer, scheduler, guard: AnomalyGuard | None) -> tuple[int, dict]:
+    """Step and data position to start from: the resumed checkpoint's (weights, optimiser,
+    scheduler and detector history loaded), else 0 and the first batch."""
+    if run.resume_from is None:
+        return 0, {"epoch": 0, "index": 0}
+    state = dist_ckpt.load(run.resume_from, model, optimizer, scheduler)
+    if guard is not None:
+        guard.load_state_dict(state.get("anomaly"))
+    return state["step"], {"epoch": state["epoch"], "index": state["index"]}
+
+
+def _next_micro(plan, state: dict, grad_accum: int) -> tuple[list, dict]:
+    """The next `grad_accum` micro-batches from the data position `state` (epoch, index), and
+    the position after them."""
+    micro = []
+    while len(micro) < grad_accum:
+        batches = plan.epoch(state["epoch"])
+        if state["index"] >= len(batches):
+            state = {"epoch": state["epoch"] + 1, "index": 0}
+            continue
+        micro.append(batches[state["index"]])
+        state = {"epoch": state["epoch"], "index": state["index"] + 1}
+    return micro, state
+
+
+def _trainer_state(state: dict, guard: AnomalyGuard | None) -> dict:
+    """What a checkpoint keeps beside the weights: the data position and the detector history."""
+    position = {"epoch": state["epoch"], "index": state["index"]}
+    return position if guard is None else {**position, "anomaly": guard.state_dict()}
+
+
+def _check_anomaly(
+    guard: AnomalyGuard, run: Run, step: int, metrics: dict, ckpt, model, optimizer, scheduler
+):
+    """The anomaly checks after a step and ``on_anomaly`` (`AnomalyGuard.check`): pause raises
+    `RunPaused` (exit 75) after ``ckpt(step)``; rollback restores the newest checkpoint at a lower
+    lr and returns its trainer state; warn (or nothing found) returns None."""
+    back: dict = {}
+
+    def rollback(factor: float) -> int | None:
+        path = latest_checkpoint(run.dir)
+        if path is None:
+            return None
+        back.update(dist_ckpt.load(path, model, optimizer, scheduler))
+        guard.restore_history(back)
+        scale_lr(optimizer, scheduler, factor)
+        run.logger.rewind(back["step"])
+        return back["step"]
+
+    guard.check(step, metrics, lambda: ckpt(step), rollback)
+    return back or None
 
 
 def sft_evaluator(run: Run, eval_plan, sample_prompts, loop: LoopConfig) -> EvalFn:

@@ -45,6 +45,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
 from posttrain.monitor.logger import console
+from posttrain.train.anomaly import AnomalyConfig
 from posttrain.train.loop import (
     LoopConfig,
     ModelConfig,
@@ -186,6 +187,9 @@ class PreferenceRecipe:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
+    a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
     output_dir: str = "runs/preference"
     """Run directory: config.yaml, metrics.jsonl, reference/, filter/, checkpoints/, final/."""
     seed: int = 0
@@ -468,7 +472,9 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
     if evaluate is not None and cfg.eval.before and run.resume_from is None:
         evaluate(model, 0)
     step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference)
-    model = run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate)
+    model = run_loop(
+        run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate, anomaly=cfg.anomaly
+    )
     (run.dir / "eval_summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     final = export_model(model, tok, Path(cfg.output_dir) / "final", cfg.peft)
     run.finish(final)

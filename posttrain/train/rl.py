@@ -64,7 +64,7 @@ from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console, progress_bar
-from posttrain.train.anomaly import ALARM_EVERY, AnomalyConfig, AnomalyGuard, alarms
+from posttrain.train.anomaly import ALARM_EVERY, AnomalyConfig, AnomalyGuard, alarms, scale_lr
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.loop import ModelConfig, Run, prepare_run
@@ -509,12 +509,8 @@ def rollback(s: Session, lr_factor: float) -> int | None:
     path = latest_checkpoint(s.run.dir)
     if path is None:
         return None
-    state = restore(s, path)
-    if state.get("anomaly"):  # the detector history, not the rollback count
-        s.guard.monitor.load_state_dict(state["anomaly"]["monitor"])
-    s.scheduler.base_lrs = [lr * lr_factor for lr in s.scheduler.base_lrs]
-    for group in s.optimizer.param_groups:
-        group["lr"] *= lr_factor
+    s.guard.restore_history(restore(s, path))
+    scale_lr(s.optimizer, s.scheduler, lr_factor)
     s.engine.update_weights(s.model)
     s.run.logger.rewind(s.step)
     return s.step

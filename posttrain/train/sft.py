@@ -23,6 +23,7 @@ from posttrain.distributed.launch import env_world
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
+from posttrain.train.anomaly import AnomalyConfig
 from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run, run_loop, sft_evaluator
 from posttrain.train.optim import OptimConfig
 
@@ -43,6 +44,9 @@ class SFTRecipe:
     eval: EvalHookConfig = field(default_factory=EvalHookConfig)
     """Held-out metrics on your own data: ``eval.recipe`` names an eval recipe run every eval step."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
+    a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
     """Several processes (DDP / FSDP2): `distributed.nproc=2`, or launch with torchrun."""
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/."""
@@ -94,7 +98,7 @@ def run_sft(cfg: SFTRecipe) -> Path:
     sample_prompts = [s for s in eval_samples[: cfg.train.num_samples]] if eval_samples else []
     evaluate = sft_evaluator(run, eval_plan, sample_prompts, cfg.train) if eval_plan is not None else None
     evaluate = with_recipe_eval(cfg.eval, run, evaluate)
-    model = run_loop(run, model, plan, cfg.optim, cfg.train, evaluate=evaluate)
+    model = run_loop(run, model, plan, cfg.optim, cfg.train, evaluate=evaluate, anomaly=cfg.anomaly)
     from posttrain.distributed.trainer import export_final
 
     out = Path(cfg.output_dir) / "final"

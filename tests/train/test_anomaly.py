@@ -136,15 +136,21 @@ def test_a_shaping_term_rising_while_the_task_term_falls_is_hacking():
     assert _first(AnomalyMonitor(cfg), both_up, "reward_hacking") is None
 
 
-def test_loss_divergence_against_the_best_window():
+def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     rows = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 20.0}] * 6
-    # best window mean: (1.0 + 0.9 + 0.8 + 0.7 + 0.6) / 5 = 0.8; at step 16 the window is
-    # 0.9, 0.8, 0.7, 0.6, 20 -> 4.6 > 3 x 0.8
+    # best 3-step mean: (0.8 + 0.7 + 0.6) / 3 = 0.7; at step 16: (0.7 + 0.6 + 20) / 3 = 7.1 > 3 x 0.7
     assert _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), rows, "loss_divergence") == 16
     slow = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 2.0}] * 6  # back up, not 3x
     assert (
         _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), slow, "loss_divergence") is None
     )
+    # a far-too-high lr (SFT of the tiny model at lr 1.0, measured): caught at the third step of
+    # the blow-up, (12.9 + 24.7 + 60.4) / 3 = 32.7 > 3 x 5.65, though no full window exists yet
+    blow_up = [{"loss": v} for v in (5.65, 12.9, 24.7, 60.4, 95.1)]
+    assert _first(AnomalyMonitor(AnomalyConfig()), blow_up, "loss_divergence") == 4
+    # a loss near 0 tripling on noise is no divergence: it stays below where the run started
+    noisy = [{"loss": v} for v in (0.7, 0.3, 0.1, 0.02, 0.01, 0.01, 0.05, 0.06, 0.07)]
+    assert _first(AnomalyMonitor(AnomalyConfig()), noisy, "loss_divergence") is None
 
 
 def test_state_round_trip_continues_the_window_exactly():
@@ -171,3 +177,23 @@ def test_run_paused_names_the_metric_threshold_and_settings():
     assert err.exit_code == PAUSED_EXIT == 75
     assert "kl/token_mean" in str(err) and "0.1" in str(err) and "algorithm.kl.coef" in err.fix
     assert anomaly.event()["event"] == "anomaly" and anomaly.event()["step"] == 7
+
+
+def test_a_resume_after_a_pause_starts_the_detectors_afresh_an_interrupted_one_does_not(tmp_path):
+    from posttrain.monitor.logger import RunLogger
+    from posttrain.train.anomaly import AnomalyGuard
+
+    cfg = AnomalyConfig(kl_max=1.0)
+    guard = AnomalyGuard(cfg, RunLogger(tmp_path, tensorboard=False))
+    guard.check(1, {"kl/token_mean": 0.5}, save=lambda: "ckpt")
+    interrupted = guard.state_dict()
+    with pytest.raises(RunPaused):
+        guard.check(2, {"kl/token_mean": 2.0}, save=lambda: "ckpt")
+    paused = guard.state_dict()
+    assert paused["paused"] and not interrupted["paused"]
+    resumed = AnomalyGuard(cfg, RunLogger(tmp_path / "b", tensorboard=False))
+    resumed.load_state_dict(interrupted)
+    assert list(resumed.monitor.history["kl/token_mean"]) == [0.5]
+    resumed = AnomalyGuard(cfg, RunLogger(tmp_path / "c", tensorboard=False))
+    resumed.load_state_dict({**paused, "rollbacks": 1})
+    assert resumed.monitor.history == {} and resumed.rollbacks == 1
