@@ -247,10 +247,18 @@ def run(recipe: Recipe = None, overrides: Overrides = None) -> None:
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run output dirs (overlaid), or one pipeline dir.")],
     out: Annotated[Path | None, typer.Option(help="Where to write (default: FIRST_DIR/report.html).")] = None,
+    serve: Annotated[
+        bool, typer.Option(help="Serve a live view on 127.0.0.1 instead (refreshes as runs log).")
+    ] = False,
+    port: Annotated[int, typer.Option(help="--serve: the port (0 = any free one).")] = 8765,
 ) -> None:
     """Write a self-contained report.html (curves, anomalies, config, data, samples) of runs."""
     from posttrain.monitor.html_report import report_main
 
+    if serve:
+        from posttrain.monitor.serve import serve_main
+
+        return serve_main(run_dirs, port)
     for path in report_main(run_dirs, out):
         typer.echo(str(path))
 
