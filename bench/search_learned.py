@@ -3,9 +3,10 @@
 Policy: an SFT model (default runs/quickstart/sft/final). Every scorer is trained here from the
 policy's backbone, on the train split; every figure is measured on the test split.
 
-1. Step labels: MC rollouts of the policy's chains on training questions (Math-Shepherd soft
-   labels, `posttrain.search.prm_label`). Three scorers, each `posttrain prm` for --steps steps:
-   ``prm_mc`` (MC soft labels), ``prm_synth`` (the task suite's synthetic corrupted chains) and
+1. Step labels: MC rollouts of the policy's chains on training questions (Math-Shepherd hard
+   labels by default: a step is right iff any of k rollouts from it verifies; `--label soft`
+   for the share, `posttrain.search.prm_label`). Three scorers, each `posttrain prm` for --steps
+   steps: ``prm_mc`` (MC labels), ``prm_synth`` (the task suite's synthetic corrupted chains) and
    ``orm`` (outcome supervision: every step of a chain labelled with its final correctness, read at
    the last step). Step AUC and first-error accuracy of each on held-out chains the policy writes
    for test questions, with true step labels (target: prm_mc step AUC >= 0.85).
@@ -17,10 +18,18 @@ policy's backbone, on the train split; every figure is measured on the test spli
    best-of-N needs for compute-optimal's accuracy (interpolated on its curve) over
    compute-optimal's tokens (target: >= 2, i.e. <= 50% of the tokens).
 
-results.json and a markdown table go to --out. The last line names the machine, its load, and
-the ratios.
+Scorer settings (measured on the quickstart SFT policy, arith_mag levels 2-3, held-out step AUC):
+too few labelled chains over-fit (480 chains: train AUC 0.98 -> held-out 0.70 at 300 steps), so
+the default labels 400 questions per level x 4 chains (~3,200 chains); hard labels generalise
+better than soft ones (0.835 vs 0.763 at 300 steps; the soft target of a right step is the
+policy's success rate from it, ~0.5 here); lr 1e-3 (3e-4: 0.61, 1e-4: 0.59 at 150 steps).
+Every scorer's eval.json also reports its train_step_auc (over- vs under-fitting).
 
-    python bench/search_learned.py [--policy runs/quickstart/sft/final] [--n-train 60] [--n-test 50]
+results.json and a markdown table go to --out. The last line names the machine, its load, and
+the ratios. ``--seed`` changes the MC sampling, the scorers' init/data order and the search's
+sampling (labels and training use train-split questions only; every figure is on the test split).
+
+    python bench/search_learned.py [--policy runs/quickstart/sft/final] [--n-train 400] [--n-test 50]
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ STEP = {"max_step_tokens": 24, "max_new_tokens": 96, "max_depth": 8, "step_sep":
 LEVELS = [2, 3]
 
 
-def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, search: str) -> Path:
+def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, search: str, how: str = "hard",
+          seed: int = 0) -> Path:  # fmt: skip
     """MC-labelled chains of the policy (prm.jsonl, oracle.jsonl) for ``n`` questions per level."""
     from posttrain.search.compare import SearchModelConfig, TaskSetConfig
     from posttrain.search.mc_labels import MCLabelConfig
@@ -45,7 +55,7 @@ def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, searc
     recipe = PRMLabelRecipe(
         model=SearchModelConfig(path=policy),
         problems=TaskSetConfig(tasks=["arith_mag"], levels=LEVELS, n_per_level=n, split=split),
-        mc=MCLabelConfig(n_chains=chains, k=k, search=search, max_new_tokens=96),  # type: ignore[arg-type]
+        mc=MCLabelConfig(n_chains=chains, k=k, search=search, label=how, max_new_tokens=96, seed=seed),  # type: ignore[arg-type]
         output_dir=str(out),
     )
     return Path(run_prm_label(recipe)).parent
@@ -60,13 +70,15 @@ def outcome_records(prm_file: Path, out: Path) -> Path:
     return out
 
 
-def train_scorer(policy: str, train: str, held_out: Path, out: Path, steps: int, extra: list[str]) -> dict:
+def train_scorer(
+    policy: str, train: str, held_out: Path, out: Path, steps: int, extra: list[str], seed: int = 0
+) -> dict:
     from posttrain.config import load_recipe
     from posttrain.train.prm import PRMRecipe, run_prm
 
     keys = [f"model.path={policy}", f"data.train={train}", f"data.eval={held_out}", f"output_dir={out}",
             f"train.max_steps={steps}", "train.batch_size=16", "train.save_every=0", "optim.lr=1e-3",
-            "optim.warmup_steps=10", "train.tensorboard=false", *extra]  # fmt: skip
+            "optim.warmup_steps=10", "train.tensorboard=false", f"seed={seed}", *extra]  # fmt: skip
     final = run_prm(load_recipe(PRMRecipe, None, keys))
     report = json.loads((out / "eval.json").read_text())
     return {"path": str(final), "before": report.get("before", {}), "after": report.get("after", {})}
@@ -136,28 +148,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policy", default="runs/quickstart/sft/final")
     ap.add_argument("--out", default="runs/bench_search_learned")
-    ap.add_argument("--n-train", type=int, default=60, help="training questions per level (MC labels)")
+    ap.add_argument("--n-train", type=int, default=400, help="training questions per level (MC labels)")
     ap.add_argument("--k", type=int, default=4, help="rollouts per step prefix")
     ap.add_argument("--n-test", type=int, default=50, help="test questions per level")
-    ap.add_argument("--steps", type=int, default=150, help="optimiser steps of each scorer")
+    ap.add_argument("--steps", type=int, default=600, help="optimiser steps of each scorer")
+    ap.add_argument("--label", choices=["hard", "soft"], default="hard", help="MC label of prm_mc")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="MC sampling, scorer init/data order, search sampling"
+    )
     args = ap.parse_args()
     out, t0 = Path(args.out), time.time()
     from posttrain.search.compare import strategy_table
     from posttrain.search.report import format_markdown
 
-    train = label(args.policy, out / "mc_train", "train", args.n_train, args.k, 4, "full")
-    test = label(args.policy, out / "mc_test", "test", args.n_test, 1, 2, "binary")  # only true labels used
+    s = args.seed
+    train = label(args.policy, out / "mc_train", "train", args.n_train, args.k, 4, "full", args.label, s)
+    test = label(
+        args.policy, out / "mc_test", "test", args.n_test, 1, 2, "binary", "hard", s
+    )  # true labels only
     held = test / "oracle.jsonl"
     orm_file = outcome_records(train / "prm.jsonl", out / "orm_train.jsonl")
     synth = ["data.tasks=[arith_mag]", "data.levels=[2,3]", "data.n_per_level=200"]
-    scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", args.steps, []),
-               "prm_synth": train_scorer(args.policy, "tasks", held, out / "prm_synth", args.steps, synth),
-               "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", args.steps, [])}  # fmt: skip
+    steps = args.steps
+    scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", steps, [], s),
+               "prm_synth": train_scorer(args.policy, "tasks", held, out / "prm_synth", steps, synth, s),
+               "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", steps, [], s)}  # fmt: skip
     from posttrain.data.tasks import task_problems
 
     problems = task_problems(["arith_mag"], "test", args.n_test, 0, LEVELS)
     rows = strategy_table(
-        args.policy, problems, specs(scorers["prm_mc"]["path"], scorers["orm"]["path"]), "none"
+        args.policy, problems, specs(scorers["prm_mc"]["path"], scorers["orm"]["path"]), "none", seed=s
     )
     figures = compare_rows(rows)
     table = format_markdown(rows)
@@ -168,9 +188,10 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(table + "\n")
     print(table)
-    for name, s in scorers.items():
-        print(f"{name}: step AUC {fmt(s['before'].get('step_auc'))} -> {fmt(s['after'].get('step_auc'))}, "
-              f"first-error acc {fmt(s['after'].get('first_error_acc'))}")  # fmt: skip
+    for name, sc in scorers.items():
+        print(f"{name}: step AUC {fmt(sc['before'].get('step_auc'))} -> {fmt(sc['after'].get('step_auc'))} "
+              f"(train {fmt(sc['after'].get('train_step_auc'))}), "
+              f"first-error acc {fmt(sc['after'].get('first_error_acc'))}")  # fmt: skip
     f, co = figures, figures["compute_optimal"]
     print(f"best-of-8 on the same samples: prm {f['bo8']['prm_bon@8']:.3f}, majority {f['bo8']['majority@8']:.3f}, "
           f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}")  # fmt: skip

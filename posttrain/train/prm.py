@@ -8,8 +8,9 @@ P(step correct). Loss: binary cross-entropy at those positions only
 ``train.loss_agg`` (token-mean = mean over all steps of the optimiser step;
 seq-mean-token-mean = mean per chain, then over chains). Metrics: step accuracy, F1 of the
 wrong-step class, first-error-step accuracy; on held-out data before training (the untrained
-model with the same head init) and after. ``final/`` loads with
-`posttrain.models.heads.load_reward_model`; `posttrain.rewards.models` scores with it.
+model with the same head init) and after, beside the loss and step AUC on a spaced subset of
+the training chains (``train_loss``, ``train_step_auc``: over- vs under-fitting). ``final/``
+loads with `posttrain.models.heads.load_reward_model`; `posttrain.rewards.models` scores with it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class PRMRecipe:
     """Continue from the newest complete checkpoint in output_dir if there is one."""
     eval_before: bool = True
     """Evaluate the untrained model (same head init) before step 1, as the baseline."""
+    eval_train_chains: int = 256
+    """Training chains (evenly spaced) also scored at every evaluation, as ``train_loss`` and
+    ``train_step_auc``: a train AUC far above the held-out one means too few labelled chains
+    for the steps run (over-fitting), both low means too few steps or too low an lr (0 = off)."""
 
 
 def step_logits(model: RewardModel, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, ...]:
@@ -105,6 +110,15 @@ def evaluate_prm(model: RewardModel, plan: ExamplePlan, device) -> dict[str, flo
     return {"loss": float(loss), **{k: float(v) for k, v in step_metrics(torch.sigmoid(z), y, s).items()}}
 
 
+def spaced(items: list, n: int) -> list:
+    """``n`` items evenly spaced over ``items`` (all of them if n >= len; none if n <= 0)."""
+    if n <= 0:
+        return []
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def run_prm(cfg: PRMRecipe) -> Path:
     """Train and export a process reward model; returns the `final/` folder."""
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
@@ -118,9 +132,16 @@ def run_prm(cfg: PRMRecipe) -> Path:
     evaluate = None
     if held_out:
         eval_plan = ExamplePlan(held_out, [len(s.input_ids) for s in held_out], bs, collate_steps, pad, 0)
+        fit = spaced(train, cfg.eval_train_chains)
+        fit_plan = (
+            ExamplePlan(fit, [len(s.input_ids) for s in fit], bs, collate_steps, pad, 0) if fit else None
+        )
 
         def evaluate(model, step):
             metrics = evaluate_prm(model, eval_plan, run.device)
+            if fit_plan is not None:
+                on_train = evaluate_prm(model, fit_plan, run.device)
+                metrics |= {f"train_{k}": on_train[k] for k in ("loss", "step_auc")}
             run.logger.log(step, metrics, prefix="eval/")
             return metrics
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from search_env import A1, A2, A3, B1, B2, B3, B9, C1, C2
+from search_env import A1, A2, A3, B1, B2, B3, B9, BEST, C1, C2
 
 from posttrain.data.records import detect_kind, validate_record
 from posttrain.data.tasks import split_steps
@@ -11,6 +11,7 @@ from posttrain.errors import ConfigError
 from posttrain.search.mc_labels import (
     MCLabelConfig,
     binary_search_cost,
+    chains_of_texts,
     label_chains,
     prm_records,
     step_cuts,
@@ -116,6 +117,17 @@ def test_bisection_equals_full_scan_on_longer_chains(n_steps, first_bad):
     assert full[1].hard == [1] * first_bad + [0] * (n_steps - first_bad)
     assert 0 < bs.prefixes <= binary_search_cost(n_steps) if n_steps > 1 else bs.prefixes == 0
     assert bs.prefixes <= fs.prefixes and bs.rollouts == 2 * bs.prefixes
+
+
+def test_a_step_holding_a_think_marker_is_dropped_and_counted(env):
+    """A sampled chain like ``0 + 10 = 1<think>116 = 0`` would render with fewer step ends than
+    labels, failing `posttrain prm` on the whole file: it is dropped, the rest labelled as usual."""
+    policy, _, _, queries = env
+    texts = [(0, BEST), (0, "<think>b1<step>b<think>2</think>\nAnswer: 7"), (0, "Answer: 7")]
+    given = chains_of_texts(texts, queries, MCLabelConfig(), _verify)
+    chains, stats = label_chains(policy, queries, MCLabelConfig(k=4), _verify, given=given)
+    assert [c.text for c in chains] == [BEST] and chains[0].soft == [0.5, 1.0, 1.0]
+    assert (stats.chains, stats.chains_without_steps, stats.chains_malformed) == (3, 1, 1)
 
 
 def test_bad_config_is_named():

@@ -45,7 +45,7 @@ def _recipe(out, **mc) -> PRMLabelRecipe:
 
 
 def test_prm_label_writes_exact_labels_and_reuses_a_finished_run(tmp_path):
-    recipe = _recipe(tmp_path / "mc")
+    recipe = _recipe(tmp_path / "mc", label="soft")
     problems = task_problems(["sort"], "train", 24, levels=[1, 2])
     path = run_prm_label(recipe, task_policy(problems))
     rows = [r.data for r in load_records(str(path), kind="prompt")]
@@ -80,7 +80,7 @@ def test_prm_trained_on_mc_labels_moves_step_auc_on_held_out_chains(tmp_path, ti
 
     problems = task_problems(["sort"], "train", 24, levels=[1, 2])
     # hard labels: the soft ones (0.5 before the branch point) need more steps than a unit test has
-    path = run_prm_label(_recipe(tmp_path / "mc", label="hard"), task_policy(problems))
+    path = run_prm_label(_recipe(tmp_path / "mc"), task_policy(problems))  # hard labels, the default
     held_out = synthetic_records(task_problems(["sort"], "test", 8, levels=[1, 2]), n_corrupt=1, seed=1)
     write_jsonl(tmp_path / "held_out.jsonl", held_out)
     out = tmp_path / "prm"
