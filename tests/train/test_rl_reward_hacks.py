@@ -134,3 +134,22 @@ def test_a_format_only_reward_rises_while_heldout_accuracy_falls_and_pauses(tmp_
     fixed = ["rewards=[{name: scorer}]", "anomaly.on_anomaly=warn", "train.max_steps=" + str(first + 2)]
     run_rl(_recipe(sft_countdown, out, "anomaly_test_format", *run[:-1], *fixed))
     _resume_checks(out, first, first + 2, {"rewards", "anomaly.on_anomaly"})
+
+
+def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_next_step(
+    tmp_path, sft_countdown
+):
+    """Issue 16's new-user run: after one update at a far-too-high lr the completions run to the
+    token limit and the reward drops to 0 (every group equal, so nothing would update again); the
+    run pauses at the first step that shows it, not after ``no_signal_steps`` idle steps.
+    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 1.0 at step 2."""
+    out = tmp_path / "lr"
+    run = ["rewards=[{name: scorer}]", "rollout.max_new_tokens=64", "optim.lr=5e-2", "eval.n_per_level=0"]
+    with pytest.raises(RunPaused) as err:
+        run_rl(_recipe(sft_countdown, out, "scorer", *run, "train.max_steps=8"))
+    rows = [r for r in _rows(out) if "event" not in r]
+    assert [r["step"] for r in rows] == [1, 2] and err.value.anomaly.step == 2
+    assert err.value.anomaly.kind == "length" and err.value.anomaly.metric == "response/clipped_ratio"
+    assert rows[0]["reward/total_mean"] > 0.3 and rows[0]["response/clipped_ratio"] < 0.5
+    assert rows[1]["reward/total_mean"] == 0.0 and rows[1]["response/clipped_ratio"] == 1.0
+    assert [p.name for p in list_checkpoints(out)] == ["step-2"]
