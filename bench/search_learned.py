@@ -11,7 +11,9 @@ policy's backbone, on the train split; every figure is measured on the test spli
    the last step). Step AUC and first-error accuracy of each on held-out chains the policy writes
    for test questions, with true step labels (target: prm_mc step AUC >= 0.85).
 2. Best-of-8 on the same 8 samples: PRM-ranked (min over steps) vs majority vote vs ORM-ranked
-   (target: PRM beats both); the true verifier (oracle) as the upper bound.
+   (target: PRM beats both); also PRM- and ORM-weighted majority (Math-Shepherd: answers
+   weighted by the chain's score) and PRM-ranked by its last step; the true verifier (oracle)
+   as the upper bound.
 3. PRM-guided beam and MCTS vs ORM best-of-N at equal generated tokens: ORM best-of-N is run at
    N = 1, 2, 4, 8, 16 and its accuracy interpolated (linearly in tokens) at each search's tokens.
 4. Compute-optimal (PRM-scored probe, agreement bins) vs PRM best-of-N: the tokens PRM
@@ -84,6 +86,25 @@ def train_scorer(
     return {"path": str(final), "before": report.get("before", {}), "after": report.get("after", {})}
 
 
+def pair_accuracy(scorer: str, held_out: Path, agg: str) -> tuple[float | None, int]:
+    """Selection, not pooled AUC: over pairs of held-out chains of the same question, one right
+    and one wrong, the share the scorer ranks right first (ties half), and the pair count. A
+    scorer can reach a high pooled step AUC by learning which questions the policy fails."""
+    from collections import defaultdict
+
+    from posttrain.models.heads import prm_response
+    from posttrain.rewards.models import ModelScorer
+
+    rows = [json.loads(x) for x in held_out.read_text().splitlines() if x.strip()]
+    texts = [prm_response(r["completions"], "<step>", "</think>", r["final"]) for r in rows]
+    scores = ModelScorer(scorer, agg=agg, device="cpu")([r["prompt"] for r in rows], texts)
+    by: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    for r, sc in zip(rows, scores, strict=True):
+        by[json.dumps(r["prompt"])].append((sc.score, bool(r["metadata"]["correct"])))
+    pairs = [(a > b) + 0.5 * (a == b) for v in by.values() for a, ca in v for b, cb in v if ca and not cb]
+    return (sum(pairs) / len(pairs) if pairs else None), len(pairs)
+
+
 def specs(prm: str, orm: str) -> list[dict]:
     """The strategies: every learned row, then the oracle upper bound."""
     p, o = f"prm:min:{prm}", f"prm:last:{orm}"
@@ -96,6 +117,11 @@ def specs(prm: str, orm: str) -> list[dict]:
                      "series": "prm_best_of_n"})  # fmt: skip
         rows.append({"name": "best_of_n", "label": f"orm_bon@{n}", "config": {"n": n, **bon}, "scorer": o,
                      "series": "orm_best_of_n"})  # fmt: skip
+    rows += [{"name": "best_of_n", "label": "prm_wmaj@8", "config": {"n": 8, "select": "weighted_majority",
+              "step": STEP}, "scorer": p},
+             {"name": "best_of_n", "label": "orm_wmaj@8", "config": {"n": 8, "select": "weighted_majority",
+              "step": STEP}, "scorer": o},
+             {"name": "best_of_n", "label": "prm_last_bon@8", "config": {"n": 8, **bon}, "scorer": f"prm:last:{prm}"}]  # fmt: skip
     co = {"probe_n": 4, "difficulty": "agreement", "edges": [0.25, 0.6], "probe_select": "majority",
           "bins": [{"strategy": "probe"}, {"strategy": "best_of_n", "config": {"n": 4, **bon}},
                    {"strategy": "best_of_n", "config": {"n": 12, **bon}}], "step": STEP}  # fmt: skip
@@ -124,7 +150,16 @@ def compare_rows(rows) -> dict:
     by = {r.label: r for r in rows}
     curve = {s: [(r.tokens_per_problem, r.accuracy) for r in rows if r.series == s]
              for s in ("prm_best_of_n", "orm_best_of_n")}  # fmt: skip
-    out = {"bo8": {k: by[k].accuracy for k in ("prm_bon@8", "majority@8", "orm_bon@8", "verifier_bon@8")}}
+    keys = (
+        "prm_bon@8",
+        "majority@8",
+        "orm_bon@8",
+        "prm_wmaj@8",
+        "orm_wmaj@8",
+        "prm_last_bon@8",
+        "verifier_bon@8",
+    )
+    out = {"bo8": {k: by[k].accuracy for k in keys}}
     for name in ("prm_beam", "prm_mcts"):
         r = by[name]
         orm_acc = accuracy_at(curve["orm_best_of_n"], r.tokens_per_problem)
@@ -164,7 +199,7 @@ def main() -> None:
     s = args.seed
     train = label(args.policy, out / "mc_train", "train", args.n_train, args.k, 4, "full", args.label, s)
     test = label(
-        args.policy, out / "mc_test", "test", args.n_test, 1, 2, "binary", "hard", s
+        args.policy, out / "mc_test", "test", args.n_test, 1, 4, "binary", "hard", s
     )  # true labels only
     held = test / "oracle.jsonl"
     orm_file = outcome_records(train / "prm.jsonl", out / "orm_train.jsonl")
@@ -173,6 +208,8 @@ def main() -> None:
     scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", steps, [], s),
                "prm_synth": train_scorer(args.policy, "tasks", held, out / "prm_synth", steps, synth, s),
                "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", steps, [], s)}  # fmt: skip
+    for name, sc in scorers.items():
+        sc["pair_acc"], sc["pairs"] = pair_accuracy(sc["path"], held, "last" if name == "orm" else "min")
     from posttrain.data.tasks import task_problems
 
     problems = task_problems(["arith_mag"], "test", args.n_test, 0, LEVELS)
@@ -191,10 +228,13 @@ def main() -> None:
     for name, sc in scorers.items():
         print(f"{name}: step AUC {fmt(sc['before'].get('step_auc'))} -> {fmt(sc['after'].get('step_auc'))} "
               f"(train {fmt(sc['after'].get('train_step_auc'))}), "
-              f"first-error acc {fmt(sc['after'].get('first_error_acc'))}")  # fmt: skip
+              f"first-error acc {fmt(sc['after'].get('first_error_acc'))}, same-question right>wrong "
+              f"{fmt(sc['pair_acc'])} over {sc['pairs']} pairs")  # fmt: skip
     f, co = figures, figures["compute_optimal"]
     print(f"best-of-8 on the same samples: prm {f['bo8']['prm_bon@8']:.3f}, majority {f['bo8']['majority@8']:.3f}, "
-          f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}")  # fmt: skip
+          f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}; PRM-weighted "
+          f"majority {f['bo8']['prm_wmaj@8']:.3f}, ORM-weighted {f['bo8']['orm_wmaj@8']:.3f}, prm:last "
+          f"{f['bo8']['prm_last_bon@8']:.3f}")  # fmt: skip
     for name in ("prm_beam", "prm_mcts"):
         print(f"{name}: {f[name]['accuracy']:.3f} at {f[name]['tokens']:.0f} tokens/problem; ORM best-of-N at "
               f"equal tokens {fmt(f[name]['orm_bon_at_equal_tokens'])}")  # fmt: skip
