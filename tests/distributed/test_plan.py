@@ -196,7 +196,8 @@ def test_world_size_slices_the_global_batch(tiny_model_dir, tmp_path):
     two = plan_recipe(recipe, PlanConfig(device="cpu", memory_gib=64, world_size=2, strategy="ddp"), "sft")
     assert two.strategy == "ddp" and two.available == one.available // 2  # the host is shared
     assert two.parts["gradients"] == 2 * one.parts["gradients"]  # DDP's bucket copy
-    head = 2 * 1024 * 298 * 4  # one chunk of logits and its gradient, unchanged by the slice
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    head = 2 * 1024 * vocab * 4  # one chunk of logits and its gradient, unchanged by the slice
     assert two.parts["activations"] - head == (one.parts["activations"] - head) // 2
 
 
