@@ -59,6 +59,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "distill": CommandSpec("posttrain.train.distill:DistillRecipe", "posttrain.train.distill:run_distill", "final"),
     "export": CommandSpec("posttrain.models.export:ExportRecipe", "posttrain.models.export:run_export", "out"),
     "clean": CommandSpec("posttrain.data.quality.clean:CleanRecipe", "posttrain.data.quality.clean:run_clean", "out", data_file="kept.jsonl"),
+    "prm-label": CommandSpec("posttrain.search.prm_label:PRMLabelRecipe", "posttrain.search.prm_label:run_prm_label", "data"),
     "self-improve": CommandSpec("posttrain.search.self_improve:SelfImproveRecipe", "posttrain.search.self_improve:run_self_improve", "results"),
 }  # fmt: skip
 """Every command a stage may name. A new stage command adds one line here."""

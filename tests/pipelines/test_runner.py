@@ -226,3 +226,16 @@ def test_settings_at_their_defaults_do_not_change_a_fingerprint(tmp_path, tiny_m
     assert "| b | sft | skipped |" in report
     report = run_pipeline(load_pipeline(path, ["stages.b.optim.weight_decay=0.5"])).read_text()
     assert "| b | sft | ran |" in report
+
+
+def test_mc_step_labels_feed_a_prm_stage(tmp_path):
+    """``prm-label`` is a stage: its prm.jsonl is ``${NAME.data}``, the PRM stage's training file."""
+    path = tmp_path / "p.yaml"
+    stages = [{"name": "label", "command": "prm-label", "recipe": {"mc": {"k": 2}}},
+              {"name": "prm", "command": "prm", "overrides": {"data.train": "${label.data}"}}]  # fmt: skip
+    path.write_text(yaml.safe_dump({"stages": stages, "output_dir": str(tmp_path / "out")}))
+    assert [st.command for st in load_pipeline(path).stages] == ["prm-label", "prm"]
+    stages[1]["overrides"]["data.train"] = "${label.final}"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=r"has no output 'final'"):
+        load_pipeline(path)
