@@ -8,6 +8,7 @@ import contextlib
 import json
 
 import pytest
+import torch
 
 from posttrain.config import load_recipe
 from posttrain.train.anomaly import PAUSED_EXIT, RunPaused
@@ -16,6 +17,15 @@ from posttrain.train.sft import SFTRecipe, run_sft
 
 DIVERGE = ["optim.lr=1.0", "train.max_steps=12"]
 """Measured (seed 0): loss 5.65, 12.9, 24.7, 60.4, 95.1 at steps 1-5 (finite: no NaN to stop it)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run fastest on one torch thread (two fight each other on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cfg(model_dir, out, *overrides: str) -> SFTRecipe:
