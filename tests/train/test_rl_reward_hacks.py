@@ -152,7 +152,9 @@ def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_n
     """Issue 16's new-user run: after one update at a far-too-high lr the completions run to the
     token limit and the reward drops to 0 (every group equal, so nothing would update again); the
     run pauses at the first step that shows it, not after ``no_signal_steps`` idle steps.
-    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 1.0 at step 2."""
+    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 1.0 at step 2 (on today's default model,
+    `posttrain rl recipes/grpo_tiny.yaml model.path=default optim.lr=1e-2`: the first update comes
+    at step 3, every completion is at the limit at step 4, and the run pauses there, exit 75)."""
     out = tmp_path / "lr"
     run = ["rewards=[{name: scorer}]", "rollout.max_new_tokens=64", "optim.lr=5e-2", "eval.n_per_level=0"]
     with pytest.raises(RunPaused) as err:
