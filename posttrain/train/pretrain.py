@@ -36,6 +36,7 @@ from posttrain.distributed.launch import env_world
 from posttrain.distributed.parallel import all_reduce_sum, is_main
 from posttrain.errors import ConfigError
 from posttrain.monitor.logger import console
+from posttrain.train.anomaly import AnomalyConfig
 from posttrain.train.loop import LoopConfig, prepare_run, run_loop
 from posttrain.train.optim import OptimConfig
 
@@ -97,6 +98,9 @@ class PretrainRecipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes (DDP / FSDP2) under `torchrun` or with `distributed.nproc=2`; not part of the
     cache key (the same global batch at any world size)."""
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """Loss divergence and grad-norm spikes, and what then (`posttrain.train.anomaly`); not part of
+    the cache key (it decides whether a run stops, not what a finished run learned)."""
     output_dir: str = "default"
     """Run directory; `default` = the embedded-default cache (~/.cache/posttrain or $POSTTRAIN_CACHE)."""
     seed: int = 0
@@ -120,6 +124,7 @@ def recipe_key(cfg: PretrainRecipe) -> str:
     raw = to_dict(plain)
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in LOGGING_ONLY}
     raw.pop("distributed", None)
+    raw.pop("anomaly", None)
     body = yaml.safe_dump(raw, sort_keys=False)
     return hashlib.sha256(f"corpus-v{CORPUS_VERSION}\n{body}".encode()).hexdigest()[:12]
 
@@ -260,7 +265,7 @@ def _pretrain(cfg: PretrainRecipe, out: Path) -> Path:
     n_tok = sum(len(s.input_ids) for s in samples)
     console.print(f"pretraining corpus: {len(samples)} documents, {n_tok} tokens, vocab {len(tokenizer)}")
     plan = BatchPlan(samples, cfg.train.batch_size, cfg.train.seq_len, True, tokenizer.pad_token_id, cfg.seed)
-    model = run_loop(run, model, plan, cfg.optim, cfg.train)
+    model = run_loop(run, model, plan, cfg.optim, cfg.train, anomaly=cfg.anomaly)
     gen = {"do_sample": False, "eos_token_id": eos}
     save = lambda m: save_hf_folder(m, tokenizer, final, generation_config=gen)  # noqa: E731
     dist.export_final(model, save, final)  # rank 0 writes (FSDP: the gathered weights)

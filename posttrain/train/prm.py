@@ -26,6 +26,7 @@ from posttrain.distributed.config import DistributedConfig
 from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, local_micro, world
 from posttrain.models.heads import RewardModel
 from posttrain.models.peft import PeftConfig
+from posttrain.train.anomaly import AnomalyConfig
 from posttrain.train.loop import LoopConfig, ModelConfig, prepare_run
 from posttrain.train.optim import OptimConfig
 from posttrain.train.precision import autocast
@@ -44,6 +45,9 @@ class PRMRecipe:
     train: LoopConfig = field(default_factory=LoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes (DDP; FSDP cannot shard the reward head's wrapper): `distributed.nproc=2`."""
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
+    a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
     output_dir: str = "runs/prm"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
     seed: int = 0

@@ -38,6 +38,7 @@ from posttrain.errors import ConfigError
 from posttrain.models.heads import RewardModel, ScalarHead, last_token_values, save_reward_model
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console
+from posttrain.train.anomaly import AnomalyConfig
 from posttrain.train.loop import LoopConfig, ModelConfig, Run, prepare_run, run_loop
 from posttrain.train.optim import OptimConfig
 from posttrain.train.precision import autocast
@@ -70,6 +71,9 @@ class RMRecipe:
     train: LoopConfig = field(default_factory=LoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes (DDP; FSDP cannot shard the reward head's wrapper): `distributed.nproc=2`."""
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
+    a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
     output_dir: str = "runs/rm"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, eval.json, final/."""
     seed: int = 0
@@ -187,7 +191,7 @@ def train_reward_model(cfg: Any, run: Run, model: RewardModel, plan, step_fn, ev
     if evaluate is not None and cfg.eval_before and run.resume_from is None:
         results["before"] = evaluate(model, 0)
     log_eval = (lambda m, step: results.__setitem__("after", evaluate(m, step))) if evaluate else None
-    run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=log_eval)
+    run_loop(run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=log_eval, anomaly=cfg.anomaly)
     if results and is_main():  # several processes: rank 0 evaluated and writes
         (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
         for when, metrics in results.items():

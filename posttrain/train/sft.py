@@ -44,10 +44,10 @@ class SFTRecipe:
     eval: EvalHookConfig = field(default_factory=EvalHookConfig)
     """Held-out metrics on your own data: ``eval.recipe`` names an eval recipe run every eval step."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (DDP / FSDP2): `distributed.nproc=2`, or launch with torchrun."""
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
     a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
-    """Several processes (DDP / FSDP2): `distributed.nproc=2`, or launch with torchrun."""
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/."""
     seed: int = 0
