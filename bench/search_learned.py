@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 STEP = {"max_step_tokens": 24, "max_new_tokens": 96, "max_depth": 8, "step_sep": "<step>"}
@@ -60,6 +61,11 @@ def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, searc
         mc=MCLabelConfig(n_chains=chains, k=k, search=search, label=how, max_new_tokens=96, seed=seed),  # type: ignore[arg-type]
         output_dir=str(out),
     )
+    done, want = out / "stats.json", json.loads(json.dumps(asdict(recipe)))
+    if (out / "prm.jsonl").exists() and done.exists():  # labels copied from another --out: reuse them
+        had = json.loads(done.read_text()).get("recipe", {})
+        if {**had, "output_dir": ""} == {**want, "output_dir": ""}:
+            return out
     return Path(run_prm_label(recipe)).parent
 
 
@@ -78,6 +84,13 @@ def train_scorer(
     from posttrain.config import load_recipe
     from posttrain.train.prm import PRMRecipe, run_prm
 
+    if (out / "final").is_dir() and (out / "eval.json").exists():  # trained already: delete to retrain
+        report = json.loads((out / "eval.json").read_text())
+        return {
+            "path": str(out / "final"),
+            "before": report.get("before", {}),
+            "after": report.get("after", {}),
+        }
     keys = [f"model.path={policy}", f"data.train={train}", f"data.eval={held_out}", f"output_dir={out}",
             f"train.max_steps={steps}", "train.batch_size=16", "train.save_every=0", "optim.lr=1e-3",
             "optim.warmup_steps=10", "train.tensorboard=false", f"seed={seed}", *extra]  # fmt: skip
@@ -189,6 +202,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps of each scorer")
     ap.add_argument("--label", choices=["hard", "soft"], default="hard", help="MC label of prm_mc")
     ap.add_argument(
+        "--pair-weight", type=float, default=1.0, help="prm_mc's within-question pairwise loss (0 = BCE only)"
+    )
+    ap.add_argument(
         "--seed", type=int, default=0, help="MC sampling, scorer init/data order, search sampling"
     )
     args = ap.parse_args()
@@ -205,7 +221,8 @@ def main() -> None:
     orm_file = outcome_records(train / "prm.jsonl", out / "orm_train.jsonl")
     synth = ["data.tasks=[arith_mag]", "data.levels=[2,3]", "data.n_per_level=200"]
     steps = args.steps
-    scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", steps, [], s),
+    pw = [f"pair_weight={args.pair_weight}"]
+    scorers = {"prm_mc": train_scorer(args.policy, str(train / "prm.jsonl"), held, out / "prm_mc", steps, pw, s),
                "prm_synth": train_scorer(args.policy, "tasks", held, out / "prm_synth", steps, synth, s),
                "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", steps, [], s)}  # fmt: skip
     for name, sc in scorers.items():

@@ -8,6 +8,9 @@ Outcome RM (one scalar reward per response):
 
 Process RM (one logit per reasoning step, read at the step-end token):
 - `prm_bce_loss`: binary cross-entropy with hard or soft labels, weighted per step.
+- `grouped_pair_loss`: Bradley-Terry between steps of one group (the same question and step
+  index) whose labels differ: the PRM must rank a question's right step above its wrong one,
+  not only learn which questions are hard.
 
 Metrics (detached tensors): `pairwise_accuracy`, `kendall_tau`, `step_metrics`
 (step accuracy, F1 of the wrong-step class, first-error-step accuracy, `step_auc`).
@@ -111,6 +114,29 @@ def prm_bce_loss(
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     loss = (bce * weights).sum()
     return loss, {"bce_sum": bce.detach().sum(), "steps": torch.tensor(float(labels.numel()))}
+
+
+def grouped_pair_loss(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Within-group Bradley-Terry over every pair of steps with different labels.
+
+    loss = sum_{i,j: g_i = g_j >= 0, y_i > y_j} (y_i - y_j) * -log sigmoid(z_i - z_j)
+           / sum of the same weights (y_i - y_j)
+
+    logits, labels: (N,) step logits and hard or soft labels; groups: (N,) group id of each step
+    (-1 = in no group). Soft labels weight a pair by its label gap. With no pair the loss is 0
+    (still attached to the graph). Metrics: pairs (count), pair_acc (z_i > z_j, ties half).
+    """
+    same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
+    weight = (labels[:, None] - labels[None, :]).clamp(min=0) * same
+    diff = logits[:, None] - logits[None, :]
+    total = weight.sum()
+    loss = (weight * -F.logsigmoid(diff)).sum() / total.clamp(min=1e-12)
+    d = diff.detach()
+    hit = (d > 0).float() + 0.5 * (d == 0).float()
+    metrics = {"pairs": (weight > 0).sum().float(), "pair_acc": (hit * weight).sum() / total.clamp(min=1e-12)}
+    return loss, metrics
 
 
 def step_auc(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

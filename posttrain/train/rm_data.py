@@ -18,6 +18,7 @@ Batches are right-padded (no packing); `ExamplePlan` orders them deterministical
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -107,6 +108,8 @@ class StepSample:
     input_ids: list[int]
     step_labels: list[float]
     where: str
+    group: str = ""
+    """The question (its prompt as JSON): chains of one question share it (`prm` pair_weight)."""
 
 
 def _stats(lengths: list[int], dropped: int, max_len: int) -> dict:
@@ -268,6 +271,7 @@ def prm_samples(tokenizer: Any, cfg: PRMDataConfig, split: str) -> tuple[list[St
         if len(s.input_ids) > cfg.max_len:
             dropped += 1
             continue
+        s.group = json.dumps(row["prompt"], sort_keys=True)
         samples.append(s)
     stats = _stats([len(s.input_ids) for s in samples], dropped, cfg.max_len)
     stats["steps"] = sum(sum(y >= 0 for y in s.step_labels) for s in samples)
