@@ -99,6 +99,10 @@ class GenerateRecipe:
     """Rollout backend: hf (any device) | vllm (CUDA, the `[gpu]` extra) | a registered one."""
     max_batch_rows: int = 256
     """hf backend: prompts x n rows decoded together."""
+    precision: str = "auto"
+    """hf backend: ``auto`` (bf16 where the hardware computes it natively, else fp32;
+    `posttrain.train.precision`), ``fp32`` (log-probs exact to the model's fp32 forward) or ``bf16``.
+    The choice is recorded in generate_meta.json."""
     chunk_prompts: int = 32
     """Prompts per resumable chunk (each chunk is written as soon as it is done)."""
     threads: int = 0
@@ -266,9 +270,8 @@ def _engine(recipe: GenerateRecipe, model_path: str):
 
     m = recipe.model
     if recipe.backend == "hf":
-        return get_engine(
-            "hf", model=model_path, max_batch_rows=recipe.max_batch_rows, dtype=m.dtype, device=m.device
-        )
+        return get_engine("hf", model=model_path, max_batch_rows=recipe.max_batch_rows, dtype=m.dtype,
+                          device=m.device, precision=recipe.precision)  # fmt: skip
     return get_engine(recipe.backend, model=model_path, dtype=m.dtype)
 
 
@@ -319,9 +322,9 @@ def run_generate(recipe: GenerateRecipe) -> Path:
             console.print(f"generate: {start + len(batch)}/{len(prompts)} prompts")
     os.replace(partial, out)
     stats = generation_stats(read_generations(out), time.perf_counter() - t0)
-    _write_json(
-        meta_file, {"key": key, "complete": True, "model": model_path, "prompts": len(prompts), **stats}
-    )
+    used = getattr(engine, "precision", None)
+    _write_json(meta_file, {"key": key, "complete": True, "model": model_path, "prompts": len(prompts),
+                            "precision": used, **stats})  # fmt: skip
     console.print(
         f"generate: {stats['completions']} completions of {stats['prompts']} prompts -> {out} "
         f"(mean {stats['mean_tokens']:.1f} tokens, {stats['stop_fraction']:.0%} stopped)"

@@ -24,7 +24,8 @@ def _recipe(model_dir, out, *extra):
         None,
         [
             f"model.path={model_dir}", f"output_dir={out}", "data.tasks=[arith]", "data.levels=[1]",
-            "data.n_per_level=3", "sampling.n=3", "sampling.max_new_tokens=10", "chunk_prompts=2", *extra,
+            "data.n_per_level=3", "sampling.n=3", "sampling.max_new_tokens=10", "chunk_prompts=2",
+            "precision=fp32", *extra,  # fp32: the log-probs are checked against an fp32 forward
         ],
     )  # fmt: skip
 
@@ -138,3 +139,13 @@ def test_a_file_that_is_not_generations_is_named(tmp_path):
     bad.write_text('{"prompt": "a", "completions": []}\n')
     with pytest.raises(DataError, match="non-empty completions"):
         read_generations(bad)
+
+
+def test_precision_auto_is_resolved_and_recorded(tiny_model_dir, tmp_path):
+    from posttrain.train.precision import resolve
+
+    out = run_generate(_recipe(tiny_model_dir, tmp_path / "auto", "precision=auto", "data.n_per_level=1"))
+    meta = json.loads((out.parent / "generate_meta.json").read_text())
+    assert meta["precision"] == resolve("auto", "cpu").precision  # bf16 on a native-bf16 CPU, else fp32
+    fixed = run_generate(_recipe(tiny_model_dir, tmp_path / "fp32", "data.n_per_level=1"))
+    assert json.loads((fixed.parent / "generate_meta.json").read_text())["precision"] == "fp32"
