@@ -12,8 +12,10 @@ policy's backbone, on the train split; every figure is measured on the test spli
    for test questions, with true step labels (target: prm_mc step AUC >= 0.85).
 2. Best-of-8 on the same 8 samples: PRM-ranked (min over steps) vs majority vote vs ORM-ranked
    (target: PRM beats both); also PRM- and ORM-weighted majority (Math-Shepherd: answers
-   weighted by the chain's score) and PRM-ranked by its last step; the true verifier (oracle)
-   as the upper bound.
+   weighted by the chain's score), PRM-ranked by its last step, and the policy's own likelihood
+   (exp mean token log-prob, no scorer); the true verifier (oracle) as the upper bound.
+   ``--pair-weight`` trains prm_mc with the within-question pairwise loss beside the step BCE.
+   Label and scorer folders already under --out are reused (copy them from an earlier run).
 3. PRM-guided beam and MCTS vs ORM best-of-N at equal generated tokens: ORM best-of-N is run at
    N = 1, 2, 4, 8, 16 and its accuracy interpolated (linearly in tokens) at each search's tokens.
 4. Compute-optimal (PRM-scored probe, agreement bins) vs PRM best-of-N: the tokens PRM
@@ -103,19 +105,47 @@ def pair_accuracy(scorer: str, held_out: Path, agg: str) -> tuple[float | None, 
     """Selection, not pooled AUC: over pairs of held-out chains of the same question, one right
     and one wrong, the share the scorer ranks right first (ties half), and the pair count. A
     scorer can reach a high pooled step AUC by learning which questions the policy fails."""
-    from collections import defaultdict
-
     from posttrain.models.heads import prm_response
     from posttrain.rewards.models import ModelScorer
 
     rows = [json.loads(x) for x in held_out.read_text().splitlines() if x.strip()]
     texts = [prm_response(r["completions"], "<step>", "</think>", r["final"]) for r in rows]
     scores = ModelScorer(scorer, agg=agg, device="cpu")([r["prompt"] for r in rows], texts)
+    return same_question_pairs(rows, [sc.score for sc in scores])
+
+
+def same_question_pairs(rows: list[dict], scores: list[float]) -> tuple[float | None, int]:
+    """Over pairs of chains of one question, one right and one wrong: the share where the right
+    one scores higher (ties half), and the pair count."""
+    from collections import defaultdict
+
     by: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for r, sc in zip(rows, scores, strict=True):
-        by[json.dumps(r["prompt"])].append((sc.score, bool(r["metadata"]["correct"])))
+        by[json.dumps(r["prompt"])].append((sc, bool(r["metadata"]["correct"])))
     pairs = [(a > b) + 0.5 * (a == b) for v in by.values() for a, ca in v for b, cb in v if ca and not cb]
     return (sum(pairs) / len(pairs) if pairs else None), len(pairs)
+
+
+def likelihood_pair_accuracy(policy: str, held_out: Path) -> tuple[float | None, int]:
+    """The control for `pair_accuracy`: the policy's own mean token log-prob of each chain."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.data.render import render_prompt_completion
+    from posttrain.models.heads import prm_response
+
+    rows = [json.loads(x) for x in held_out.read_text().splitlines() if x.strip()]
+    tok, model = AutoTokenizer.from_pretrained(policy), AutoModelForCausalLM.from_pretrained(policy).eval()
+    scores = []
+    with torch.no_grad():
+        for r in rows:
+            text = prm_response(r["completions"], "<step>", "</think>", r["final"])
+            sample = render_prompt_completion(tok, r["prompt"], text, "held-out")
+            ids, labels = torch.tensor([sample.input_ids]), torch.tensor(sample.labels[1:])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            token = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            scores.append(float(token[labels != -100].mean()))
+    return same_question_pairs(rows, scores)
 
 
 def specs(prm: str, orm: str) -> list[dict]:
@@ -134,7 +164,8 @@ def specs(prm: str, orm: str) -> list[dict]:
               "step": STEP}, "scorer": p},
              {"name": "best_of_n", "label": "orm_wmaj@8", "config": {"n": 8, "select": "weighted_majority",
               "step": STEP}, "scorer": o},
-             {"name": "best_of_n", "label": "prm_last_bon@8", "config": {"n": 8, **bon}, "scorer": f"prm:last:{prm}"}]  # fmt: skip
+             {"name": "best_of_n", "label": "prm_last_bon@8", "config": {"n": 8, **bon}, "scorer": f"prm:last:{prm}"},
+             {"name": "best_of_n", "label": "likelihood@8", "config": {"n": 8, "select": "likelihood", "step": STEP}}]  # fmt: skip
     co = {"probe_n": 4, "difficulty": "agreement", "edges": [0.25, 0.6], "probe_select": "majority",
           "bins": [{"strategy": "probe"}, {"strategy": "best_of_n", "config": {"n": 4, **bon}},
                    {"strategy": "best_of_n", "config": {"n": 12, **bon}}], "step": STEP}  # fmt: skip
@@ -170,6 +201,7 @@ def compare_rows(rows) -> dict:
         "prm_wmaj@8",
         "orm_wmaj@8",
         "prm_last_bon@8",
+        "likelihood@8",
         "verifier_bon@8",
     )
     out = {"bo8": {k: by[k].accuracy for k in keys}}
@@ -202,7 +234,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps of each scorer")
     ap.add_argument("--label", choices=["hard", "soft"], default="hard", help="MC label of prm_mc")
     ap.add_argument(
-        "--pair-weight", type=float, default=1.0, help="prm_mc's within-question pairwise loss (0 = BCE only)"
+        "--pair-weight", type=float, default=0.0, help="prm_mc's within-question pairwise loss (0 = BCE only)"
     )
     ap.add_argument(
         "--seed", type=int, default=0, help="MC sampling, scorer init/data order, search sampling"
@@ -227,6 +259,7 @@ def main() -> None:
                "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", steps, [], s)}  # fmt: skip
     for name, sc in scorers.items():
         sc["pair_acc"], sc["pairs"] = pair_accuracy(sc["path"], held, "last" if name == "orm" else "min")
+    likelihood_pairs = likelihood_pair_accuracy(args.policy, held)
     from posttrain.data.tasks import task_problems
 
     problems = task_problems(["arith_mag"], "test", args.n_test, 0, LEVELS)
@@ -236,7 +269,7 @@ def main() -> None:
     figures = compare_rows(rows)
     table = format_markdown(rows)
     mc_stats = json.loads((train / "stats.json").read_text())
-    result = {"scorers": scorers, "figures": figures, "rows": [r.to_dict() for r in rows], "mc": mc_stats,
+    result = {"scorers": scorers, "figures": figures, "likelihood_pair_acc": likelihood_pairs, "rows": [r.to_dict() for r in rows], "mc": mc_stats,
               "args": vars(args), "seconds": time.time() - t0, "loadavg": os.getloadavg()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -247,11 +280,13 @@ def main() -> None:
               f"(train {fmt(sc['after'].get('train_step_auc'))}), "
               f"first-error acc {fmt(sc['after'].get('first_error_acc'))}, same-question right>wrong "
               f"{fmt(sc['pair_acc'])} over {sc['pairs']} pairs")  # fmt: skip
+    print(f"policy likelihood (control, no scorer): same-question right>wrong {fmt(likelihood_pairs[0])} over "
+          f"{likelihood_pairs[1]} pairs")  # fmt: skip
     f, co = figures, figures["compute_optimal"]
     print(f"best-of-8 on the same samples: prm {f['bo8']['prm_bon@8']:.3f}, majority {f['bo8']['majority@8']:.3f}, "
           f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}; PRM-weighted "
           f"majority {f['bo8']['prm_wmaj@8']:.3f}, ORM-weighted {f['bo8']['orm_wmaj@8']:.3f}, prm:last "
-          f"{f['bo8']['prm_last_bon@8']:.3f}")  # fmt: skip
+          f"{f['bo8']['prm_last_bon@8']:.3f}, policy likelihood {f['bo8']['likelihood@8']:.3f}")  # fmt: skip
     for name in ("prm_beam", "prm_mcts"):
         print(f"{name}: {f[name]['accuracy']:.3f} at {f[name]['tokens']:.0f} tokens/problem; ORM best-of-N at "
               f"equal tokens {fmt(f[name]['orm_bon_at_equal_tokens'])}")  # fmt: skip

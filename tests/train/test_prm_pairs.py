@@ -10,7 +10,7 @@ from reward_env import small_recipe
 
 from posttrain.data.loaders import write_jsonl
 from posttrain.data.tasks import task_problems
-from posttrain.train.prm import PRMRecipe, collate_questions, run_prm
+from posttrain.train.prm import PRMRecipe, collate_questions, run_prm, step_plan
 from posttrain.train.rm_data import StepSample
 
 
@@ -41,6 +41,19 @@ def test_collate_questions_groups_steps_by_question_and_index():
     batch = collate_questions([[a, b], [c]], pad_id=0)
     assert batch["pair_group"].tolist() == [[-1, 0, -1, 1], [-1, 0, 1, -1], [-1, 1024, -1, -1]]
     assert torch.equal(batch["step_labels"][:, :3], torch.tensor([[-1, 1, -1], [-1, 0, 1], [-1, 1, -1.0]]))
+
+
+def test_grouped_plan_keeps_each_question_in_one_batch_of_about_batch_size_chains():
+    chains = [
+        StepSample([1] * (3 + i % 5), [-1.0] * (2 + i % 5) + [1.0], f"c{i}", f"q{i // 4}") for i in range(40)
+    ]
+    plan = step_plan(chains, batch_size=8, pad_id=0, seed=0, grouped=True)
+    batches = plan.epoch(0)
+    assert len(batches) == 5 and all(b["input_ids"].shape[0] == 8 for b in batches)  # 2 questions x 4
+    groups = torch.cat([b["pair_group"][b["pair_group"] >= 0] for b in batches])
+    assert groups.numel() == 40 and sorted(set(groups.tolist())) == [0, 1024]
+    flat = step_plan(chains, batch_size=8, pad_id=0, seed=0, grouped=False).epoch(0)
+    assert "pair_group" not in flat[0] and sum(b["input_ids"].shape[0] for b in flat) == 40
 
 
 def _run(tmp_path, tiny_model_dir, name: str, pair_weight: float) -> dict:
