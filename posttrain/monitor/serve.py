@@ -16,6 +16,7 @@ Port 0 picks a free port. Nothing is written to the run folders.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def serve_main(dirs: Sequence[str | Path], port: int = 8765, refresh_s: float = 
     """`posttrain report --serve`: serve until Ctrl-C."""
     from posttrain.monitor.logger import console
 
+    # Ctrl-C stops it even when the parent started it with SIGINT ignored (`cmd &` in a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = make_server(dirs, port, refresh_s)
     host, bound = server.server_address[:2]
     console.print(f"live report of {len(dirs)} run(s) at http://{host}:{bound}/ "

@@ -85,5 +85,9 @@ def test_cli_report_serve_prints_the_url_serves_and_stops_on_ctrl_c(tmp_path):
         assert _points(_get(url), "grad_norm") == 5
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a server behind
+            raise
     assert proc.returncode == 0 and "Traceback" not in err, err
