@@ -35,3 +35,13 @@ def tiny_model_dir(tmp_path_factory):
     """A Qwen2 (hidden 64, 2 layers) + the default tokenizer trained on task text, saved as an HF folder."""
     sizes = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
     return model_dir(tmp_path_factory.mktemp("tiny") / "model", 600, **sizes)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread: two fight each other on a shared CPU (a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from reward_env import small_recipe
 
 from posttrain.config import load_recipe
@@ -16,13 +15,7 @@ from posttrain.train.checkpoint import list_checkpoints
 from posttrain.train.pretrain import PretrainRecipe, run_pretrain
 from posttrain.train.rm import RMRecipe, run_rm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _paused(out, exc) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from posttrain.config import load_recipe
 from posttrain.rewards.registry import register_reward
@@ -42,13 +41,7 @@ def format_share(prompts, completions, metadata):
     return [sum(len(m) * c.count(m) for m in MARKERS) / max(len(c), 1) for c in completions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one torch thread (two fight each other on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import contextlib
 import json
 
 import pytest
-import torch
 
 from posttrain.config import load_recipe
 from posttrain.train.anomaly import PAUSED_EXIT, RunPaused
@@ -20,13 +19,7 @@ DIVERGE = ["optim.lr=1.0", "train.max_steps=12"]
 no NaN to stop it; another tokenizer corpus moves the numbers, the asserts follow the logged ones)."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one torch thread (two fight each other on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(model_dir, out, *overrides: str) -> SFTRecipe:
