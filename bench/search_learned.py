@@ -95,7 +95,8 @@ def train_scorer(
         }
     keys = [f"model.path={policy}", f"data.train={train}", f"data.eval={held_out}", f"output_dir={out}",
             f"train.max_steps={steps}", "train.batch_size=16", "train.save_every=0", "optim.lr=1e-3",
-            "optim.warmup_steps=10", "train.tensorboard=false", f"seed={seed}", *extra]  # fmt: skip
+            "optim.warmup_steps=10", "train.tensorboard=false", f"seed={seed}",
+            "anomaly.on_anomaly=warn", *extra]  # fmt: skip  # a measurement: warn, never pause
     final = run_prm(load_recipe(PRMRecipe, None, keys))
     report = json.loads((out / "eval.json").read_text())
     return {"path": str(final), "before": report.get("before", {}), "after": report.get("after", {})}
