@@ -21,7 +21,8 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   per window): the window's mean share of such groups is ``weak_signal`` or more;
 - ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the mean loss of the
   last 3 steps above ``loss_divergence`` x the best such mean so far, and above the first step's
-  loss (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window).
+  loss (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window; judged
+  from the third step on, so one early spike that the next steps take back does not pause).
 
 The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a run
 resumed after an interruption judges its window as the uninterrupted one would; a run resumed
@@ -281,7 +282,8 @@ class AnomalyMonitor:
         recent = statistics.fmean(h[-min(LOSS_SMOOTH, c.window) :])
         self.best_loss = min(self.best_loss, recent)
         # also worse than at the start: a loss near 0 that triples on noise has not diverged
-        if len(h) >= 2 and recent > c.loss_divergence * self.best_loss and recent > self.first_loss:
+        # a full 3-step mean: one early spike that the next step takes back is no divergence
+        if len(h) >= LOSS_SMOOTH and recent > c.loss_divergence * self.best_loss and recent > self.first_loss:
             return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
                            f"the loss diverged: {recent:.3g} (mean of the last {LOSS_SMOOTH} steps) vs best "
                            f"{self.best_loss:.3g} and {self.first_loss:.3g} at the start",

@@ -151,6 +151,10 @@ def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     # a loss near 0 tripling on noise is no divergence: it stays below where the run started
     noisy = [{"loss": v} for v in (0.7, 0.3, 0.1, 0.02, 0.01, 0.01, 0.05, 0.06, 0.07)]
     assert _first(AnomalyMonitor(AnomalyConfig()), noisy, "loss_divergence") is None
+    # one early spike taken back (a PRM's first steps at a high lr, measured: 0.681 -> 3.49): the
+    # 2-step mean 2.08 is over 3 x 0.681, but no full 3-step mean is
+    spike = [{"loss": v} for v in (0.681, 3.49, 0.60, 0.50, 0.45)]
+    assert _first(AnomalyMonitor(AnomalyConfig()), spike, "loss_divergence") is None
 
 
 def test_state_round_trip_continues_the_window_exactly():

@@ -41,7 +41,7 @@ def _first_divergence(losses: list[float], k: float = 3.0) -> int | None:
     for i in range(len(losses)):
         recent = sum(losses[max(0, i - 2) : i + 1]) / len(losses[max(0, i - 2) : i + 1])
         best = min(best, recent)
-        if i >= 1 and recent > k * best and recent > losses[0]:
+        if i >= 2 and recent > k * best and recent > losses[0]:
             return i + 1
     return None
 
@@ -92,7 +92,7 @@ def test_sft_rollback_restores_the_last_checkpoint_at_half_the_lr(tmp_path, tiny
 
 def test_dpo_at_a_far_too_high_lr_pauses_with_a_checkpoint(tmp_path, tiny_model_dir):
     """The preference trainer runs the same detectors (`run_loop`): measured, DPO's loss goes
-    0.693 -> 8.8 in one step at lr 1.0, and the run pauses at that step (step 2)."""
+    0.693 -> 8.8 in one step at lr 1.0, and the run pauses as soon as a 3-step mean shows it."""
     from test_preference_trainer import _recipe
 
     from posttrain.train.preference import run_preference
