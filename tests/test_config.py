@@ -101,3 +101,18 @@ def test_a_nested_section_error_names_the_full_key(tmp_path):
     with pytest.raises(ConfigError) as err:  # a section naming its keys from the recipe root stays as is
         load_recipe(RLRecipe, None, ["rollout.temperature=0"])
     assert err.value.where == "rollout.temperature"
+
+
+def test_a_data_section_rejects_a_length_limit_below_one_token(tmp_path):
+    from posttrain.config import load_recipe
+    from posttrain.train.distill import DistillRecipe
+    from posttrain.train.sft import SFTRecipe
+
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("data:\n  max_len: -3\n")
+    with pytest.raises(ConfigError) as err:  # when the recipe loads, not after the data is rendered
+        load_recipe(SFTRecipe, recipe, [])
+    assert err.value.where == f"{recipe}: data.max_len" and "got -3" in err.value.message
+    with pytest.raises(ConfigError, match="limit must be >= 1"):
+        load_recipe(DistillRecipe, None, ["data.limit=0"])
+    assert load_recipe(SFTRecipe, None, ["data.max_len=1"]).data.max_len == 1

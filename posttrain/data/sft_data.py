@@ -48,6 +48,14 @@ class DataConfig:
     seed: int = 0
     """Seed of the task-suite split."""
 
+    def validate(self) -> None:
+        if self.max_len < 1:
+            raise ConfigError(f"max_len must be >= 1 token, got {self.max_len}", where="max_len",
+                              fix="e.g. max_len: 512")  # fmt: skip
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 or null, got {self.limit}", where="limit",
+                              fix="drop it to use every record")  # fmt: skip
+
 
 def resolve_step_sep(tokenizer, step_sep: str) -> str:
     if step_sep != "auto":
