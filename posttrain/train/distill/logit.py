@@ -91,15 +91,15 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
                     with torch.no_grad():
                         t_logits = labelled_logits(teacher, b, vocab)
                     div = token_divergence(s_logits, t_logits, **kw)
-                per = div
-                if loss.nll_weight:
-                    per = div + loss.nll_weight * F.cross_entropy(s_logits.float(), targets, reduction="none")
+                # the student's NLL of the data's tokens: a loss term (nll_weight) and a metric either way
+                nll = F.cross_entropy(s_logits.float() if loss.nll_weight else s_logits.detach().float(),
+                                      targets, reduction="none")  # fmt: skip
+                per = div + loss.nll_weight * nll if loss.nll_weight else div
             value = (per * w).sum()
             (scaler.scale(value) if scaler is not None else value).backward()
             total += float(value.detach())
             div_sum += float(div.detach().sum())
-            logp = torch.log_softmax(s_logits.detach().float(), -1)
-            nll_sum -= float(logp.gather(1, targets[:, None]).sum())
+            nll_sum += float(nll.detach().sum())
             sampled += float(b.get("completion_tokens", 0.0))
         metrics = {
             "loss": total,
