@@ -24,7 +24,10 @@ class DistillLossConfig:
     beta: float = 0.5
     """jsd only: m = beta p_teacher + (1 - beta) q_student; 0 = forward KL, 1 = reverse KL (GKD / TRL)."""
     temperature: float = 1.0
-    """Both logits are divided by it before the softmax (no tau^2 factor)."""
+    """Both logits are divided by it before the softmax."""
+    tau_squared: bool = False
+    """Multiply the divergence by temperature^2 (Hinton et al. 2015): the soft-target gradient keeps
+    its T=1 scale as T grows (it shrinks ~1/T^2 otherwise); false = TRL's GKD convention (no factor)."""
     nll_weight: float = 0.0
     """logit mode: add this times the student's NLL of the data's own token at every trained
     position (Hinton et al. 2015's mix of hard and soft targets); 0 = the divergence alone."""
@@ -46,6 +49,10 @@ class DistillRolloutConfig:
     max_new_tokens: int = 128
     max_batch_rows: int = 256
     """Rows decoded together by the hf engine."""
+    student_fraction: float = 1.0
+    """on_policy: GKD's lambda, the share of optimiser steps whose batch the student samples; the
+    other steps train on the data's own demonstrations (same divergence, teacher-scored), chosen by
+    a coin seeded by (seed, epoch, index). 1 = only student samples; 0 = logit KD."""
 
 
 @dataclass
@@ -123,6 +130,11 @@ class DistillRecipe:
         ro = self.rollout
         if ro.n < 1 or ro.prompts_per_step < 1 or ro.max_new_tokens < 1:
             raise ConfigError("rollout.n, prompts_per_step and max_new_tokens must be >= 1", where="rollout")
+        if not 0.0 <= ro.student_fraction <= 1.0:
+            raise ConfigError(
+                f"rollout.student_fraction={ro.student_fraction} is outside [0, 1]",
+                where="rollout.student_fraction",
+            )
         if self.mode == "on_policy" and ro.temperature <= 0:
             raise ConfigError(
                 "on-policy distillation samples from the student: temperature must be > 0",

@@ -70,7 +70,8 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
     """The `run_loop` step: forward/backward of the distillation loss over one step's micro-batches.
 
     ``teacher`` None means every batch carries cached top-k rows (``topk_idx``, ``topk_logp``).
-    Per token: the divergence, plus ``loss.nll_weight`` x the student's NLL of the data's token.
+    Per token: the divergence (times temperature^2 with ``loss.tau_squared``), plus
+    ``loss.nll_weight`` x the student's NLL of the data's token.
     Metrics: loss, distill/<kind> (token mean), nll_token_mean (student NLL of the targets), tokens
     (and completion_tokens on on-policy batches).
     """
@@ -91,6 +92,8 @@ def make_step(teacher: torch.nn.Module | None, loss: DistillLossConfig, vocab: i
                     with torch.no_grad():
                         t_logits = labelled_logits(teacher, b, vocab)
                     div = token_divergence(s_logits, t_logits, **kw)
+                if loss.tau_squared:  # Hinton's T^2: the soft-target gradient keeps its T=1 scale
+                    div = div * loss.temperature**2
                 # the student's NLL of the data's tokens: a loss term (nll_weight) and a metric either way
                 nll = F.cross_entropy(s_logits.float() if loss.nll_weight else s_logits.detach().float(),
                                       targets, reduction="none")  # fmt: skip

@@ -1,4 +1,4 @@
-"""On-policy distillation (GKD, Agarwal et al. 2024, with lambda = 1: only student samples).
+"""On-policy distillation (GKD, Agarwal et al. 2024; lambda = ``rollout.student_fraction``).
 
 `OnPolicyPlan` is the batch plan `run_loop` reads, except that its batches do not exist in
 advance: asking for batch i of epoch e makes the student (through the rollout engine) sample
@@ -6,7 +6,9 @@ advance: asking for batch i of epoch e makes the student (through the rollout en
 distillation step (`posttrain.train.distill.logit.make_step`) then scores every completion
 position with the teacher's full distribution: loss = aggregate_t D(p_teacher(.|y<t) ||
 q_student(.|y<t)) over the student's own tokens, reverse KL or JSD(beta) in GKD's setting.
-The sampling is not differentiated through (GKD, section 3.2).
+The sampling is not differentiated through (GKD, section 3.2). With ``student_fraction`` < 1
+(GKD's lambda), batch (e, i) is instead the data's own demonstration batch i of epoch e (a
+`SamplePlan`, teacher-scored with the same divergence) when a coin seeded by (seed, e, i) says so.
 
 Batches are sampled when `run_loop` asks for them, i.e. with the current weights; checkpoints
 hold the weights and the plan position (epoch, index), and the seed of batch (e, i) is fixed, so
@@ -31,12 +33,21 @@ class OnPolicyPlan:
     group's completions are sampled from ``model`` when the batch is read (module docstring)."""
 
     def __init__(
-        self, engine: Any, model: Any, prompts: list[dict], ro: DistillRolloutConfig, pad_id: int, seed: int
+        self,
+        engine: Any,
+        model: Any,
+        prompts: list[dict],
+        ro: DistillRolloutConfig,
+        pad_id: int,
+        seed: int,
+        demos: Any = None,
     ):
         from posttrain.rollout.sampling import rollout_defaults
 
         self.engine, self.model, self.prompts, self.ro = engine, model, prompts, ro
-        self.pad_id, self.seed = pad_id, seed
+        self.pad_id, self.seed, self.demos = pad_id, seed, demos
+        if ro.student_fraction < 1.0 and demos is None:
+            raise ValueError("student_fraction < 1 needs the demonstrations' SamplePlan (demos=)")
         self.params = rollout_defaults(
             n=ro.n, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens
         )
@@ -48,8 +59,18 @@ class OnPolicyPlan:
     def epoch(self, e: int) -> _Epoch:
         return _Epoch(self, e)
 
+    def from_student(self, e: int, i: int) -> bool:
+        """GKD's coin for batch (e, i): True (student samples) with probability student_fraction."""
+        if self.ro.student_fraction >= 1.0:
+            return True
+        return random.Random(f"gkd|{self.seed}|{e}|{i}").random() < self.ro.student_fraction
+
     def sample(self, e: int, i: int) -> dict[str, torch.Tensor]:
-        """Batch i of epoch e: prompt + completion rows, labels on the completion tokens."""
+        """Batch i of epoch e: prompt + completion rows, labels on the completion tokens (or the
+        demonstrations' batch i of epoch e when GKD's coin says so)."""
+        if not self.from_student(e, i):
+            demo_epoch = self.demos.epoch(e)
+            return demo_epoch[i % len(demo_epoch)]
         order = list(range(len(self.prompts)))
         random.Random(self.seed * 1000003 + e).shuffle(order)
         pps = self.ro.prompts_per_step

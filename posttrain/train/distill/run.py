@@ -87,7 +87,13 @@ def _on_policy_plan(cfg: DistillRecipe, run: Run, teacher_path: str):
         engine = get_engine("hf", model=run.model, tokenizer=tok, max_batch_rows=ro.max_batch_rows)
     else:
         engine = get_engine(ro.backend, model=resolve_model_path(cfg.student.path), tokenizer=tok)
-    plan = OnPolicyPlan(engine, run.model, prompt_records(cfg.data), ro, tok.pad_token_id, cfg.seed)
+    demos = None
+    if ro.student_fraction < 1.0:  # GKD's mixed data: the other steps train on the demonstrations
+        from posttrain.data.sft_data import build_samples
+
+        samples, _ = build_samples(tok, cfg.data, "train")
+        demos = SamplePlan(samples, ro.prompts_per_step * ro.n, tok.pad_token_id, cfg.seed)
+    plan = OnPolicyPlan(engine, run.model, prompt_records(cfg.data), ro, tok.pad_token_id, cfg.seed, demos)
     return plan, _load_teacher(cfg, teacher_path, tok), None
 
 
