@@ -20,7 +20,8 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   ``no_signal_steps`` steps in a row, so nothing updated; ``weak_signal`` (warn only, at most once
   per window): the window's mean share of such groups is ``weak_signal`` or more;
 - ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the mean loss of the
-  last 3 steps above ``loss_divergence`` x the best such mean so far, and above the first step's
+  last 3 steps above ``loss_divergence`` x the best median of ``window`` steps so far (at a run's
+  start: of the steps so far), and above the first step's
   loss (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window; judged
   from the third step on, so one early spike that the next steps take back does not pause).
 
@@ -84,8 +85,8 @@ class AnomalyConfig:
     """Warn (never pause) when, over the window, this share of groups or more had equal rewards on
     average: most samples teach nothing. Said at most once per window."""
     loss_divergence: float = 3.0
-    """Mean loss of the last 3 steps above this many times its best so far (and above the first
-    step's loss)."""
+    """Mean loss of the last 3 steps above this many times the best window median so far (and above
+    the first step's loss)."""
     rollback_lr_factor: float = 0.5
     """rollback: the lr is multiplied by this after each rollback."""
     max_rollbacks: int = 2
@@ -280,13 +281,16 @@ class AnomalyMonitor:
         if self.first_loss is None:
             self.first_loss = h[-1]
         recent = statistics.fmean(h[-min(LOSS_SMOOTH, c.window) :])
-        self.best_loss = min(self.best_loss, recent)
+        # the baseline is the best window median, not the best 3-step mean: batches that differ by
+        # design (length buckets of a PRM's chains: 0.003 to 1.0 in one healthy run) give lucky
+        # 3-step means near 0, and three hard batches in a row are no divergence
+        self.best_loss = min(self.best_loss, statistics.median(list(h)[-c.window :]))
         # also worse than at the start: a loss near 0 that triples on noise has not diverged
         # a full 3-step mean: one early spike that the next step takes back is no divergence
         if len(h) >= LOSS_SMOOTH and recent > c.loss_divergence * self.best_loss and recent > self.first_loss:
             return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
                            f"the loss diverged: {recent:.3g} (mean of the last {LOSS_SMOOTH} steps) vs best "
-                           f"{self.best_loss:.3g} and {self.first_loss:.3g} at the start",
+                           f"window median {self.best_loss:.3g} and {self.first_loss:.3g} at the start",
                            ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
         return None
 

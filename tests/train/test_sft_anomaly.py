@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 
 import pytest
 
@@ -35,12 +36,12 @@ def _rows(out) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _first_divergence(losses: list[float], k: float = 3.0) -> int | None:
+def _first_divergence(losses: list[float], k: float = 3.0, window: int = 10) -> int | None:
     """The documented rule (`AnomalyConfig.loss_divergence`), from the logged losses."""
     best = float("inf")
     for i in range(len(losses)):
         recent = sum(losses[max(0, i - 2) : i + 1]) / len(losses[max(0, i - 2) : i + 1])
-        best = min(best, recent)
+        best = min(best, statistics.median(losses[max(0, i + 1 - window) : i + 1]))
         if i >= 2 and recent > k * best and recent > losses[0]:
             return i + 1
     return None
