@@ -48,6 +48,7 @@ from posttrain.search.compare import (
 )
 from posttrain.search.mc_labels import MCLabelConfig
 
+TRACE_FILTERS = ("outcome", "steps")
 _STEP = {"max_step_tokens": 24, "max_new_tokens": 96, "max_depth": 8, "step_sep": "<step>"}
 
 
@@ -114,6 +115,11 @@ class SelfImproveRecipe:
                                  "train": {"max_steps": 60, "batch_size": 16, "save_every": 0}}
     )  # fmt: skip
     """`posttrain prm` recipe keys of the PRM update (model, data and output_dir are set here)."""
+    trace_filter: str = "outcome"
+    """Which verified paths train the policy. ``outcome``: the final answer verifies. ``steps``:
+    it verifies and every step passes the task's step checker on that training problem (the
+    analogue of rStar-Math's executed code steps): a right answer reached through a wrong step is
+    not trained on. Training prompts only; the PRM's labels stay Monte-Carlo."""
     prm_eval_chains: int = 2
     """Chains per held-out question on which the PRM's step AUC is measured (0: not measured)."""
     output_dir: str = "runs/self_improve"
@@ -136,6 +142,12 @@ class SelfImproveRecipe:
         if self.prm_agg not in AGGS:
             raise ConfigError(f"unknown prm_agg {self.prm_agg!r}", where="prm_agg", fix=f"one of {AGGS}")
         check_scorer_name(self.first_scorer, "first_scorer")
+        if self.trace_filter not in TRACE_FILTERS:
+            raise ConfigError(
+                f"unknown trace_filter {self.trace_filter!r}",
+                where="trace_filter",
+                fix=f"one of {TRACE_FILTERS}",
+            )
         for key, name in [("search.scorer", self.search.scorer)] + [
             (f"eval_strategies[{i}].scorer", s.scorer) for i, s in enumerate(self.eval_strategies)
         ]:
@@ -221,6 +233,22 @@ def verify_finished(results: list, verify) -> tuple[int, int]:
     return ok, total
 
 
+def reject_wrong_steps(results: list, problems: list, step_sep: str) -> int:
+    """Set the outcome of every verified path with a step its task's checker rejects to 0.0 (a
+    lucky answer); how many were rejected. ``problems`` are task problems aligned with ``results``."""
+    from posttrain.data.tasks import get_task
+    from posttrain.search.mc_labels import step_cuts
+
+    rejected = 0
+    for res, problem in zip(results, problems, strict=True):
+        check = get_task(problem.task).check_steps
+        for n in finished_paths(res.graph):
+            steps, _ = step_cuts(res.graph.path_text(n), step_sep)
+            if n.reward == 1.0 and not (steps and all(check(problem, steps))):
+                n.reward, rejected = 0.0, rejected + 1
+    return rejected
+
+
 def well_formed(chain: Any) -> bool:
     """A chain the PRM can train or be measured on: steps, a closed think block, an answer line,
     and no think tag inside a step (a degenerate sample renders as an empty reply)."""
@@ -261,6 +289,7 @@ def search_and_label(
                          strategy_config(spec, "search"))  # fmt: skip
     verify = any_verifier().verify
     ok, total = verify_finished(results, verify)
+    lucky = reject_wrong_steps(results, problems, recipe.mc.step_sep) if recipe.trace_filter == "steps" else 0
     src = f"round{r}"
     added = {"trace": buffer.add([x.to_dict() for x in results], "trace", source=src),
              "sft": buffer.add(export_sft(results, 1.0, paths="all"), "sft", source=src)}  # fmt: skip
@@ -276,7 +305,8 @@ def search_and_label(
     chosen = grade(results, problems)
     return {"prompts": len(problems), "strategy": spec.title(), "scorer": _scorer_name(state, recipe, r),
             "train_accuracy_of_choice": sum(chosen) / max(len(chosen), 1), "finished_paths": total,
-            "verified_paths": ok, "added": added, "mc": asdict(stats), "heldout_prm_chains": held,
+            "verified_paths": ok, "rejected_wrong_step": lucky, "trace_filter": recipe.trace_filter,
+            "added": added, "mc": asdict(stats), "heldout_prm_chains": held,
             "seconds_search": t1 - t0, "seconds_mc": time.perf_counter() - t1}  # fmt: skip
 
 
@@ -376,9 +406,11 @@ def run_round(
     found = search_and_label(recipe, r, state, policy, tokenizer, buffer, rdir)
     del policy
     base = {"round": r, "started_from": asdict(state), "search": found}
-    if found["verified_paths"] == 0:
+    if found["verified_paths"] - found["rejected_wrong_step"] == 0:
         reason = (f"no verified trace: none of the {found['finished_paths']} finished paths over "
-                  f"{found['prompts']} training prompts verifies; policy and PRM carry over")  # fmt: skip
+                  f"{found['prompts']} training prompts verifies"
+                  + (f" ({found['rejected_wrong_step']} right answers had a wrong step)"
+                     if found["rejected_wrong_step"] else "") + "; policy and PRM carry over")  # fmt: skip
         console.print(f"[yellow]self-improve round {r} skipped[/yellow]: {reason}")
         return {**base, "skipped": reason, "policy": state.policy, "prm": state.prm}
     t0 = time.perf_counter()

@@ -106,3 +106,35 @@ def test_degenerate_chains_are_kept_out_of_prm_data():
              (0, "<think>1 + 2 = 3<step>3 + 1"), (0, "Answer: 4")]  # fmt: skip
     chains = chains_of_texts(texts, [Query("q", {})], MCLabelConfig(), lambda text, meta: False)
     assert [well_formed(c) for c in chains] == [True, False, False, False]
+
+
+def test_trace_filter_steps_rejects_a_right_answer_reached_through_a_wrong_step():
+    from posttrain.data.tasks.base import Problem
+    from posttrain.search.base import SearchResult
+    from posttrain.search.scorers import any_verifier
+    from posttrain.search.self_improve import reject_wrong_steps, verify_finished
+    from posttrain.search.structures import SearchGraph
+
+    problem = Problem("arith_mag", 2, "Compute 7 + 12 + 8", (), "27")
+    g = SearchGraph(prompt="p", meta={"task": "arith_mag", "ground_truth": "27"})
+    texts = {
+        "right": "<think>\n7 + 12 = 19<step>19 + 8 = 27\n</think>\n\nAnswer: 27",
+        "lucky": "<think>\n7 + 12 = 18<step>18 + 8 = 27\n</think>\n\nAnswer: 27",  # measured: 27% of traces
+        "wrong": "<think>\n7 + 12 = 19<step>19 + 8 = 26\n</think>\n\nAnswer: 26",
+        "no_steps": "Answer: 27",
+    }
+    nodes = {k: g.add(g.root, text=t, terminal=True) for k, t in texts.items()}
+    results = [SearchResult("best_of_n", g, None, None, "")]
+    assert verify_finished(results, any_verifier().verify) == (3, 4)  # the outcome check passes the lucky one
+    assert reject_wrong_steps(results, [problem], "<step>") == 2
+    assert {k: n.reward for k, n in nodes.items()} == {
+        "right": 1.0,
+        "lucky": 0.0,
+        "wrong": 0.0,
+        "no_steps": 0.0,
+    }
+
+
+def test_an_unknown_trace_filter_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="trace_filter"):
+        _recipe(tmp_path, "m", trace_filter="process").validate()
