@@ -16,7 +16,7 @@ import torch
 from posttrain.distributed.config import STRATEGIES, DistributedConfig
 from posttrain.errors import ConfigError, PosttrainError
 
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm", "preference")
 """The commands that train on several processes (torchrun or distributed.nproc > 1)."""
 
 

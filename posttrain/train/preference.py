@@ -41,6 +41,10 @@ from posttrain.algos.preference_losses import (
 )
 from posttrain.data.quality.perplexity import perplexity_keep  # one threshold rule for data clean and DPO
 from posttrain.data.quality.section import CleanSection, clean_data
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.launch import env_world
+from posttrain.distributed.parallel import all_reduce_sum, barrier, call, grad_sync, is_main, rank, world
+from posttrain.distributed.trainer import export_final
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
@@ -187,6 +191,9 @@ class PreferenceRecipe:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (DDP; FSDP for full fine-tuning): `distributed.nproc=2`, or launch with
+    torchrun. Each rank takes its share of every global micro-batch's examples (`shard_examples`)."""
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     """What counts as a run gone wrong (loss divergence, grad-norm spike) and what then: pause with
     a checkpoint (exit 75), warn, or roll back at a lower lr (`posttrain.train.anomaly`)."""
@@ -232,6 +239,8 @@ def apply_filter(run_dir: Path, examples: list, sums, counts, cfg: PerplexityFil
             row["reason"], reasons[over] = f"{over} ppl > {threshold:.4g}", reasons[over] + 1
         rows[bool(keep[i])].append(row)
     out = run_dir / "filter"
+    if not is_main():  # several processes: every rank keeps the same examples; rank 0 writes
+        return [r["index"] for r in rows[True]]
     out.mkdir(exist_ok=True)
     for name, kept in (("kept", True), ("dropped", False)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[kept]))
@@ -247,12 +256,22 @@ def apply_filter(run_dir: Path, examples: list, sums, counts, cfg: PerplexityFil
 
 
 def batch_loss(
-    model, batch, spec: PreferenceLoss, kwargs: dict, nll_weight: float, reference, chunk_size: int
+    model,
+    batch,
+    spec: PreferenceLoss,
+    kwargs: dict,
+    nll_weight: float,
+    reference,
+    chunk_size: int,
+    shard_real: bool | None = None,
 ):
     """Loss and metrics of one batch of examples.
 
     reference: (sums (N, k), counts (N, k)) cached for all examples, "adapter" (score the batch
     with the adapter disabled) or None (reference-free loss).
+    shard_real: None = the batch is the whole batch (one process, evaluation); True / False =
+    this rank's share of a global micro-batch (False: a zero-weight stand-in). Then KTO's
+    reference point z0 is the mean over all ranks' shards, as one process computes it.
     """
     sums, counts = example_logprobs(model, batch, chunk_size)
     e = batch["example_index"].numel()
@@ -271,10 +290,10 @@ def batch_loss(
         m.update({"logps/chosen": sums[:, 0].detach(), "logps/rejected": sums[:, 1].detach()})
         m["logps/accuracy"] = (sums[:, 0] / counts[:, 0] > sums[:, 1] / counts[:, 1]).float()
     else:
-        desirable = batch["desirable"]
-        loss, m = spec.fn(
-            values[:, 0], ref_values[:, 0], values[:, 1].detach(), ref_values[:, 1], desirable, **kwargs
-        )
+        desirable, kl_pi, kl_ref = batch["desirable"], values[:, 1].detach(), ref_values[:, 1]
+        if shard_real is not None:  # z0 = mean(kl_pi - kl_ref) over the global micro-batch
+            kl_pi, kl_ref = global_mean(kl_pi - kl_ref, shard_real), kl_ref.new_zeros(1)
+        loss, m = spec.fn(values[:, 0], ref_values[:, 0], kl_pi, kl_ref, desirable, **kwargs)
         m["logps/completion"] = sums[:, 0].detach()
     if ref is not None:
         real = sums[:, :2] if spec.paired else sums[:, :1]
@@ -287,44 +306,88 @@ def batch_loss(
     return loss, m
 
 
-def summarise(parts: list[tuple[int, dict]]) -> dict[str, float]:
-    """Metrics of one step from per-micro-batch metrics: (E,) tensors pooled, scalars example-weighted."""
+def global_mean(x: torch.Tensor, real: bool) -> torch.Tensor:
+    """The mean of x (N,) over every rank's share of a global batch, as a (1,) tensor (a
+    stand-in share counts nothing); a collective: every rank calls it."""
+    total, count = all_reduce_sum([float(x.sum()) if real else 0.0, float(x.numel()) if real else 0.0])
+    return x.new_full((1,), total / max(count, 1.0))
+
+
+def metric_totals(parts: list[tuple[int, dict]]) -> dict[str, tuple[float, float]]:
+    """(numerator, denominator) of each step metric: (E,) tensors pooled (NaN skipped), scalars
+    weighted by their part's example count n (n = 0: a stand-in shard, counted nowhere)."""
     out = {}
     for key in parts[0][1]:
-        vals = [(n, m[key]) for n, m in parts if key in m]
-        if vals[0][1].dim() > 0:
-            out[key] = float(torch.cat([v.float().flatten() for _, v in vals]).nanmean())
-        else:
-            vals = [(n, float(v)) for n, v in vals if not torch.isnan(v)]
-            weight = sum(n for n, _ in vals)
-            out[key] = sum(n * v for n, v in vals) / weight if weight else float("nan")
+        num = den = 0.0
+        for n, m in parts:
+            v = m.get(key)
+            if v is None or n == 0:
+                continue
+            v = v.detach().float()
+            if v.dim() > 0:
+                ok = ~torch.isnan(v)
+                num, den = num + float(v[ok].sum()), den + float(ok.sum())
+            elif not torch.isnan(v):
+                num, den = num + n * float(v), den + n
+        out[key] = (num, den)
     if "rewards/chosen" in parts[0][1]:
-        rc = torch.cat([m["rewards/chosen"].float() for _, m in parts])
-        rr = torch.cat([m["rewards/rejected"].float() for _, m in parts])
-        out["rewards/margins"], out["rewards/accuracy"] = (
-            float((rc - rr).mean()),
-            float((rc > rr).float().mean()),
-        )
+        real = [m for n, m in parts if n > 0]
+        rc = torch.cat([m["rewards/chosen"].float() for m in real]) if real else torch.zeros(0)
+        rr = torch.cat([m["rewards/rejected"].float() for m in real]) if real else torch.zeros(0)
+        out["rewards/margins"] = (float((rc - rr).sum()), float(rc.numel()))
+        out["rewards/accuracy"] = (float((rc > rr).sum()), float(rc.numel()))
     return out
 
 
-def make_step_fn(spec: PreferenceLoss, kwargs: dict, nll_weight: float, reference):
-    """step_fn for `run_loop`: forward + backward of one optimiser step's micro-batches."""
+def summarise(parts: list[tuple[int, dict]], reduce=None) -> dict[str, float]:
+    """Metrics of one step from per-micro-batch metrics (`metric_totals`); `reduce` sums the
+    totals over the ranks (`all_reduce_sum`) when each rank saw a share of the step."""
+    totals = metric_totals(parts)
+    flat = [x for pair in totals.values() for x in pair]
+    flat = reduce(flat) if reduce is not None else flat
+    return {
+        k: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else float("nan")) for i, k in enumerate(totals)
+    }
+
+
+def shard_examples(plan: ExamplePlan, batch: dict, r: int, w: int) -> tuple[dict, bool]:
+    """Rank r's share of a global micro-batch: its examples `tensor_split(example_index, w)[r]`
+    re-collated (`plan.collate`), and whether it is real. An empty share comes back as the
+    batch's first example with real=False (the step gives it zero weight)."""
+    idx = batch["example_index"]
+    mine = torch.tensor_split(idx, w)[r]
+    real = mine.numel() > 0
+    return plan.collate((mine if real else idx[:1]).tolist()), real
+
+
+def make_step_fn(spec: PreferenceLoss, kwargs: dict, nll_weight: float, reference, plan=None):
+    """step_fn for `run_loop`: forward + backward of one optimiser step's micro-batches.
+
+    Every loss is a mean over examples, so a micro-batch weighs n / total (its share of the
+    step's examples). On w ranks each takes its examples of every micro-batch (`shard_examples`,
+    re-collated with `plan`), weighs n_local / total and scales by w, so DDP's gradient average
+    is the one-process gradient; KTO's z0 is all-reduced (`batch_loss`), metrics too."""
 
     def step(model, micro, loop: LoopConfig, device, scaler=None) -> dict[str, float]:
-        total = sum(b["example_index"].numel() for b in micro)
+        total, w = sum(b["example_index"].numel() for b in micro), world()
         parts, loss_sum = [], 0.0
-        for b in micro:
-            b = _to(b, device)
-            with autocast(loop.precision, device):
-                loss, m = batch_loss(model, b, spec, kwargs, nll_weight, reference, loop.chunk_size)
-            n = b["example_index"].numel()
-            scaled = loss * (n / total)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for i, b in enumerate(micro):
+            b, real = shard_examples(plan, b, rank(), w) if w > 1 else (b, None)
+            b, n = _to(b, device), b["example_index"].numel() if real is not False else 0
+            with grad_sync(model, i == len(micro) - 1):
+                with autocast(loop.precision, device):
+                    loss, m = call(
+                        model, batch_loss, b, spec, kwargs, nll_weight, reference, loop.chunk_size, real
+                    )
+                scaled = loss * (n / total)
+                out = scaled * w if w > 1 else scaled
+                (scaler.scale(out) if scaler is not None else out).backward()
             loss_sum += float(scaled.detach())
             parts.append((n, m))
-        return {"loss": loss_sum, **summarise(parts), "examples": total}
+        reduce = all_reduce_sum if w > 1 else None
+        return {"loss": all_reduce_sum([loss_sum])[0], **summarise(parts, reduce), "examples": total}
 
+    step.distributed = True  # type: ignore[attr-defined]
     return step
 
 
@@ -375,12 +438,14 @@ def make_evaluator(run: Run, cfg: PreferenceRecipe, spec, kwargs, plan, referenc
         if problems:
             report, records = task_accuracy(model, run.tokenizer, problems, cfg.eval.max_new_tokens)
             metrics.update({f"task_accuracy/{k}": v for k, v in report.to_dict().items() if k != "seconds"})
-            with open(run.dir / "eval_generations.jsonl", "a") as f:
-                f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records[:20])
+            if is_main():  # under FSDP every rank evaluates; rank 0 writes
+                with open(run.dir / "eval_generations.jsonl", "a") as f:
+                    f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records[:20])
         run.logger.log(step, metrics, prefix="eval/")
         results[step] = metrics
         shown = {k: metrics[k] for k in ("rewards/accuracy", "task_accuracy/overall", "loss") if k in metrics}
-        console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+        if is_main():
+            console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
 
     return evaluate
 
@@ -402,6 +467,8 @@ def choose_reference(cfg: PreferenceRecipe, spec: PreferenceLoss, n_examples: in
 
 def report_data(run: Run, name: str, stats: dict) -> None:
     dropped = stats.pop("dropped_list")
+    if not is_main():  # several processes: rank 0 reports
+        return
     (run.dir / f"data_{name}.json").write_text(json.dumps(stats, indent=1))
     if dropped:
         (run.dir / f"data_{name}_dropped.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dropped))
@@ -427,12 +494,25 @@ def reference_scores(run: Run, cfg: PreferenceRecipe, name: str, examples: list,
         with autocast(run.precision, run.device):
             return score_examples(run.model, plan, cfg.train.chunk_size)
 
-    return plan, cached_scores(run.dir / "reference" / f"{name}.pt", examples, compute)
+    path = run.dir / "reference" / f"{name}.pt"
+    if not is_main():  # several processes: rank 0 scores and writes the cache, the others read it
+        barrier()
+    scores = cached_scores(path, examples, compute)
+    if is_main():
+        barrier()
+    return plan, scores
 
 
 def run_preference(cfg: PreferenceRecipe) -> Path:
     """Train and export; returns the path of the exported `final/` folder."""
     spec, kwargs = get_preference_loss(cfg.loss.name), cfg.loss.kwargs()
+    several = cfg.distributed.nproc > 1 or env_world() > 1
+    if several and cfg.distributed.strategy == "fsdp" and cfg.eval.recipe:
+        raise ConfigError(
+            "eval.recipe cannot run under FSDP yet (every rank would run it on its shard of the weights)",
+            where="eval.recipe",
+            fix="use distributed.strategy=ddp, or evaluate final/ afterwards with `posttrain eval`",
+        )
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tok = run.model, run.tokenizer
     train_data = clean_data(cfg.clean, cfg.data, "train", cfg.output_dir)
@@ -469,14 +549,17 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
     if eval_plan is not None or problems:
         evaluate = make_evaluator(run, cfg, spec, kwargs, eval_plan, eval_ref, problems, results)
     evaluate = with_recipe_eval(EvalHookConfig(cfg.eval.recipe, cfg.eval.recipe_overrides), run, evaluate)
-    if evaluate is not None and cfg.eval.before and run.resume_from is None:
-        evaluate(model, 0)
-    step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference)
+    if evaluate is not None and cfg.eval.before and run.resume_from is None and is_main():
+        evaluate(model, 0)  # not wrapped yet: rank 0 evaluates alone under DDP and FSDP
+    step_fn = make_step_fn(spec, kwargs, cfg.loss.nll_weight, reference, plan)
     model = run_loop(
         run, model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate, anomaly=cfg.anomaly
     )
-    (run.dir / "eval_summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
-    final = export_model(model, tok, Path(cfg.output_dir) / "final", cfg.peft)
+    if is_main():
+        summary = json.dumps({str(k): v for k, v in results.items()}, indent=1)
+        (run.dir / "eval_summary.json").write_text(summary)
+    out = Path(cfg.output_dir) / "final"
+    final = export_final(model, lambda m: export_model(m, tok, out, cfg.peft), out)  # rank 0 writes
     run.finish(final)
     return final
 
@@ -484,5 +567,7 @@ def run_preference(cfg: PreferenceRecipe) -> Path:
 def preference_main(recipe_path: str | None, overrides: list[str]) -> Path:
     """CLI entry: `posttrain preference RECIPE.yaml [key=value ...]`."""
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
 
-    return run_preference(load_recipe(PreferenceRecipe, recipe_path, overrides))
+    cfg = load_recipe(PreferenceRecipe, recipe_path, overrides)
+    return run_command("preference", recipe_path, overrides, cfg, run_preference)

@@ -394,15 +394,16 @@ class ExamplePlan:
         order = list(self.indices)
         if self.shuffle:
             random.Random(self.seed * 1000003 + e).shuffle(order)
-        batches = []
-        for k in range(0, len(order), self.batch_size):
-            chunk = order[k : k + self.batch_size]
-            batch = collate_blocks([self.blocks[i] for i in chunk], self.pad_id, self.seq_len, self.packing)
-            batch["example_index"] = torch.tensor(chunk)
-            if self.examples[chunk[0]].label is not None:
-                batch["desirable"] = torch.tensor([bool(self.examples[i].label) for i in chunk])
-            batches.append(batch)
-        return batches
+        return [self.collate(order[k : k + self.batch_size]) for k in range(0, len(order), self.batch_size)]
+
+    def collate(self, chunk: list[int]) -> dict[str, torch.Tensor]:
+        """One batch of the examples `chunk` (indices into the example list), in that order; a
+        distributed step re-collates its rank's share of a global batch with it."""
+        batch = collate_blocks([self.blocks[i] for i in chunk], self.pad_id, self.seq_len, self.packing)
+        batch["example_index"] = torch.tensor(chunk)
+        if self.examples[chunk[0]].label is not None:
+            batch["desirable"] = torch.tensor([bool(self.examples[i].label) for i in chunk])
+        return batch
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
