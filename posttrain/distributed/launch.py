@@ -16,7 +16,7 @@ import torch
 from posttrain.distributed.config import STRATEGIES, DistributedConfig
 from posttrain.errors import ConfigError, PosttrainError
 
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm", "preference")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm", "preference", "distill")
 """The commands that train on several processes (torchrun or distributed.nproc > 1)."""
 
 

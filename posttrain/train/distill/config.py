@@ -7,6 +7,7 @@ from typing import Literal
 
 from posttrain.algos.distill_losses import DISTILL_KINDS, DistillKind
 from posttrain.data.sft_data import DataConfig
+from posttrain.distributed.config import DistributedConfig
 from posttrain.errors import ConfigError
 from posttrain.models.peft import PeftConfig
 from posttrain.train.loop import LoopConfig, ModelConfig
@@ -85,6 +86,9 @@ class DistillRecipe:
     """Where the top-k cache lives (null = OUTPUT_DIR/teacher_topk); reused when it matches."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """logit mode on several processes (DDP; FSDP for full fine-tuning): `distributed.nproc=2`, or
+    torchrun. Each rank trains on its rows of every micro-batch; the teacher runs on each rank's rows."""
     output_dir: str = "runs/distill"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ (the student)."""
     seed: int = 0
@@ -140,3 +144,25 @@ class DistillRecipe:
                 "on-policy distillation samples from the student: temperature must be > 0",
                 where="rollout.temperature",
             )
+        check_processes(self.mode, self.distributed)
+
+
+def check_processes(mode: str, cfg: DistributedConfig) -> None:
+    """Only logit mode trains on several processes: on_policy samples with one engine per run and
+    sequence generates its data file before training; both refuse more than one process."""
+    from posttrain.distributed.launch import env_world
+
+    several = max(cfg.nproc, env_world())
+    if mode == "logit" or several <= 1:
+        return
+    fix = {
+        "on_policy": "run it in one process (distributed.nproc=1, no torchrun), or use mode=logit "
+        "(several processes) on teacher-written or data tokens",
+        "sequence": "run it in one process (distributed.nproc=1, no torchrun); to train the student "
+        "on several processes, run `posttrain sft` on OUTPUT_DIR/teacher_generations.jsonl with distributed.nproc",
+    }[mode]
+    raise ConfigError(
+        f"distill mode={mode} does not run on several processes ({several} asked)",
+        where="distributed.nproc",
+        fix=fix,
+    )

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from posttrain.distributed.parallel import barrier, is_main
+from posttrain.distributed.trainer import export_final
+from posttrain.errors import PosttrainError
 from posttrain.monitor.logger import console
 from posttrain.train.distill.config import DistillRecipe
 from posttrain.train.distill.logit import SamplePlan, make_step
@@ -44,6 +47,22 @@ def cached_topk(cfg: DistillRecipe, run: Run, teacher_path: str, samples: list) 
     teacher is loaded, run once, and freed) and written to the cache."""
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run.dir / "teacher_topk"
     meta = cache_meta(teacher_path, cfg.teacher_topk, samples)
+    if not is_main():  # several processes: rank 0 computes and writes the cache, the others read it
+        barrier()
+        found = load_topk(folder, meta)
+        if found is None:
+            raise PosttrainError(
+                f"rank 0 left no matching teacher top-k cache in {folder}",
+                fix="read rank 0's error above (the teacher's pass failed there)",
+            )
+        return found
+    try:
+        return _main_topk(cfg, run, teacher_path, samples, folder, meta)
+    finally:
+        barrier()
+
+
+def _main_topk(cfg: DistillRecipe, run: Run, teacher_path: str, samples: list, folder: Path, meta) -> TopK:
     found = load_topk(folder, meta)
     if found is not None:
         console.print(f"reusing the teacher's top-{cfg.teacher_topk} cache {folder}")
@@ -117,7 +136,8 @@ def run_distill(cfg: DistillRecipe) -> Path:
     plan, teacher, evaluate = build(cfg, run, teacher_path)
     step_fn = make_step(teacher, cfg.loss, len(run.tokenizer))
     model = run_loop(run, run.model, plan, cfg.optim, cfg.train, step_fn=step_fn, evaluate=evaluate)
-    final = export_model(model, run.tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
+    out = Path(cfg.output_dir) / "final"
+    final = export_final(model, lambda m: export_model(m, run.tokenizer, out, cfg.peft), out)  # rank 0 writes
     run.finish(final)
     return final
 
@@ -125,5 +145,7 @@ def run_distill(cfg: DistillRecipe) -> Path:
 def distill_main(recipe_path: str | None, overrides: list[str]) -> Path:
     """CLI entry: `posttrain distill RECIPE.yaml [key=value ...]`."""
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
 
-    return run_distill(load_recipe(DistillRecipe, recipe_path, overrides))
+    cfg = load_recipe(DistillRecipe, recipe_path, overrides)
+    return run_command("distill", recipe_path, overrides, cfg, run_distill)
