@@ -21,9 +21,9 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   per window): the window's mean share of such groups is ``weak_signal`` or more;
 - ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the mean loss of the
   last 3 steps above ``loss_divergence`` x the best median of ``window`` steps so far (at a run's
-  start: of the steps so far), and above the first step's
-  loss (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window; judged
-  from the third step on, so one early spike that the next steps take back does not pause).
+  start: of the steps so far), and above the first step's loss and every loss of the window before
+  the last 3: a new high (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window; judged from the third step
+  on, so one early spike that the next steps take back does not pause).
 
 The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a run
 resumed after an interruption judges its window as the uninterrupted one would; a run resumed
@@ -86,7 +86,7 @@ class AnomalyConfig:
     average: most samples teach nothing. Said at most once per window."""
     loss_divergence: float = 3.0
     """Mean loss of the last 3 steps above this many times the best window median so far (and above
-    the first step's loss)."""
+    the first step's loss and every loss of the window before: a new high)."""
     rollback_lr_factor: float = 0.5
     """rollback: the lr is multiplied by this after each rollback."""
     max_rollbacks: int = 2
@@ -285,13 +285,15 @@ class AnomalyMonitor:
         # design (length buckets of a PRM's chains: 0.003 to 1.0 in one healthy run) give lucky
         # 3-step means near 0, and three hard batches in a row are no divergence
         self.best_loss = min(self.best_loss, statistics.median(list(h)[-c.window :]))
-        # also worse than at the start: a loss near 0 that triples on noise has not diverged
+        # also a new high, above the start and every loss of the window before the last 3: a loss
+        # near 0 that triples on noise, or a run whose batches swing (0.03 <-> 1.9), has not diverged
         # a full 3-step mean: one early spike that the next step takes back is no divergence
-        if len(h) >= LOSS_SMOOTH and recent > c.loss_divergence * self.best_loss and recent > self.first_loss:
+        high = max([self.first_loss, *list(h)[:-LOSS_SMOOTH]])
+        if len(h) >= LOSS_SMOOTH and recent > c.loss_divergence * self.best_loss and recent > high:
             return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
                            f"the loss diverged: {recent:.3g} (mean of the last {LOSS_SMOOTH} steps) vs best "
-                           f"window median {self.best_loss:.3g} and {self.first_loss:.3g} at the start",
-                           ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
+                           f"window median {self.best_loss:.3g}, above {high:.3g}, the highest loss before "
+                           "(and at the start)", ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
         return None
 
     def _shaping(self, step, seen, before):

@@ -178,6 +178,11 @@ def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     ]
     healthy = [{"loss": v} for v in (0.769, *buckets, 0.96, 0.865, 0.957, 0.225, 0.52)]
     assert _first(AnomalyMonitor(AnomalyConfig()), healthy, "loss_divergence") is None
+    # the next round's PRM in its first 16 steps (lr warming up to 1e-3): (0.51 + 1.934 + 1.38) / 3 =
+    # 1.27 is over 3 x the best median 0.415, but no new high: the window before held 1.608
+    start = (0.997, 1.41, 0.659, 0.645, 0.659, 0.676, 0.321, 0.217, 0.131, 1.334, 0.055, 1.608, 0.027)
+    swinging = [{"loss": v} for v in (*start, 0.51, 1.934, 1.38)]
+    assert _first(AnomalyMonitor(AnomalyConfig()), swinging, "loss_divergence") is None
 
 
 def test_state_round_trip_continues_the_window_exactly():

@@ -42,7 +42,8 @@ def _first_divergence(losses: list[float], k: float = 3.0, window: int = 10) -> 
     for i in range(len(losses)):
         recent = sum(losses[max(0, i - 2) : i + 1]) / len(losses[max(0, i - 2) : i + 1])
         best = min(best, statistics.median(losses[max(0, i + 1 - window) : i + 1]))
-        if i >= 2 and recent > k * best and recent > losses[0]:
+        high = max(losses[:1] + losses[max(0, i - window) : max(0, i - 2)])
+        if i >= 2 and recent > k * best and recent > high:
             return i + 1
     return None
 
