@@ -16,7 +16,7 @@ import torch
 from posttrain.distributed.config import STRATEGIES, DistributedConfig
 from posttrain.errors import ConfigError, PosttrainError
 
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm", "preference", "distill")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "rm", "prm", "preference", "distill", "rl")
 """The commands that train on several processes (torchrun or distributed.nproc > 1)."""
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ from posttrain.algos.entropy import adaptive_entropy_coef
 from posttrain.algos.kl import KLController, kl_estimate
 from posttrain.algos.rollout_correction import correction_weights, mismatch_metrics
 from posttrain.data.quality.section import CleanSection, clean_data
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.parallel import is_main
+from posttrain.distributed.trainer import stop_agreed
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
 from posttrain.monitor.logger import console, progress_bar
@@ -81,6 +85,8 @@ from posttrain.train.rl_data import (
     load_prompts,
     rollout_tensors,
 )
+from posttrain.train.rl_dist import check_rl_processes, on_main, rank0_collect, wrap_policy
+from posttrain.train.rl_eval import build_evaluator, evaluate_on_main, make_evaluator  # noqa: F401
 from posttrain.train.rl_rollout import (
     EpisodeBatch,
     RolloutConfig,
@@ -175,6 +181,9 @@ class RLRecipe:
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     """What counts as a run gone wrong (KL, entropy, length, reward hacking, no learning signal, ...)
     and what then: pause with a checkpoint (exit 75), warn, or roll back (`posttrain.train.anomaly`)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """The update on several processes (DDP, hf engine): `distributed.nproc=2` or torchrun; rank 0
+    samples, every rank trains its rows of each mini-batch (`posttrain.train.rl_dist`)."""
     output_dir: str = "runs/rl"
     """Run directory: config.yaml, metrics.jsonl, eval_summary.json, checkpoints/, final/."""
     seed: int = 0
@@ -189,6 +198,7 @@ class RLRecipe:
         self.anomaly.validate()
         if self.data.multi_turn is not None:
             check_multi_turn(self.data.multi_turn, self.algorithm, self.rewards)
+        check_rl_processes(self.distributed, self.rollout.backend, self.data.multi_turn is not None)
         if self.peft.method in ("prefix", "prompt"):
             raise ConfigError(
                 f"peft.method={self.peft.method} prepends virtual tokens the rollout engine does not see",
@@ -303,6 +313,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     s.guard = AnomalyGuard(cfg.anomaly, run.logger)
     if run.resume_from is not None:
         s.guard.load_state_dict(restore(s, run.resume_from).get("anomaly"))
+    wrap_policy(s.module, cfg.distributed, run.device)  # DDP from outside, after the resume
     model.train()
     return s
 
@@ -312,10 +323,14 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
 
 def collect(s: Session, step: int) -> tuple[list[Scored], list[Scored], dict[str, float]]:
     """Generate and score this step's groups (`posttrain.train.rl_rollout.generate_groups`)."""
-    with autocast(s.run.precision, s.run.device):  # rollout.autocast, when set, overrides it inside
-        out = generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
-        prefetch_groups(s.engine, s.sampler, s.cfg.rollout, s.cfg.seed, step + 1, s.cfg.train.max_steps)
-        return out
+
+    def generate():
+        with autocast(s.run.precision, s.run.device):  # rollout.autocast, when set, overrides it inside
+            out = generate_groups(s.engine, s.sampler, s.rewards, s.cfg.rollout, s.cfg.seed, step)
+            prefetch_groups(s.engine, s.sampler, s.cfg.rollout, s.cfg.seed, step + 1, s.cfg.train.max_steps)
+            return out
+
+    return rank0_collect(generate, s.sampler)  # several processes: rank 0 samples for all
 
 
 def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[str, float]]:
@@ -453,36 +468,6 @@ def train_step(s: Session, step: int) -> dict[str, float]:
 # ---------------------------------------------------------------- the run
 
 
-def make_evaluator(s: Session, results: dict):
-    """evaluate(step): greedy held-out accuracy per task and level, logged under eval/."""
-    from posttrain.eval.accuracy import task_accuracy
-
-    def evaluate(step: int) -> None:
-        report, records = task_accuracy(s.model, s.run.tokenizer, s.problems, s.cfg.eval.max_new_tokens)
-        metrics = {f"task_accuracy/{k}": v for k, v in report.to_dict().items() if k != "seconds"}
-        s.run.logger.log(step, metrics, prefix="eval/")
-        results[step] = metrics
-        with open(s.run.dir / "eval_generations.jsonl", "a") as f:
-            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records[:20])
-        console.print(f"eval @ step {step}: held-out accuracy {metrics['task_accuracy/overall']:.3f}")
-
-    return evaluate
-
-
-def build_evaluator(s: Session, results: dict):
-    """evaluate(step): the task-suite accuracy (if any problems) then the eval recipe (if any); None if neither.
-
-    The recipe is loaded and its data checked here, before the first step."""
-    task = make_evaluator(s, results) if s.problems else None
-    if s.cfg.eval.recipe is None:
-        return task
-    from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
-
-    hook = EvalHookConfig(s.cfg.eval.recipe, list(s.cfg.eval.recipe_overrides))
-    both = with_recipe_eval(hook, s.run, None if task is None else lambda model, step: task(step))
-    return lambda step: both(s.model, step)
-
-
 def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
     state = {
         "sampler": sampler_state,
@@ -491,7 +476,8 @@ def checkpoint(s: Session, step: int, sampler_state: dict) -> Path:
         "rollout_seed": rollout_seed(s.cfg.seed, step, 0),
         "anomaly": s.guard.state_dict() if s.guard is not None else None,
     }
-    return save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, s.cfg.train.keep_last)
+    keep = s.cfg.train.keep_last  # several processes: rank 0 writes (the weights are replicated)
+    return on_main(lambda: save_checkpoint(s.run.dir, step, s.module, s.optimizer, s.scheduler, state, keep))
 
 
 def restore(s: Session, path: Path) -> dict:
@@ -528,15 +514,13 @@ def _on_anomaly(s: Session, exc: TrainingAnomaly, step: int, sampler_before: dic
 
 def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
     """Train and export the policy; returns the exported `final/` folder."""
-    from posttrain.models.peft import export_model
-
     s = setup(cfg, model, tokenizer)
     tc, results, warned = cfg.train, {}, {}
     evaluate = build_evaluator(s, results)
     if evaluate is not None and cfg.eval.before and s.run.resume_from is None:
-        evaluate(0)  # the held-out baseline the reward-hacking check compares the first evaluation with
+        evaluate_on_main(evaluate, results, 0)  # the baseline the reward-hacking check compares with
         s.guard.monitor.update(0, {f"eval/{k}": v for k, v in results[0].items()})
-    with progress_bar(tc.max_steps, "rl") as bar, StopRequest() as stop:
+    with progress_bar(tc.max_steps, "rl", disable=not is_main()) as bar, StopRequest() as stop:
         task = bar.add_task("rl", total=tc.max_steps, completed=s.step, stats="")
         while s.step < tc.max_steps:
             step, before = s.step + 1, dict(s.sampler.state)
@@ -561,35 +545,44 @@ def run_rl(cfg: RLRecipe, model=None, tokenizer=None) -> Path:
             if evaluate is not None and (
                 (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps
             ):
-                evaluate(step)
+                evaluate_on_main(evaluate, results, step)
                 metrics.update({f"eval/{k}": v for k, v in results[step].items()})
             restored = s.guard.check(step, metrics, lambda: checkpoint(s, s.step, s.sampler.state),
                                      lambda factor: rollback(s, factor))  # fmt: skip
             if restored is not None:
                 bar.update(task, completed=restored)
                 continue
-            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps or stop.signum:
+            stopping = stop_agreed(stop.signum)  # every rank stops after the same step
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps or stopping:
                 saved = checkpoint(s, step, s.sampler.state)
-            if stop.signum is not None and step < tc.max_steps:  # SIGINT / SIGTERM: saved above, now stop
+            if stopping and step < tc.max_steps:  # SIGINT / SIGTERM: saved above, now stop
                 s.run.logger.close()
-                raise RunInterrupted(stop.signum, step, str(saved))
-    if results:
-        (s.run.dir / "eval_summary.json").write_text(
-            json.dumps({str(k): v for k, v in results.items()}, indent=1)
-        )
-    final = export_model(s.model, s.run.tokenizer, Path(cfg.output_dir) / "final", cfg.peft)
-    if s.value_head is not None:  # PPO's critic, for continuing or inspecting the run
-        from posttrain.models.heads import save_value_head
-
-        save_value_head(s.value_head, final)
+                raise RunInterrupted(stop.signum or signal.SIGTERM, step, str(saved))
+    final = on_main(lambda: _export(s, results)) or Path(cfg.output_dir) / "final"
     s.run.finish(final)
     if hasattr(s.engine, "shutdown"):  # Ray actors and their placement group
         s.engine.shutdown()
     return final
 
 
+def _export(s: Session, results: dict) -> Path:
+    """eval_summary.json, final/ (and PPO's critic head, for continuing or inspecting the run)."""
+    from posttrain.models.peft import export_model
+
+    if results:
+        summary = json.dumps({str(k): v for k, v in results.items()}, indent=1)
+        (s.run.dir / "eval_summary.json").write_text(summary)
+    final = export_model(s.model, s.run.tokenizer, Path(s.cfg.output_dir) / "final", s.cfg.peft)
+    if s.value_head is not None:
+        from posttrain.models.heads import save_value_head
+
+        save_value_head(s.value_head, final)
+    return final
+
+
 def rl_main(recipe_path: str | None, overrides: list[str]) -> Path:
     """CLI entry: `posttrain rl RECIPE.yaml [key=value ...]`."""
     from posttrain.config import load_recipe
+    from posttrain.distributed.launch import run_command
 
-    return run_rl(load_recipe(RLRecipe, recipe_path, overrides))
+    return run_command("rl", recipe_path, overrides, load_recipe(RLRecipe, recipe_path, overrides), run_rl)

@@ -11,7 +11,8 @@ each term aggregated by `posttrain.algos.aggregate.aggregate_loss` (``loss_agg``
 seq-mean-token-sum constant is max_new_tokens). With a rollout correction the advantages are
 A_t * w_t (w the capped importance weight trainer / sampler). One optimiser step per mini-batch,
 accumulated over ``micro_batches`` forward/backward passes whose losses are weighted by their share
-of the mini-batch's tokens (token-mean) or rows, so the gradient does not depend on the split;
+of the mini-batch's tokens (token-mean) or rows, so the gradient does not depend on the split
+(on several ranks each takes its slice of every mini-batch's rows: `posttrain.train.rl_dist`);
 ``ppo_epochs`` passes over the rollout in a fresh row order each (a generator seeded by the
 recipe seed and the step). The critic is a `ScalarHead` on the policy's last hidden states:
 one backbone forward gives the log-probs (LM head at completion positions only) and V(s_t),
@@ -36,11 +37,13 @@ from posttrain.algos.kl import kl_in_loss
 from posttrain.algos.policy_losses import POLICY_LOSSES, SEQUENCE_LOSSES, entropy_bonus, get_policy_loss
 from posttrain.algos.rollout_correction import mismatch_metrics
 from posttrain.algos.value_losses import clipped_value_loss
+from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, is_main, world
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.monitor.logger import check_finite
 from posttrain.train.lm_loss import chunked_logprobs, selected_hidden, supports_fused_head, token_logprobs
 from posttrain.train.optim import clip_grads, optimizer_step
 from posttrain.train.rl_data import select_rows
+from posttrain.train.rl_dist import rank_parts, reduce_metrics
 
 Metrics = dict[str, float]
 
@@ -414,27 +417,47 @@ def micro_share(mb: dict[str, torch.Tensor], whole: dict[str, torch.Tensor], agg
     return mb["mask"].shape[0] / whole["mask"].shape[0]
 
 
-def accumulate(
-    model, value_head, data, rows, algo, kl_coef, *, temperature, norm, chunk_size, entropy_coef, measure
-) -> tuple[float, list[dict[str, torch.Tensor]], int]:
-    """Forward/backward the mini-batch ``rows`` in ``algo.micro_batches`` parts (gradients summed).
+def _part_loss(_root: torch.nn.Module, *args: Any, **kwargs: Any):
+    return minibatch_loss(*args, **kwargs)  # run inside the DDP forward (`call`); _root holds model
 
-    Returns (the mini-batch loss, each part's metrics, tokens processed).
+
+def accumulate(
+    module,
+    model,
+    value_head,
+    data,
+    rows,
+    algo,
+    kl_coef,
+    *,
+    temperature,
+    norm,
+    chunk_size,
+    entropy_coef,
+    measure,
+) -> tuple[float, list[tuple[dict[str, torch.Tensor], bool]], int]:
+    """Forward/backward this rank's parts of the mini-batch ``rows`` (`rank_parts`: all of it in
+    ``algo.micro_batches`` parts in one process), gradients summed; each part's loss weighs its
+    share of the whole mini-batch (`micro_share`), times the world size under DDP.
+
+    Returns (this rank's part of the mini-batch loss, each part's (metrics, real), tokens).
     """
     device = next(model.parameters()).device
     whole = {"mask": data["mask"][rows]}
-    total, parts, tokens = 0.0, [], 0
-    for part in rows.tensor_split(min(algo.micro_batches, rows.numel())):
+    total, parts, tokens, scale = 0.0, [], 0, world()
+    pieces = rank_parts(rows, algo.micro_batches)
+    for i, (part, real) in enumerate(pieces):
         mb = {k: v.to(device) for k, v in select_rows(data, part).items()}
-        loss, metrics = minibatch_loss(
-            model, value_head, mb, algo, kl_coef, temperature=temperature, norm=norm,
-            chunk_size=chunk_size, entropy_coef=entropy_coef, measure_mismatch=measure,
-        )  # fmt: skip
-        share = micro_share(mb, whole, algo.loss_agg)
-        (loss * share).backward()
+        with grad_sync(module, i == len(pieces) - 1):
+            loss, metrics = call(
+                module, _part_loss, model, value_head, mb, algo, kl_coef, temperature=temperature, norm=norm,
+                chunk_size=chunk_size, entropy_coef=entropy_coef, measure_mismatch=measure,
+            )  # fmt: skip
+            share = micro_share(mb, whole, algo.loss_agg) if real else 0.0
+            (loss * (share * scale) if scale > 1 else loss * share).backward()
         total += float(loss.detach()) * share
-        parts.append(metrics)
-        tokens += int(mb["attention_mask"].sum())
+        parts.append((metrics, real))
+        tokens += int(mb["attention_mask"].sum()) if real else 0
     return total, parts, tokens
 
 
@@ -470,7 +493,7 @@ def ppo_update(
         order = torch.randperm(data["valid"].shape[0], generator=generator)
         for rows in order.tensor_split(min(algo.mini_batches, order.numel())):
             loss, parts, n = accumulate(
-                model, value_head, data, rows, algo, kl_coef, temperature=temperature, norm=norm,
+                module, model, value_head, data, rows, algo, kl_coef, temperature=temperature, norm=norm,
                 chunk_size=chunk_size, entropy_coef=entropy_coef, measure=applied == 0,
             )  # fmt: skip
             grad_norm = clip_grads(module, max_grad_norm)
@@ -484,14 +507,16 @@ def ppo_update(
             optimizer_step(optimizer, scheduler)
             applied += 1
             tokens += n
-            for metrics in parts:
+            sums["loss/minibatch"] += loss  # summed over the ranks: the whole mini-batch's loss
+            counts["loss/minibatch"] += 1 if is_main() else 0
+            for metrics, real in parts:
                 for key, value in {**metrics, "grad_norm": grad_norm}.items():
                     value = float(value)
-                    if not math.isfinite(value):
+                    if not real or not math.isfinite(value):
                         continue
                     if key.endswith("_max"):  # a maximum over the step, not a mean
                         sums[key], counts[key] = max(sums.get(key, value), value), 1
                     else:
                         sums[key] += value
                         counts[key] += 1
-    return {k: sums[k] / counts[k] for k in sums}, tokens
+    return reduce_metrics(sums, counts), int(all_reduce_sum([tokens])[0])

@@ -1,0 +1,139 @@
+"""Online RL on several processes: rank 0 samples, every rank trains its share of each mini-batch.
+
+Design (the simplest one that keeps one process's semantics):
+
+- Rank 0 holds the rollout engine's work: it draws the step's prompts, generates (HF engine, the
+  policy module itself), scores the rewards, then broadcasts the groups and the prompt sampler's
+  position to every rank (`rank0_collect`). Every rank then builds the same full rollout batch
+  (old / reference log-probs, critic values, advantages), so group advantages and batch-level
+  estimators (REINFORCE++ whitening) see the whole step exactly as in one process. Those no-grad
+  passes are repeated on each rank; generation is not parallel (rank 0 alone).
+- The update is DDP (`posttrain.distributed.parallel.wrap` around the policy, plus the critic
+  head): each mini-batch's rows are split over the ranks (`rank_parts`), each part's loss weighs
+  its share of the WHOLE mini-batch's loss tokens (token-mean) or rows, and the loss is scaled
+  by the world size, so DDP's gradient average is one process's mini-batch gradient for every
+  `train.loss_agg` mode. Metrics are summed over the ranks.
+- Rank 0 writes logs, checkpoints and `final/`; evaluation runs on rank 0 and its results are
+  broadcast so every rank's anomaly guard decides alike.
+
+Not supported on several processes (clear errors at load): FSDP, engines other than hf
+(vllm, ray), multi-turn environments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from posttrain.distributed.config import DistributedConfig
+from posttrain.distributed.parallel import barrier, is_main, rank, world
+from posttrain.errors import ConfigError
+
+
+def several(cfg: DistributedConfig) -> int:
+    """The number of processes this run asks for (distributed.nproc or torchrun's WORLD_SIZE)."""
+    from posttrain.distributed.launch import env_world
+
+    return max(cfg.nproc, env_world())
+
+
+def check_rl_processes(dist_cfg: DistributedConfig, backend: str, multi_turn: bool) -> None:
+    """Refuse what the distributed RL update does not support, naming the key and the fix."""
+    n = several(dist_cfg)
+    if n <= 1:
+        return
+    if dist_cfg.strategy == "fsdp":
+        raise ConfigError(
+            f"rl on {n} processes runs DDP only (the HF engine samples with the full weights on rank 0)",
+            where="distributed.strategy",
+            fix="set distributed.strategy=ddp",
+        )
+    if backend != "hf":
+        raise ConfigError(
+            f"rl on {n} processes samples with the hf engine on rank 0; rollout.backend={backend} is not "
+            "wired to the DDP update yet",
+            where="rollout.backend",
+            fix="use rollout.backend=hf with distributed.nproc > 1, or run one process (rollout.backend "
+            "ray parallelises generation over rollout workers)",
+        )
+    if multi_turn:
+        raise ConfigError(
+            f"multi-turn RL (data.multi_turn) does not run on several processes ({n} asked)",
+            where="distributed.nproc",
+            fix="run it in one process (distributed.nproc=1, no torchrun)",
+        )
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (pickled over the process group; the identity in one process)."""
+    if world() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank0_collect(collect: Callable[[], Any], sampler: Any) -> Any:
+    """``collect()`` on rank 0 (it advances ``sampler``), then its result and the sampler's new
+    position on every rank."""
+    if world() == 1:
+        return collect()
+    out, state = broadcast((collect(), dict(sampler.state)) if is_main() else None)
+    sampler.state = state
+    return out
+
+
+def on_main(write: Callable[[], Any]) -> Any:
+    """``write()`` on rank 0 (checkpoints, files), then every rank waits for it; returns its result
+    on rank 0 and None elsewhere."""
+    out = write() if is_main() else None
+    barrier()
+    return out
+
+
+def rank_parts(rows: torch.Tensor, micro_batches: int) -> list[tuple[torch.Tensor, bool]]:
+    """This rank's micro-batches of the mini-batch ``rows``: its slice
+    ``tensor_split(rows, world)[rank]`` cut into k parts, k the same on every rank (every rank runs
+    the same number of backward passes). An empty part comes back as ``rows[:1]`` with real=False
+    (the caller gives it zero weight)."""
+    w = world()
+    mine = torch.tensor_split(rows, w)[rank()] if w > 1 else rows
+    k = min(micro_batches, -(-rows.numel() // w))
+    return [(p, True) if p.numel() else (rows[:1], False) for p in mine.tensor_split(k)]
+
+
+def reduce_metrics(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    """Means over every rank's parts: sums and counts all-reduced, ``*_max`` keys maximised."""
+    if world() == 1:
+        return {k: sums[k] / counts[k] for k in sums if counts[k]}
+    import torch.distributed as dist
+
+    keys = sorted(broadcast(sorted(sums)))  # rank 0's keys: a rank with only stand-ins has none
+    means = [k for k in keys if not k.endswith("_max")]
+    maxes = [k for k in keys if k.endswith("_max")]
+    t = torch.tensor(
+        [sums.get(k, 0.0) for k in means] + [counts.get(k, 0.0) for k in means], dtype=torch.float64
+    )
+    dist.all_reduce(t)
+    m = torch.tensor(
+        [sums.get(k, -math.inf) if counts.get(k) else -math.inf for k in maxes], dtype=torch.float64
+    )
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    out = {k: float(t[i] / t[len(means) + i]) for i, k in enumerate(means) if t[len(means) + i] > 0}
+    return {**out, **{k: float(m[i]) for i, k in enumerate(maxes) if m[i] > -math.inf}}
+
+
+def wrap_policy(
+    module: torch.nn.Module, dist_cfg: DistributedConfig, device: torch.device
+) -> torch.nn.Module:
+    """DDP around the trained module (policy, or policy + critic head) when world > 1."""
+    if world() == 1:
+        return module
+    from posttrain.distributed.parallel import wrap
+
+    return wrap(module, dist_cfg, device)
