@@ -417,10 +417,13 @@ class AnomalyGuard:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Resume: the detector history, exactly, after an interruption; after a pause, a fresh
         history (the old window still holds the anomaly and would pause again at once, whatever
-        setting was changed), the rollback count kept."""
+        setting was changed) but the run's first loss (the start a divergence must exceed: a lucky
+        first batch after the resume is not the start), the rollback count kept."""
         if state:
             if not state.get("paused"):
                 self.monitor.load_state_dict(state["monitor"])
+            else:
+                self.monitor.first_loss = state["monitor"].get("first_loss")
             self.rollbacks = state["rollbacks"]
 
 

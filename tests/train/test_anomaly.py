@@ -229,3 +229,25 @@ def test_a_resume_after_a_pause_starts_the_detectors_afresh_an_interrupted_one_d
     resumed = AnomalyGuard(cfg, RunLogger(tmp_path / "c", tensorboard=False))
     resumed.load_state_dict({**paused, "rollbacks": 1})
     assert resumed.monitor.history == {} and resumed.rollbacks == 1
+
+
+def test_a_resume_after_a_pause_keeps_the_runs_first_loss(tmp_path):
+    """Measured: a PRM resumed after a pause drew an easy first batch (0.071), and 1.06, 0.617 then
+    paused it again as a divergence from that 'start'; the run's start was 0.997."""
+    from posttrain.monitor.logger import RunLogger
+    from posttrain.train.anomaly import AnomalyGuard
+
+    cfg = AnomalyConfig()
+    guard = AnomalyGuard(cfg, RunLogger(tmp_path, tensorboard=False))
+    with pytest.raises(RunPaused):
+        for step, loss in enumerate((0.997, 0.2, 0.1, 0.1, 5.0, 6.0, 7.0), 1):
+            guard.check(step, {"loss": loss}, save=lambda: "ckpt")
+    resumed = AnomalyGuard(cfg, RunLogger(tmp_path / "b", tensorboard=False))
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.monitor.history == {} and resumed.monitor.first_loss == 0.997
+    for step, loss in enumerate((0.071, 1.06, 0.617, 0.5), 8):
+        resumed.check(step, {"loss": loss}, save=lambda: "ckpt")  # no pause: never above 0.997
+    fresh = AnomalyGuard(cfg, RunLogger(tmp_path / "c", tensorboard=False))
+    with pytest.raises(RunPaused):  # what the resume did before: 0.071 as the start
+        for step, loss in enumerate((0.071, 1.06, 0.617), 8):
+            fresh.check(step, {"loss": loss}, save=lambda: "ckpt")
