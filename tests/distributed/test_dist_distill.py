@@ -84,10 +84,10 @@ def max_diffs(a: Path, b: Path) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("topk", [0, 8])
-def test_ddp_logit_distill_equals_one_process(tmp_path, tiny_model_dir, student_dir, topk):
+@pytest.mark.parametrize("topk,strategy", [(0, "ddp"), (8, "ddp"), (0, "fsdp")])
+def test_ddp_logit_distill_equals_one_process(tmp_path, tiny_model_dir, student_dir, topk, strategy):
     recipe = _recipe(tmp_path, tiny_model_dir, student_dir)
-    for name, extra in [("one", ()), ("ddp", ("distributed.nproc=2",))]:
+    for name, extra in [("one", ()), ("ddp", ("distributed.nproc=2", f"distributed.strategy={strategy}"))]:
         res = distill(recipe, tmp_path / name, f"teacher_topk={topk}", *extra)
         assert res.returncode == 0, res.stderr[-3000:]
     loss_diff, weight_diff = max_diffs(tmp_path / "one", tmp_path / "ddp")
