@@ -48,6 +48,7 @@ RECIPE_TYPES: dict[str, str] = {
     "rm": "posttrain.train.rm:RMRecipe",
     "prm": "posttrain.train.prm:PRMRecipe",
     "prm-label": "posttrain.search.prm_label:PRMLabelRecipe",
+    "prm-conf": "posttrain.train.prm_conf:PRMConfRecipe",
     "self-improve": "posttrain.search.self_improve:SelfImproveRecipe",
     "preference": "posttrain.train.preference:PreferenceRecipe",
     "search": "posttrain.search.compare:SearchRecipe",
@@ -131,6 +132,14 @@ def prm_label(recipe: Recipe = None, overrides: Overrides = None) -> None:
     from posttrain.search.prm_label import prm_label_main
 
     prm_label_main(str(recipe) if recipe else None, overrides or [])
+
+
+@app.command("prm-conf")
+def prm_conf(recipe: Recipe = None, overrides: Overrides = None) -> None:
+    """Confidence PRM: a head over the frozen policy's step log-probs (scorer conf:PATH)."""
+    from posttrain.train.prm_conf import prm_conf_main
+
+    prm_conf_main(str(recipe) if recipe else None, overrides or [])
 
 
 @app.command("self-improve")

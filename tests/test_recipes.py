@@ -19,7 +19,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses(path):
-    m = re.search(rf"posttrain (\w+) recipes/{re.escape(path.name)}", path.read_text())
+    m = re.search(rf"posttrain ([\w-]+) recipes/{re.escape(path.name)}", path.read_text())
     assert m, f"{path.name}: header comment must show the command that runs it"
     assert m.group(1) in RECIPE_TYPES, f"{path.name}: unknown command {m.group(1)}"
     load_recipe(recipe_type(m.group(1)), path)

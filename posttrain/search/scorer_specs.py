@@ -12,6 +12,10 @@ Names (``scorer:`` of a search recipe, a strategy, or the self-improvement loop)
 - ``prm:PATH`` or ``prm:AGG:PATH`` -- a process reward model folder (`posttrain prm`), AGG one of
   min (default), last, mean, product. Step i scores AGG(p_1..p_i), so a strategy reading the
   last step's score (``how: last``, ``select: prm_last``) ranks by AGG over the whole path.
+- ``conf:PATH`` or ``conf:AGG:PATH`` -- a confidence PRM folder (`posttrain prm-conf`): step scores
+  from the frozen policy's own token log-probs through a learned head
+  (`posttrain.search.confidence`), AGG as for ``prm:``. It ranks the chains of one question, where a
+  fine-tuned PRM mostly learns which questions are hard.
 - ``value:PATH`` -- a value model: a PRM-format folder trained on Monte-Carlo values (the value
   of a prefix is the head's probability at its last step end), or a policy folder holding a PPO
   critic (``value_head.safetensors``; the value at the path's last token).
@@ -33,7 +37,7 @@ from posttrain.search.protocols import ScoreRequest
 
 PLAIN_SCORERS = ("verifier", "oracle_prm", "majority", "none")
 ORACLE_SCORERS = ("verifier", "oracle_prm")
-MODEL_KINDS = ("orm", "prm", "value")
+MODEL_KINDS = ("orm", "prm", "value", "conf")
 AGGS = ("min", "last", "mean", "product")
 
 
@@ -42,11 +46,11 @@ class ScorerSpec:
     """A parsed scorer name."""
 
     kind: str
-    """verifier | oracle_prm | majority | none | orm | prm | value."""
+    """verifier | oracle_prm | majority | none | orm | prm | value | conf."""
     path: str = ""
     """The model folder (orm, prm, value)."""
     agg: str = "min"
-    """How a PRM's step probabilities combine along a path (prm only)."""
+    """How a PRM's step probabilities combine along a path (prm and conf only)."""
 
     @property
     def oracle(self) -> bool:
@@ -56,6 +60,8 @@ class ScorerSpec:
 def _model_kind(path: str, where: str) -> str:
     """The saved kind of a reward/value folder: orm, prm, value, or critic (a PPO value head)."""
     folder = Path(path).expanduser()
+    if (folder / "conf_head.json").is_file():
+        return "conf"
     head = folder / "reward_head.json"
     if head.is_file():
         return str(json.loads(head.read_text()).get("kind", "orm"))
@@ -63,10 +69,10 @@ def _model_kind(path: str, where: str) -> str:
         return "critic"
     what = "does not exist" if not folder.exists() else "is not a reward or value model folder"
     raise ConfigError(
-        f"scorer path {path!r} {what} (no reward_head.json, no value_head.safetensors)",
+        f"scorer path {path!r} {what} (no reward_head.json, conf_head.json or value_head.safetensors)",
         where=where,
         fix="point at the final/ folder of `posttrain rm` (orm:PATH), `posttrain prm` (prm:PATH) or a "
-        "PPO run (value:PATH), or use verifier / oracle_prm / majority",
+        "PPO run (value:PATH), `posttrain prm-conf` (conf:PATH), or use verifier / oracle_prm / majority",
     )
 
 
@@ -82,19 +88,19 @@ def parse_scorer(name: str, where: str = "scorer") -> ScorerSpec:
         raise ConfigError(
             f"unknown scorer {name!r}",
             where=where,
-            fix=f"use one of {', '.join(PLAIN_SCORERS)}, orm:PATH, prm:PATH, prm:min|last|mean|product:PATH "
-            "or value:PATH",
+            fix=f"use one of {', '.join(PLAIN_SCORERS)}, orm:PATH, prm:PATH, prm:min|last|mean|product:PATH, "
+            "conf:PATH, conf:AGG:PATH or value:PATH",
         )
     agg, _, path = rest.partition(":")
-    if kind != "prm" or agg not in AGGS or not path:
+    if kind not in ("prm", "conf") or agg not in AGGS or not path:
         agg, path = "min", rest
     saved = _model_kind(path, where)
-    allowed = {"orm": ("orm",), "prm": ("prm",), "value": ("prm", "value", "critic")}[kind]
+    allowed = {"orm": ("orm",), "prm": ("prm",), "value": ("prm", "value", "critic"), "conf": ("conf",)}[kind]
     if saved not in allowed:
         raise ConfigError(
             f"scorer {name!r}: the folder holds a {saved} model, not a {kind}",
             where=where,
-            fix=f"write {'prm' if saved == 'prm' else 'orm'}:{path}",
+            fix=f"write {saved if saved in ('prm', 'conf') else 'orm'}:{path}",
         )
     return ScorerSpec(kind, path, agg)
 
@@ -206,6 +212,10 @@ def build_scorer(spec: ScorerSpec, step_sep: str = "<step>") -> Any:
         return RewardModelScorer(spec.path)
     elif spec.kind == "prm":
         return AggregatedScorer(RewardModelScorer(spec.path), spec.agg)
+    elif spec.kind == "conf":
+        from posttrain.search.confidence import ConfScorer
+
+        return AggregatedScorer(ConfScorer(spec.path), spec.agg)
     elif _model_kind(spec.path, "scorer") == "critic":
         return CriticScorer(spec.path)
     else:
