@@ -308,6 +308,10 @@ def _raw_keys(recipe_path: str | None) -> set[str]:
     return set(raw) if isinstance(raw, dict) else set()
 
 
+DDP_ONLY = ("rm", "prm", "rl")
+"""Commands whose several-process runs are DDP only (reward-head wrappers, the RL update)."""
+
+
 def _alternatives(
     recipe: Any, command: str, plan: PlanConfig, strategy: str, world: int
 ) -> list[tuple[str, Any]]:
@@ -330,7 +334,7 @@ def _alternatives(
     if not plan.gradient_checkpointing and hasattr(train, "gradient_checkpointing"):
         ckpt = dataclasses.replace(train, gradient_checkpointing=True)  # only where the trainer has it
         out.append(("train.gradient_checkpointing=true", (dataclasses.replace(recipe, train=ckpt), plan)))
-    if world > 1 and strategy != "fsdp":
+    if world > 1 and strategy != "fsdp" and command not in DDP_ONLY:
         out.append(("distributed.strategy=fsdp", (recipe, dataclasses.replace(plan, strategy="fsdp"))))
     if recipe.model.dtype in ("auto", "float32"):
         new = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype="bfloat16"))

@@ -95,3 +95,15 @@ def test_unsupported_distributed_rl_is_a_clear_error(strategy, backend, multi_tu
     check_rl_processes(
         DistributedConfig(nproc=1, strategy=strategy), backend, multi_turn
     )  # one process: fine
+
+
+def test_planner_does_not_suggest_fsdp_for_the_ddp_only_rl_update():
+    from posttrain.distributed.plan import PlanConfig, _alternatives
+    from posttrain.train.rl import RLRecipe
+    from posttrain.train.sft import SFTRecipe
+
+    def texts(recipe, command):
+        return [text for text, _ in _alternatives(recipe, command, PlanConfig(), "ddp", 2)]
+
+    assert "distributed.strategy=fsdp" not in texts(RLRecipe(), "rl")
+    assert "distributed.strategy=fsdp" in texts(SFTRecipe(), "sft")
