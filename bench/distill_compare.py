@@ -1,179 +1,163 @@
-"""Distillation vs plain SFT at equal student compute, on held-out task accuracy.
+"""Distillation vs plain SFT (issue 12): the diagnosis and the validation set that settings are chosen on.
 
-Teacher: the embedded tiny default after SFT (`recipes/sft_tiny.yaml`; pass --teacher to reuse one).
-Student: a ~1/4-size model sharing the default's tokenizer (`posttrain pretrain
-recipes/distill_student_tiny.yaml`). Arms, each STEPS optimiser steps of BATCH sequences from the
-same student start:
+The comparison itself is a pipeline (`posttrain run recipes/distill_compare.yaml`, graded on the
+test split). This script holds the two measurements made before it, never on the test split:
 
-- sft:        plain SFT on the task suite's demonstrations (padded batches, not packed);
-- logit:      logit KD (forward KL to the teacher) on the same demonstrations, the same batches;
-- on_policy:  GKD: BATCH student samples per step, reverse KL to the teacher at every position;
-- logit+on_policy: STEPS/2 logit KD, then STEPS/2 on-policy (GKD starts from a trained student).
+- ``val MODEL...``: greedy accuracy on a validation set of arith_mag *train-split* questions that the
+  distillation demonstrations (train split, seed 0, ``--demos`` per level of levels 1-2) do not contain:
+  every unseen level-1 question there is (the level has ~1,300 train questions and the demos hold all
+  but ~36), ``--n`` unseen level-2 ones, and ``--n`` level-3 and level-4 ones (no demo has those levels).
+- ``diagnose MODEL...``: per-token statistics of each model on gold solutions with teacher forcing
+  (the demonstrations, and the validation questions' reference solutions): entropy of the next-token
+  distribution at T=1 and T=2, how often its argmax is the gold token, the mean probability of the gold
+  token, split into *result digits* (the digits after `=` and `Answer:`, which carry the arithmetic)
+  and every other trained token (copies of operands, format).
 
-Held-out greedy accuracy (`posttrain.eval.accuracy.task_accuracy`) on the test split, per arm and seed,
-with the teacher and the untrained student beside them; results.json + a markdown table in OUT.
-
-    python bench/distill_compare.py --student runs/distill_student_tiny/final [--teacher DIR] [--steps 40]
+    python bench/distill_compare.py val runs/h2/e_sft700/final runs/h2/e_logit/final --out runs/h2/val.json
+    python bench/distill_compare.py diagnose TEACHER STUDENT --out runs/h2/diag.json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
 from pathlib import Path
 
-TASKS = ["arith", "countdown", "sort"]
+TASK, DEMO_LEVELS, VAL_SEED = "arith_mag", (1, 2), 7
 
 
-def _data(n_per_level: int):
-    from posttrain.data.sft_data import DataConfig
-
-    return DataConfig(
-        train="tasks", eval=None, tasks=TASKS, n_per_level=n_per_level, max_len=256, packing=False
-    )
-
-
-def _loop(steps: int, batch: int):
-    from posttrain.train.loop import LoopConfig
-
-    return LoopConfig(max_steps=steps, batch_size=batch, seq_len=256, tensorboard=False, num_samples=0)
-
-
-def teacher_model(args) -> str:
-    if args.teacher:
-        return args.teacher
-    from posttrain.config import load_recipe
-    from posttrain.train.sft import SFTRecipe, run_sft
-
-    overrides = [f"output_dir={args.out}/teacher", f"model.path={args.teacher_base}"]
-    return str(run_sft(load_recipe(SFTRecipe, "recipes/sft_tiny.yaml", overrides)))
-
-
-def run_arm(arm: str, args, teacher: str, seed: int, student: str, steps: int, out: Path) -> str:
-    """Train one arm from ``student`` for ``steps`` steps into ``out``; returns its final/ folder."""
-    from posttrain.train.distill import DistillRecipe, run_distill
-    from posttrain.train.distill.config import DistillLossConfig, DistillRolloutConfig
-    from posttrain.train.loop import ModelConfig
-    from posttrain.train.optim import OptimConfig
-    from posttrain.train.sft import SFTRecipe, run_sft
-
-    common = dict(optim=OptimConfig(lr=args.lr, warmup_steps=5), output_dir=str(out), seed=seed)
-    data, loop = _data(args.n_per_level), _loop(steps, args.batch)
-    if arm == "sft":
-        return str(run_sft(SFTRecipe(model=ModelConfig(path=student), data=data, train=loop, **common)))
-    if arm in ("logit", "on_policy"):
-        cfg = DistillRecipe(
-            mode=arm, teacher=ModelConfig(path=teacher), student=ModelConfig(path=student), data=data,
-            loss=DistillLossConfig(kind="forward_kl" if arm == "logit" else "reverse_kl"),
-            rollout=DistillRolloutConfig(prompts_per_step=args.batch, n=1, temperature=1.0, max_new_tokens=96),
-            train=loop, **common,
-        )  # fmt: skip
-        return str(run_distill(cfg))
-    first = run_arm("logit", args, teacher, seed, student, steps // 2, out / "logit_half")
-    return run_arm("on_policy", args, teacher, seed, first, steps - steps // 2, out / "on_policy_half")
-
-
-def accuracy(path: str, n_eval: int) -> dict:
+def demo_questions(n_demos: int) -> set[str]:
+    """The questions of the distillation demonstrations (task suite train split, seed 0)."""
     from posttrain.data.tasks import task_problems
+
+    return {p.question for p in task_problems([TASK], "train", n_demos, 0, list(DEMO_LEVELS))}
+
+
+def validation_problems(n: int, n_demos: int = 5000) -> list:
+    """Train-split problems whose question no demonstration holds, unique, up to ``n`` per level."""
+    from posttrain.data.tasks.split import make_split
+
+    seen, out = demo_questions(n_demos), []
+    for level in (1, 2, 3, 4):
+        kept: dict[str, object] = {}
+        draws = 30000 if level in DEMO_LEVELS else 4 * n
+        for p in make_split(TASK, "train", draws, seed=VAL_SEED, levels=[level]):
+            if p.question not in seen and p.question not in kept:
+                kept[p.question] = p
+            if len(kept) == n:
+                break
+        out += list(kept.values())
+    return out
+
+
+def result_digit_mask(pieces: list[str]) -> list[bool]:
+    """Per token text: True for digits written after `=` or `:` (a step's result, the answer)."""
+    out, in_result = [], False
+    for s in pieces:
+        t = s.strip()
+        if t.endswith("=") or t.endswith(":"):
+            in_result = True
+            out.append(False)
+        elif t.isdigit() and in_result:
+            out.append(True)
+        elif t == "":
+            out.append(False)
+        else:
+            in_result = False
+            out.append(False)
+    return out
+
+
+def token_stats(model, tok, samples, batch_size: int = 32) -> dict[str, float]:
+    """Teacher-forced statistics of ``model`` on ``samples`` (module docstring), per token class."""
+    import torch
+
+    from posttrain.data.collate import pad_collate
+    from posttrain.train.distill.teacher import labelled_logits
+    from posttrain.train.lm_loss import loss_targets
+
+    acc: dict[str, list[float]] = {}
+    for start in range(0, len(samples), batch_size):
+        part = samples[start : start + batch_size]
+        batch = pad_collate(part, tok.pad_token_id)
+        with torch.no_grad():
+            logits = labelled_logits(model, batch, len(tok)).float()
+        targets = loss_targets(batch)[1]
+        digits = [
+            m for s in part for m in result_digit_mask([tok.decode([t]) for t in s.labels if t != -100])
+        ]
+        cls = torch.tensor(digits)
+        for name, temp in (("", 1.0), ("_t2", 2.0)):
+            logp = torch.log_softmax(logits / temp, -1)
+            ent = -(logp.exp() * logp).sum(-1)
+            _add(acc, "entropy" + name, ent, cls)
+        logp = torch.log_softmax(logits, -1)
+        _add(acc, "argmax_is_gold", (logits.argmax(-1) == targets).float(), cls)
+        _add(acc, "p_gold", logp.gather(-1, targets[:, None])[:, 0].exp(), cls)
+    return {k: sum(v) / max(len(v), 1) for k, v in acc.items()}
+
+
+def _add(acc: dict, key: str, values, cls) -> None:
+    acc.setdefault(f"{key}/result_digits", []).extend(values[cls].tolist())
+    acc.setdefault(f"{key}/other", []).extend(values[~cls].tolist())
+
+
+def _samples(tok, problems) -> list:
+    from posttrain.data.render import render_chat
+    from posttrain.data.sft_data import resolve_step_sep
+
+    sep = resolve_step_sep(tok, "auto")
+    return [render_chat(tok, p.messages(step_sep=sep))[0] for p in problems]
+
+
+def diagnose(models: list[str], n: int, n_demos: int) -> dict:
+    from posttrain.data.tasks import task_problems
+    from posttrain.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(models[0])
+    demos = task_problems([TASK], "train", n_demos, 0, list(DEMO_LEVELS))
+    sets = {"demos": demos[:n] + demos[n_demos : n_demos + n], "val_gold": validation_problems(n, n_demos)}
+    out = {}
+    for path in models:
+        model = load_model(path, tokenizer=tok).eval()
+        out[path] = {name: token_stats(model, tok, _samples(tok, probs)) for name, probs in sets.items()}
+        print(path, json.dumps(out[path], indent=1), flush=True)
+    return out
+
+
+def val_accuracy(models: list[str], n: int, n_demos: int) -> dict:
     from posttrain.eval.accuracy import task_accuracy
     from posttrain.models.load import load_model, load_tokenizer
 
-    tok = load_tokenizer(path)
-    report, _ = task_accuracy(
-        load_model(path, tokenizer=tok), tok, task_problems(TASKS, "test", n_eval, 0), 96
-    )
-    return report.to_dict()
-
-
-def _tokens(run_dir: Path) -> float:
-    """Trained tokens over the run's optimiser steps (metrics.jsonl, every run dir below ``run_dir``)."""
-    total = 0.0
-    for f in run_dir.rglob("metrics.jsonl"):
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        total += sum(r.get("tokens", 0) for r in rows if "loss" in r)
-    return total
-
-
-@dataclasses.dataclass
-class Args:
-    student: str
-    teacher: str | None
-    teacher_base: str
-    steps: int
-    batch: int
-    lr: float
-    n_per_level: int
-    n_eval: int
-    seeds: list[int]
-    arms: list[str]
-    out: str
+    problems, out = validation_problems(n, n_demos), {}
+    for path in models:
+        tok = load_tokenizer(path)
+        report, _ = task_accuracy(load_model(path, tokenizer=tok).eval(), tok, problems, 64)
+        cells = {f"L{lv}": 100.0 * c / report.total[(t, lv)] for (t, lv), c in sorted(report.correct.items())}
+        cells["n"] = {f"L{lv}": report.total[(t, lv)] for (t, lv) in sorted(report.total)}
+        cells["all"] = 100.0 * sum(report.correct.values()) / sum(report.total.values())
+        out[path] = cells
+        print(f"{path}: " + " ".join(f"{k} {v:.1f}" for k, v in cells.items() if k != "n"), flush=True)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--student", required=True)
+    p.add_argument("what", choices=["val", "diagnose"])
+    p.add_argument("models", nargs="+", help="model folders (final/)")
     p.add_argument(
-        "--teacher", default=None, help="an SFT'd teacher folder (default: SFT --teacher-base here)"
+        "--n", type=int, default=300, help="problems per level (val), samples per level (diagnose)"
     )
-    p.add_argument("--teacher-base", default="default", help="the model the teacher's SFT starts from")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-per-level", type=int, default=200)
-    p.add_argument("--n-eval", type=int, default=10)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--arms", nargs="+", default=["sft", "logit", "on_policy", "logit+on_policy"])
-    p.add_argument("--out", default="runs/distill_compare")
-    args = Args(**vars(p.parse_args()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    teacher = teacher_model(args) if set(args.arms) != {"sft"} else None  # the control needs none
-    for name, path in (("teacher", teacher), ("student (start)", args.student)):
-        if name not in results and path is not None:
-            results[name] = {"acc": accuracy(path, args.n_eval), "path": path}
-            results_file.write_text(json.dumps(results, indent=1))
-    for seed in args.seeds:
-        for arm in args.arms:
-            key = f"{arm} seed{seed}"
-            if key in results:
-                continue
-            t0 = time.perf_counter()
-            run_dir = out / f"seed{seed}" / arm
-            final = run_arm(arm, args, teacher, seed, args.student, args.steps, run_dir)
-            train_s = time.perf_counter() - t0
-            tokens = _tokens(run_dir)
-            results[key] = {
-                "acc": accuracy(final, args.n_eval),
-                "train_s": train_s,
-                "trained_tokens": tokens,
-                "path": final,
-            }
-            results_file.write_text(json.dumps(results, indent=1))
-            print(
-                f"{key}: held-out accuracy {results[key]['acc']['overall']:.3f}  ({train_s:.0f} s)",
-                flush=True,
-            )
-    lines = [
-        "| model | held-out acc | " + " | ".join(TASKS) + " | trained tokens | wall s |",
-        "|---" * (len(TASKS) + 4) + "|",
-    ]
-    for key, r in results.items():
-        per_task = [_task_acc(r["acc"], t) for t in TASKS]
-        lines.append(
-            f"| {key} | {100 * r['acc']['overall']:.1f} | " + " | ".join(f"{100 * a:.1f}" for a in per_task)
-            + f" | {r.get('trained_tokens', '')} | {r.get('train_s', 0):.0f} |"
-        )  # fmt: skip
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def _task_acc(acc: dict, task: str) -> float:
-    cells = [v for k, v in acc.items() if k.startswith(f"{task}/")]
-    return sum(cells) / len(cells) if cells else float("nan")
+    p.add_argument("--demos", type=int, default=5000, help="demonstrations per level the arms trained on")
+    p.add_argument("--out", default=None, help="merge the results into this JSON file")
+    args = p.parse_args()
+    fn = val_accuracy if args.what == "val" else diagnose
+    res = fn(args.models, args.n, args.demos)
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**old, **res}, indent=1))
 
 
 if __name__ == "__main__":
