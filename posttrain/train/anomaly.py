@@ -19,11 +19,12 @@ run has gone wrong, with the recent values, the threshold and the settings that 
 - ``no_signal``: every group had equal rewards (``rollout/zero_variance_frac`` = 1) for
   ``no_signal_steps`` steps in a row, so nothing updated; ``weak_signal`` (warn only, at most once
   per window): the window's mean share of such groups is ``weak_signal`` or more;
-- ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the mean loss of the
-  last 3 steps above ``loss_divergence`` x the best median of ``window`` steps so far (at a run's
-  start: of the steps so far), and above the first step's loss and every loss of the window before
-  the last 3: a new high (a far-too-high lr: caught within 3 steps of the blow-up, not after a full window; judged from the third step
-  on, so one early spike that the next steps take back does not pause).
+- ``loss_divergence`` (SFT, preference and every trainer logging ``loss``): the median loss of
+  the last 5 steps (fewer at the start, never fewer than 3) above ``loss_divergence`` x the best
+  median of ``window`` steps so far, and above the first step's loss and every loss of the window
+  before the last 3: a new level, not a few hard batches (a far-too-high lr: caught within 2-3 steps
+  of the blow-up; one early spike that the next steps take back does not pause; neither do the
+  swings of a PRM's length-bucketed batches, measured 0.003 to 1.9 in healthy runs).
 
 The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a run
 resumed after an interruption judges its window as the uninterrupted one would; a run resumed
@@ -85,8 +86,8 @@ class AnomalyConfig:
     """Warn (never pause) when, over the window, this share of groups or more had equal rewards on
     average: most samples teach nothing. Said at most once per window."""
     loss_divergence: float = 3.0
-    """Mean loss of the last 3 steps above this many times the best window median so far (and above
-    the first step's loss and every loss of the window before: a new high)."""
+    """Median loss of the last 5 steps above this many times the best window median so far (and
+    above the first step's loss and every loss of the window before: a new level)."""
     rollback_lr_factor: float = 0.5
     """rollback: the lr is multiplied by this after each rollback."""
     max_rollbacks: int = 2
@@ -146,8 +147,10 @@ def _rising(values: list[float]) -> float:
     return statistics.fmean(values[half:]) - statistics.fmean(values[:half])
 
 
-LOSS_SMOOTH = 3
-"""Steps the loss-divergence check averages (fewer when ``window`` is smaller)."""
+LOSS_SMOOTH = 5
+"""Steps whose median the loss-divergence check compares (fewer when ``window`` is smaller)."""
+LOSS_MIN_STEPS = 3
+"""Steps before the loss-divergence check judges at all."""
 
 
 class AnomalyMonitor:
@@ -280,18 +283,19 @@ class AnomalyMonitor:
             return None
         if self.first_loss is None:
             self.first_loss = h[-1]
-        recent = statistics.fmean(h[-min(LOSS_SMOOTH, c.window) :])
+        last = list(h)[-min(LOSS_SMOOTH, c.window) :]
+        recent = statistics.median(last)
         # the baseline is the best window median, not the best 3-step mean: batches that differ by
         # design (length buckets of a PRM's chains: 0.003 to 1.0 in one healthy run) give lucky
         # 3-step means near 0, and three hard batches in a row are no divergence
         self.best_loss = min(self.best_loss, statistics.median(list(h)[-c.window :]))
         # also a new high, above the start and every loss of the window before the last 3: a loss
-        # near 0 that triples on noise, or a run whose batches swing (0.03 <-> 1.9), has not diverged
-        # a full 3-step mean: one early spike that the next step takes back is no divergence
-        high = max([self.first_loss, *list(h)[:-LOSS_SMOOTH]])
-        if len(h) >= LOSS_SMOOTH and recent > c.loss_divergence * self.best_loss and recent > high:
+        # near 0 that triples on noise, or a run whose batches swing (0.03 <-> 1.9), has not
+        # diverged; a median of at least 3 steps: one spike the next steps take back is no divergence
+        high = max([self.first_loss, *list(h)[:-LOSS_MIN_STEPS]])
+        if len(h) >= LOSS_MIN_STEPS and recent > c.loss_divergence * self.best_loss and recent > high:
             return Anomaly("loss_divergence", "loss", step, h, c.loss_divergence * self.best_loss,
-                           f"the loss diverged: {recent:.3g} (mean of the last {LOSS_SMOOTH} steps) vs best "
+                           f"the loss diverged: {recent:.3g} (median of the last {len(last)} steps) vs best "
                            f"window median {self.best_loss:.3g}, above {high:.3g}, the highest loss before "
                            "(and at the start)", ["anomaly.loss_divergence", "optim.lr"])  # fmt: skip
         return None

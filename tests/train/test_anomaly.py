@@ -138,8 +138,9 @@ def test_a_shaping_term_rising_while_the_task_term_falls_is_hacking():
 
 def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     rows = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 20.0}] * 6
-    # best 5-step median: 0.8 (of 1.0 .. 0.6); at step 16: (0.7 + 0.6 + 20) / 3 = 7.1 > 3 x 0.8
-    assert _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), rows, "loss_divergence") == 16
+    # best 5-step median: 0.8 (of 1.0 .. 0.6); the median of the last 5 is 20 from step 18 on (three
+    # of them 20), > 3 x 0.8 and above the start's 2.0; at step 16-17 one or two bad steps are not
+    assert _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), rows, "loss_divergence") == 18
     slow = [{"loss": 2.0 - 0.1 * i} for i in range(15)] + [{"loss": 2.0}] * 6  # back up, not 3x
     assert (
         _first(AnomalyMonitor(AnomalyConfig(loss_divergence=3.0, window=5)), slow, "loss_divergence") is None
@@ -183,6 +184,12 @@ def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     start = (0.997, 1.41, 0.659, 0.645, 0.659, 0.676, 0.321, 0.217, 0.131, 1.334, 0.055, 1.608, 0.027)
     swinging = [{"loss": v} for v in (*start, 0.51, 1.934, 1.38)]
     assert _first(AnomalyMonitor(AnomalyConfig()), swinging, "loss_divergence") is None
+    # round 3's PRM at step 138-140: 1.234, 0.623, 1.036 after a window up to 0.882 (3-step mean
+    # 0.964 paused it); the median of the last 5 is 0.665, under 3 x the best median 0.258
+    late = (0.473, 0.599, 0.219, 0.644, 0.211, 0.106, 0.37, 0.412, 0.066, 0.872, 0.305, 0.206, 0.094, 0.611,
+            0.505, 0.023, 0.351, 0.466, 0.468, 0.502, 0.568, 0.472, 0.768, 0.453, 0.573, 0.533, 0.097, 0.402,
+            0.479, 0.474, 0.339, 0.882, 0.098, 0.125, 0.59, 0.07, 0.665, 1.234, 0.623, 1.036)  # fmt: skip
+    assert _first(AnomalyMonitor(AnomalyConfig()), [{"loss": v} for v in late], "loss_divergence") is None
 
 
 def test_state_round_trip_continues_the_window_exactly():

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _paused(out, exc) -> int:
     assert exc.value.exit_code == PAUSED_EXIT
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    events = [r for r in rows if r.get("event") == "anomaly"]  # a grad-norm spike may fire with it
-    event = next(e for e in events if e["kind"] == "loss_divergence")
+    events = [r for r in rows if r.get("event") == "anomaly"]
+    # the blow-up pauses by its loss or its gradient norm, whichever detector sees it first (the RM
+    # at lr 3.0, measured: loss 0.35 -> 762 and grad norm 0.24 -> 161 at step 6: the grad spike)
+    event = next(e for e in events if e["kind"] in ("loss_divergence", "grad_spike"))
     assert all(e["action"] == "pause" and e["step"] == event["step"] for e in events)
     losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
     assert max(losses) > 3 * losses[0]  # a real blow-up

@@ -40,10 +40,11 @@ def _first_divergence(losses: list[float], k: float = 3.0, window: int = 10) -> 
     """The documented rule (`AnomalyConfig.loss_divergence`), from the logged losses."""
     best = float("inf")
     for i in range(len(losses)):
-        recent = sum(losses[max(0, i - 2) : i + 1]) / len(losses[max(0, i - 2) : i + 1])
-        best = min(best, statistics.median(losses[max(0, i + 1 - window) : i + 1]))
-        high = max(losses[:1] + losses[max(0, i - window) : max(0, i - 2)])
-        if i >= 2 and recent > k * best and recent > high:
+        h = losses[max(0, i - window) : i + 1]  # the monitor keeps window + 1 losses
+        last = h[-5:]
+        best = min(best, statistics.median(h[-window:]))
+        high = max(losses[:1] + h[:-3])
+        if i >= 2 and statistics.median(last) > k * best and statistics.median(last) > high:
             return i + 1
     return None
 
