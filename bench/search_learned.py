@@ -66,7 +66,8 @@ def label(policy: str, out: Path, split: str, n: int, k: int, chains: int, searc
     done, want = out / "stats.json", json.loads(json.dumps(asdict(recipe)))
     if (out / "prm.jsonl").exists() and done.exists():  # labels copied from another --out: reuse them
         had = json.loads(done.read_text()).get("recipe", {})
-        if {**had, "output_dir": ""} == {**want, "output_dir": ""}:
+        same = {"output_dir": "", "force": False}  # where it was written and a rerun switch: not the labels
+        if {**had, **same} == {**want, **same}:
             return out
     return Path(run_prm_label(recipe)).parent
 
@@ -100,6 +101,20 @@ def train_scorer(
     final = run_prm(load_recipe(PRMRecipe, None, keys))
     report = json.loads((out / "eval.json").read_text())
     return {"path": str(final), "before": report.get("before", {}), "after": report.get("after", {})}
+
+
+def train_conf(policy: str, train: Path, held_out: Path, out: Path, features: list[str]) -> dict:
+    """A confidence PRM (`posttrain prm-conf`: frozen policy log-prob features, step BCE + pair
+    loss); held-out step AUC / pair_acc from its eval.json ("before": raw step mean log-prob)."""
+    from posttrain.train.prm_conf import PRMConfRecipe, run_prm_conf
+
+    recipe = PRMConfRecipe(policy=policy, train=str(train), eval=str(held_out), features=features,
+                           output_dir=str(out))  # fmt: skip
+    final = run_prm_conf(recipe)
+    report = json.loads((out / "eval.json").read_text())
+    after = report["after"]
+    return {"path": str(final), "before": report["before"], "after": after, "pair_acc": after["pair_acc"],
+            "pairs": after["pairs"]}  # fmt: skip
 
 
 def pair_accuracy(scorer: str, held_out: Path, agg: str) -> tuple[float | None, int]:
@@ -149,8 +164,9 @@ def likelihood_pair_accuracy(policy: str, held_out: Path) -> tuple[float | None,
     return same_question_pairs(rows, scores)
 
 
-def specs(prm: str, orm: str) -> list[dict]:
-    """The strategies: every learned row, then the oracle upper bound."""
+def specs(prm: str, orm: str, conf: str | None = None) -> list[dict]:
+    """The strategies: every learned row, then the oracle upper bound; with ``conf`` (a
+    confidence-PRM folder) also its best-of-N curve, weighted majority, beam, MCTS, compute-optimal."""
     p, o = f"prm:min:{prm}", f"prm:last:{orm}"
     bon = {"select": "prm_last", "step": STEP}
     rows = [{"name": "greedy", "config": {"step": STEP}},
@@ -174,10 +190,28 @@ def specs(prm: str, orm: str) -> list[dict]:
               "scorer": p},
              {"name": "mcts", "label": "prm_mcts", "config": {"n_simulations": 8, "expand_k": 3, "step": STEP},
               "scorer": p},
-             {"name": "compute_optimal", "label": "prm_compute_optimal", "config": co, "scorer": p},
-             {"name": "best_of_n", "label": "verifier_bon@8", "config": {"n": 8, "select": "verifier",
-              "step": STEP}, "scorer": "verifier"}]  # fmt: skip
+             {"name": "compute_optimal", "label": "prm_compute_optimal", "config": co, "scorer": p}]  # fmt: skip
+    if conf:
+        rows += conf_specs(f"conf:min:{conf}", co)
+    rows.append({"name": "best_of_n", "label": "verifier_bon@8", "config": {"n": 8, "select": "verifier",
+                 "step": STEP}, "scorer": "verifier"})  # fmt: skip
     return rows
+
+
+def conf_specs(c: str, co: dict) -> list[dict]:
+    """The confidence PRM's rows (scorer ``c``): best-of-N at 1-16, weighted majority, beam, MCTS and
+    compute-optimal (the same settings as the PRM's)."""
+    bon = {"select": "prm_last", "step": STEP}
+    rows = [{"name": "best_of_n", "label": f"conf_bon@{n}", "config": {"n": n, **bon}, "scorer": c,
+             "series": "conf_best_of_n"} for n in (1, 2, 4, 8, 16)]  # fmt: skip
+    return rows + [
+        {"name": "best_of_n", "label": "conf_wmaj@8", "scorer": c,
+         "config": {"n": 8, "select": "weighted_majority", "step": STEP}},
+        {"name": "beam", "label": "conf_beam", "config": {"beam_width": 2, "expand_k": 4, "step": STEP}, "scorer": c},
+        {"name": "mcts", "label": "conf_mcts", "config": {"n_simulations": 8, "expand_k": 3, "step": STEP},
+         "scorer": c},
+        {"name": "compute_optimal", "label": "conf_compute_optimal", "config": co, "scorer": c},
+    ]  # fmt: skip
 
 
 def accuracy_at(curve: list[tuple[float, float]], tokens: float) -> float | None:
@@ -194,7 +228,7 @@ def compare_rows(rows) -> dict:
 
     by = {r.label: r for r in rows}
     curve = {s: [(r.tokens_per_problem, r.accuracy) for r in rows if r.series == s]
-             for s in ("prm_best_of_n", "orm_best_of_n")}  # fmt: skip
+             for s in ("prm_best_of_n", "orm_best_of_n", "conf_best_of_n")}  # fmt: skip
     keys = (
         "prm_bon@8",
         "majority@8",
@@ -205,8 +239,11 @@ def compare_rows(rows) -> dict:
         "likelihood@8",
         "verifier_bon@8",
     )
-    out = {"bo8": {k: by[k].accuracy for k in keys}}
-    for name in ("prm_beam", "prm_mcts"):
+    keys += tuple(k for k in ("conf_bon@8", "conf_wmaj@8") if k in by)
+    out: dict = {"bo8": {k: by[k].accuracy for k in keys}}
+    for name in ("prm_beam", "prm_mcts", "conf_beam", "conf_mcts"):
+        if name not in by:
+            continue
         r = by[name]
         orm_acc = accuracy_at(curve["orm_best_of_n"], r.tokens_per_problem)
         out[name] = {
@@ -214,10 +251,14 @@ def compare_rows(rows) -> dict:
             "tokens": r.tokens_per_problem,
             "orm_bon_at_equal_tokens": orm_acc,
         }
-    co = by["prm_compute_optimal"]
-    need = tokens_at_accuracy(curve["prm_best_of_n"], co.accuracy)
-    out["compute_optimal"] = {"accuracy": co.accuracy, "tokens": co.tokens_per_problem, "bon_tokens": need,
-                              "ratio": need / co.tokens_per_problem if need and co.tokens_per_problem else None}  # fmt: skip
+    for name, series in (("prm", "prm_best_of_n"), ("conf", "conf_best_of_n")):
+        if f"{name}_compute_optimal" not in by:
+            continue
+        co = by[f"{name}_compute_optimal"]
+        need = tokens_at_accuracy(curve[series], co.accuracy)
+        key = "compute_optimal" if name == "prm" else "conf_compute_optimal"
+        out[key] = {"accuracy": co.accuracy, "tokens": co.tokens_per_problem, "bon_tokens": need,
+                    "ratio": need / co.tokens_per_problem if need and co.tokens_per_problem else None}  # fmt: skip
     return out
 
 
@@ -260,12 +301,21 @@ def main() -> None:
                "orm": train_scorer(args.policy, str(orm_file), held, out / "orm", steps, [], s)}  # fmt: skip
     for name, sc in scorers.items():
         sc["pair_acc"], sc["pairs"] = pair_accuracy(sc["path"], held, "last" if name == "orm" else "min")
+    scorers["conf"] = train_conf(
+        args.policy, train / "prm.jsonl", held, out / "conf", ["mean_logp", "min_logp"]
+    )
+    scorers["conf_all"] = train_conf(args.policy, train / "prm.jsonl", held, out / "conf_all",
+                                     ["mean_logp", "min_logp", "mean_entropy", "max_entropy"])  # fmt: skip
     likelihood_pairs = likelihood_pair_accuracy(args.policy, held)
     from posttrain.data.tasks import task_problems
 
     problems = task_problems(["arith_mag"], "test", args.n_test, 0, LEVELS)
     rows = strategy_table(
-        args.policy, problems, specs(scorers["prm_mc"]["path"], scorers["orm"]["path"]), "none", seed=s
+        args.policy,
+        problems,
+        specs(scorers["prm_mc"]["path"], scorers["orm"]["path"], scorers["conf"]["path"]),
+        "none",
+        seed=s,
     )
     figures = compare_rows(rows)
     table = format_markdown(rows)
@@ -288,11 +338,16 @@ def main() -> None:
           f"orm {f['bo8']['orm_bon@8']:.3f}, verifier (oracle) {f['bo8']['verifier_bon@8']:.3f}; PRM-weighted "
           f"majority {f['bo8']['prm_wmaj@8']:.3f}, ORM-weighted {f['bo8']['orm_wmaj@8']:.3f}, prm:last "
           f"{f['bo8']['prm_last_bon@8']:.3f}, policy likelihood {f['bo8']['likelihood@8']:.3f}")  # fmt: skip
-    for name in ("prm_beam", "prm_mcts"):
+    print(f"confidence PRM (conf): best-of-8 {f['bo8']['conf_bon@8']:.3f}, weighted majority "
+          f"{f['bo8']['conf_wmaj@8']:.3f}")  # fmt: skip
+    for name in ("prm_beam", "prm_mcts", "conf_beam", "conf_mcts"):
         print(f"{name}: {f[name]['accuracy']:.3f} at {f[name]['tokens']:.0f} tokens/problem; ORM best-of-N at "
               f"equal tokens {fmt(f[name]['orm_bon_at_equal_tokens'])}")  # fmt: skip
     print(f"compute_optimal: {co['accuracy']:.3f} at {co['tokens']:.0f} tokens; PRM best-of-N needs "
           f"{fmt(co['bon_tokens'], '.0f')} -> ratio {fmt(co['ratio'], '.2f')}")  # fmt: skip
+    cc = figures["conf_compute_optimal"]
+    print(f"conf_compute_optimal: {cc['accuracy']:.3f} at {cc['tokens']:.0f} tokens; conf best-of-N needs "
+          f"{fmt(cc['bon_tokens'], '.0f')} -> ratio {fmt(cc['ratio'], '.2f')}")  # fmt: skip
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, loadavg {load}, "
           f"{time.time() - t0:.0f} s | prm_mc step AUC {fmt(scorers['prm_mc']['after'].get('step_auc'))} | "
