@@ -29,6 +29,13 @@ better than soft ones (0.835 vs 0.763 at 300 steps; the soft target of a right s
 policy's success rate from it, ~0.5 here); lr 1e-3 (3e-4: 0.61, 1e-4: 0.59 at 150 steps).
 Every scorer's eval.json also reports its train_step_auc (over- vs under-fitting).
 
+5. The confidence PRM (``conf``, `posttrain prm-conf`): the frozen policy's step mean / min token
+   log-prob through a head trained on the same MC labels (BCE) plus a within-question chain pair
+   loss; ``conf_all`` also reads the step entropies (reported for its step AUC only). Its
+   best-of-N curve, weighted majority, beam, MCTS and compute-optimal rows use ``conf:min:PATH``.
+   Its "before" is the raw step mean log-prob (no head). Summarise seeds with
+   ``python bench/search_summary.py OUT_s0 OUT_s1 OUT_s2``.
+
 results.json and a markdown table go to --out. The last line names the machine, its load, and
 the ratios. ``--seed`` changes the MC sampling, the scorers' init/data order and the search's
 sampling (labels and training use train-split questions only; every figure is on the test split).
