@@ -422,7 +422,6 @@ def _part_loss(_root: torch.nn.Module, *args: Any, **kwargs: Any):
 
 
 def accumulate(
-    module,
     model,
     value_head,
     data,
@@ -435,13 +434,16 @@ def accumulate(
     chunk_size,
     entropy_coef,
     measure,
+    module=None,
 ) -> tuple[float, list[tuple[dict[str, torch.Tensor], bool]], int]:
     """Forward/backward this rank's parts of the mini-batch ``rows`` (`rank_parts`: all of it in
     ``algo.micro_batches`` parts in one process), gradients summed; each part's loss weighs its
-    share of the whole mini-batch (`micro_share`), times the world size under DDP.
+    share of the whole mini-batch (`micro_share`), times the world size under DDP. ``module``: the
+    trained module, DDP-wrapped on several ranks (policy, or policy + critic); default ``model``.
 
     Returns (this rank's part of the mini-batch loss, each part's (metrics, real), tokens).
     """
+    module = model if module is None else module
     device = next(model.parameters()).device
     whole = {"mask": data["mask"][rows]}
     total, parts, tokens, scale = 0.0, [], 0, world()
@@ -493,8 +495,8 @@ def ppo_update(
         order = torch.randperm(data["valid"].shape[0], generator=generator)
         for rows in order.tensor_split(min(algo.mini_batches, order.numel())):
             loss, parts, n = accumulate(
-                module, model, value_head, data, rows, algo, kl_coef, temperature=temperature, norm=norm,
-                chunk_size=chunk_size, entropy_coef=entropy_coef, measure=applied == 0,
+                model, value_head, data, rows, algo, kl_coef, temperature=temperature, norm=norm,
+                chunk_size=chunk_size, entropy_coef=entropy_coef, measure=applied == 0, module=module,
             )  # fmt: skip
             grad_norm = clip_grads(module, max_grad_norm)
             try:
