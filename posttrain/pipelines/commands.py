@@ -60,6 +60,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "export": CommandSpec("posttrain.models.export:ExportRecipe", "posttrain.models.export:run_export", "out"),
     "clean": CommandSpec("posttrain.data.quality.clean:CleanRecipe", "posttrain.data.quality.clean:run_clean", "out", data_file="kept.jsonl"),
     "prm-label": CommandSpec("posttrain.search.prm_label:PRMLabelRecipe", "posttrain.search.prm_label:run_prm_label", "data"),
+    "prm-conf": CommandSpec("posttrain.train.prm_conf:PRMConfRecipe", "posttrain.train.prm_conf:run_prm_conf", "final", policy=False),
     "self-improve": CommandSpec("posttrain.search.self_improve:SelfImproveRecipe", "posttrain.search.self_improve:run_self_improve", "results"),
 }  # fmt: skip
 """Every command a stage may name. A new stage command adds one line here."""

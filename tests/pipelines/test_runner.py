@@ -235,6 +235,10 @@ def test_mc_step_labels_feed_a_prm_stage(tmp_path):
               {"name": "prm", "command": "prm", "overrides": {"data.train": "${label.data}"}}]  # fmt: skip
     path.write_text(yaml.safe_dump({"stages": stages, "output_dir": str(tmp_path / "out")}))
     assert [st.command for st in load_pipeline(path).stages] == ["prm-label", "prm"]
+    stages.append({"name": "conf", "command": "prm-conf", "overrides": {"train": "${label.data}"}})
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    assert load_pipeline(path).stages[2].command == "prm-conf"  # the confidence PRM trains on them too
+    stages.pop()
     stages[1]["overrides"]["data.train"] = "${label.final}"
     path.write_text(yaml.safe_dump({"stages": stages}))
     with pytest.raises(ConfigError, match=r"has no output 'final'"):
