@@ -12,7 +12,9 @@ that guides the next round's search. Round r (1..``rounds``), in ``OUTPUT_DIR/ro
    ``value``: process supervision).
 2. **step values** -- up to ``mc.n_chains`` finished paths per prompt have each step prefix
    completed ``mc.k`` times by the same policy (Math-Shepherd soft labels, `mc_labels`).
-3. **policy** -- SFT of the current policy on every verified trace in the buffer.
+3. **policy** -- SFT of the current policy on every verified trace in the buffer (with
+   ``trace_filter: steps``, the default, only those whose every step passes the task's step
+   checker: a right answer reached through a wrong step is not trained on).
 4. **PRM** -- trained from the current policy's backbone on every MC record in the buffer; its
    step AUC is measured on chains the policy writes for *test* questions, with true step labels.
 5. **eval** (test split only; no test question is ever trained on) -- greedy accuracy of the new
@@ -115,8 +117,8 @@ class SelfImproveRecipe:
                                  "train": {"max_steps": 60, "batch_size": 16, "save_every": 0}}
     )  # fmt: skip
     """`posttrain prm` recipe keys of the PRM update (model, data and output_dir are set here)."""
-    trace_filter: str = "outcome"
-    """Which verified paths train the policy. ``outcome``: the final answer verifies. ``steps``:
+    trace_filter: str = "steps"
+    """Which verified paths train the policy. ``outcome``: the final answer verifies. ``steps`` (default):
     it verifies and every step passes the task's step checker on that training problem (the
     analogue of rStar-Math's executed code steps): a right answer reached through a wrong step is
     not trained on. Training prompts only; the PRM's labels stay Monte-Carlo."""

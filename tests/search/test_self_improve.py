@@ -56,6 +56,7 @@ def test_one_full_round_at_toy_size_and_resume(tmp_path, tiny_model_dir):
     found = r1["search"]
     assert found["scorer"] == "majority" and found["prompts"] == 6
     assert found["finished_paths"] == 12 and found["verified_paths"] == 6  # one right, one corrupted each
+    assert found["trace_filter"] == "steps" and found["rejected_wrong_step"] == 0  # right chains check
     assert found["added"]["sft"] == 6 and found["added"]["prm"] == 12 and found["heldout_prm_chains"] == 8
     assert found["mc"]["rollouts"] > 0
     assert r1["policy"] == str(tmp_path / "si" / "round_1" / "sft" / "final")
