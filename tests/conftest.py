@@ -37,6 +37,21 @@ def tiny_model_dir(tmp_path_factory):
     return model_dir(tmp_path_factory.mktemp("tiny") / "model", 600, **sizes)
 
 
+@pytest.fixture(scope="session")
+def student_dir(tiny_model_dir, tmp_path_factory):
+    """A smaller model (hidden 32, 1 layer) sharing `tiny_model_dir`'s tokenizer, freshly initialised:
+    a distillation student."""
+    from posttrain.models.load import load_tokenizer, save_hf_folder
+    from posttrain.train.pretrain import TinyModelConfig, build_model
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(1)
+    cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    out = tmp_path_factory.mktemp("student") / "model"
+    save_hf_folder(build_model(cfg, tok), tok, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one torch thread: two fight each other on a shared CPU (a module

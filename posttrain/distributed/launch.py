@@ -31,6 +31,17 @@ def check_command(command: str | None) -> None:
         )
 
 
+def refuse_fsdp_eval_recipe(cfg: DistributedConfig, eval_recipe: str | None) -> None:
+    """A trainer's ``eval.recipe`` cannot run under FSDP (every rank would run it on its shard)."""
+    several = cfg.nproc > 1 or env_world() > 1
+    if several and cfg.strategy == "fsdp" and eval_recipe:
+        raise ConfigError(
+            "eval.recipe cannot run under FSDP yet (every rank would run it on its shard of the weights)",
+            where="eval.recipe",
+            fix="use distributed.strategy=ddp, or evaluate final/ afterwards with `posttrain eval`",
+        )
+
+
 def launched() -> bool:
     """True inside a process started by torchrun (or anything that sets its variables)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -42,7 +42,7 @@ from posttrain.algos.preference_losses import (
 from posttrain.data.quality.perplexity import perplexity_keep  # one threshold rule for data clean and DPO
 from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.launch import env_world
+from posttrain.distributed.launch import refuse_fsdp_eval_recipe
 from posttrain.distributed.parallel import all_reduce_sum, barrier, call, grad_sync, is_main, rank, world
 from posttrain.distributed.trainer import export_final
 from posttrain.errors import ConfigError
@@ -506,13 +506,7 @@ def reference_scores(run: Run, cfg: PreferenceRecipe, name: str, examples: list,
 def run_preference(cfg: PreferenceRecipe) -> Path:
     """Train and export; returns the path of the exported `final/` folder."""
     spec, kwargs = get_preference_loss(cfg.loss.name), cfg.loss.kwargs()
-    several = cfg.distributed.nproc > 1 or env_world() > 1
-    if several and cfg.distributed.strategy == "fsdp" and cfg.eval.recipe:
-        raise ConfigError(
-            "eval.recipe cannot run under FSDP yet (every rank would run it on its shard of the weights)",
-            where="eval.recipe",
-            fix="use distributed.strategy=ddp, or evaluate final/ afterwards with `posttrain eval`",
-        )
+    refuse_fsdp_eval_recipe(cfg.distributed, cfg.eval.recipe)
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tok = run.model, run.tokenizer
     train_data = clean_data(cfg.clean, cfg.data, "train", cfg.output_dir)

@@ -19,7 +19,7 @@ from posttrain.data.collate import verify_packed_attention
 from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.data.sft_data import BatchPlan, DataConfig, build_samples
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.launch import env_world
+from posttrain.distributed.launch import refuse_fsdp_eval_recipe
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
 from posttrain.models.peft import PeftConfig, export_model
@@ -64,13 +64,7 @@ def run_sft(cfg: SFTRecipe) -> Path:
             where="data.packing",
             fix="set data.packing=false",
         )
-    several = cfg.distributed.nproc > 1 or env_world() > 1
-    if several and cfg.distributed.strategy == "fsdp" and cfg.eval.recipe:
-        raise ConfigError(
-            "eval.recipe cannot run under FSDP yet (every rank would run it on its shard of the weights)",
-            where="eval.recipe",
-            fix="use distributed.strategy=ddp, or evaluate final/ afterwards with `posttrain eval`",
-        )
+    refuse_fsdp_eval_recipe(cfg.distributed, cfg.eval.recipe)
     run = prepare_run(cfg, cfg.output_dir, cfg.seed, cfg.model, cfg.train, peft_cfg=cfg.peft)
     model, tokenizer = run.model, run.tokenizer
     if cfg.data.packing:

@@ -30,19 +30,6 @@ LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def student_dir(tiny_model_dir, tmp_path_factory):
-    from posttrain.models.load import load_tokenizer, save_hf_folder
-    from posttrain.train.pretrain import TinyModelConfig, build_model
-
-    tok = load_tokenizer(tiny_model_dir)
-    torch.manual_seed(1)
-    cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    out = tmp_path_factory.mktemp("student") / "model"
-    save_hf_folder(build_model(cfg, tok), tok, out)
-    return out
-
-
 def _recipe(tmp: Path, teacher: Path, student: Path) -> Path:
     p = tmp / "distill.yaml"
     p.write_text(

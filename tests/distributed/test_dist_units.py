@@ -149,3 +149,15 @@ def test_nproc_above_one_without_a_launcher_is_refused_not_ignored(tmp_path, tin
     )
     with pytest.raises(ConfigError, match="not started by torchrun"):
         run_sft(cfg)
+
+
+def test_an_eval_recipe_under_fsdp_is_refused_naming_the_key():
+    from posttrain.distributed.config import DistributedConfig
+    from posttrain.distributed.launch import refuse_fsdp_eval_recipe
+
+    with pytest.raises(ConfigError, match="eval.recipe cannot run under FSDP") as err:
+        refuse_fsdp_eval_recipe(DistributedConfig(nproc=2, strategy="fsdp"), "recipes/eval_tiny.yaml")
+    assert err.value.where == "eval.recipe" and "strategy=ddp" in err.value.fix
+    refuse_fsdp_eval_recipe(DistributedConfig(nproc=2, strategy="ddp"), "recipes/eval_tiny.yaml")
+    refuse_fsdp_eval_recipe(DistributedConfig(nproc=2, strategy="fsdp"), None)
+    refuse_fsdp_eval_recipe(DistributedConfig(nproc=1, strategy="fsdp"), "recipes/eval_tiny.yaml")

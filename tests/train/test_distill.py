@@ -15,20 +15,6 @@ from posttrain.train.loop import LoopConfig, ModelConfig
 from posttrain.train.optim import OptimConfig
 
 
-@pytest.fixture(scope="module")
-def student_dir(tiny_model_dir, tmp_path_factory):
-    """A smaller model (hidden 32, 1 layer) sharing the teacher's tokenizer, freshly initialised."""
-    from posttrain.models.load import load_tokenizer, save_hf_folder
-    from posttrain.train.pretrain import TinyModelConfig, build_model
-
-    tok = load_tokenizer(tiny_model_dir)
-    torch.manual_seed(1)
-    cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    out = tmp_path_factory.mktemp("student") / "model"
-    save_hf_folder(build_model(cfg, tok), tok, out)
-    return out
-
-
 def _recipe(teacher, student, out, mode="logit", steps=3, **kw) -> DistillRecipe:
     cfg = DistillRecipe(
         mode=mode,

@@ -16,20 +16,6 @@ from posttrain.train.loop import LoopConfig, ModelConfig
 from posttrain.train.optim import OptimConfig
 
 
-@pytest.fixture(scope="module")
-def small_student(tiny_model_dir, tmp_path_factory):
-    """A 1-layer model sharing the tiny teacher's tokenizer, freshly initialised."""
-    from posttrain.models.load import load_tokenizer, save_hf_folder
-    from posttrain.train.pretrain import TinyModelConfig, build_model
-
-    tok = load_tokenizer(tiny_model_dir)
-    torch.manual_seed(2)
-    cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    out = tmp_path_factory.mktemp("gkd_student") / "model"
-    save_hf_folder(build_model(cfg, tok), tok, out)
-    return out
-
-
 def _batch():
     from posttrain.data.collate import pad_collate
     from posttrain.data.render import Sample
@@ -37,7 +23,7 @@ def _batch():
     return pad_collate([Sample([5, 6, 7, 8], [-100, 6, 7, 8]), Sample([9, 10, 11], [-100, -100, 11])], 0)
 
 
-def test_tau_squared_scales_the_divergence_by_t2(tiny_model_dir, small_student):
+def test_tau_squared_scales_the_divergence_by_t2(tiny_model_dir, student_dir):
     """Same batch, T = 2: the loss with tau_squared is exactly 4x the plain one, and the plain
     one equals the loss function's own token mean (a loop over the 4 trained positions)."""
     from posttrain.algos.distill_losses import token_divergence
@@ -46,7 +32,7 @@ def test_tau_squared_scales_the_divergence_by_t2(tiny_model_dir, small_student):
     from posttrain.train.distill.teacher import labelled_logits
 
     teacher = load_model(str(tiny_model_dir)).float()
-    student = load_model(str(small_student)).float()
+    student = load_model(str(student_dir)).float()
     vocab, loop, cpu = teacher.config.vocab_size, LoopConfig(precision="fp32"), torch.device("cpu")
     plain = make_step(teacher, DistillLossConfig(temperature=2.0), vocab)(student, [_batch()], loop, cpu)
     student.zero_grad()
@@ -91,7 +77,7 @@ def test_gkd_coin_share_and_limits():
 
 
 def test_mixed_run_samples_on_the_coin_steps_and_trains_on_demos_otherwise(
-    tiny_model_dir, small_student, tmp_path
+    tiny_model_dir, student_dir, tmp_path
 ):
     """Steps whose coin says "student" log sampled completion tokens; the others train on the
     demonstrations' batch (the same batch logit KD reads: equal tokens)."""
@@ -100,12 +86,12 @@ def test_mixed_run_samples_on_the_coin_steps_and_trains_on_demos_otherwise(
     from posttrain.train.distill.logit import SamplePlan, step_totals
 
     seed = next(s for s in range(50) if 0 < sum(_coins(s, 0.5, 4)) < 4)
-    cfg = _recipe(tiny_model_dir, small_student, tmp_path / "mix", 0.5, seed)
+    cfg = _recipe(tiny_model_dir, student_dir, tmp_path / "mix", 0.5, seed)
     run_distill(cfg)
     rows = [json.loads(x) for x in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     assert [r.get("completion_tokens", 0) > 0 for r in rows] == _coins(seed, 0.5, 4)
-    tok = load_tokenizer(str(small_student))
+    tok = load_tokenizer(str(student_dir))
     demos = SamplePlan(build_samples(tok, cfg.data, "train")[0], 2, tok.pad_token_id, seed).epoch(0)
     for i, (r, student) in enumerate(zip(rows, _coins(seed, 0.5, 4), strict=True)):
         if not student:
