@@ -45,10 +45,14 @@ train: {{max_steps: 5, batch_size: 3, grad_accum: 2, tensorboard: false, precisi
     return p
 
 
-def preference(recipe: Path, out: Path, *overrides: str):
+def preference(
+    recipe: Path, out: Path, *overrides: str, fault: str | None = None, fault_rank: int | None = None
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("POSTTRAIN_FAULT", "POSTTRAIN_FAULT_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
+    env.update({"POSTTRAIN_FAULT": fault} if fault else {})
+    env.update({"POSTTRAIN_FAULT_RANK": str(fault_rank)} if fault_rank is not None else {})
     cmd = [sys.executable, "-m", "posttrain", "preference", str(recipe), f"output_dir={out}", *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -89,6 +93,25 @@ def test_ddp_preference_equals_one_process(tmp_path, tiny_model_dir, loss, strat
         z = [[json.loads(r).get("kl/reference_point") for r in (tmp_path / n / "metrics.jsonl").open()]
              for n in ("one", "ddp")]  # fmt: skip
         assert all(a is None or abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(*z, strict=True))
+
+
+@pytest.mark.slow
+def test_ddp_preference_resumes_bit_exact_after_sigkill_and_at_one_process(tmp_path, tiny_model_dir):
+    """Rank 1 killed after step 3 (checkpoint at step 2): the same command resumes bit-exact; the
+    same kill resumed by one process ends within the equivalence tolerance of the 2-rank run."""
+    recipe, ddp = _recipe(tmp_path, tiny_model_dir), ("distributed.nproc=2", "train.save_every=2")
+    res = preference(recipe, tmp_path / "ddp", *ddp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, resume in [("killed", ddp), ("to_one", ddp[1:])]:
+        res = preference(recipe, tmp_path / name, *ddp, fault="after-step:3", fault_rank=1)
+        assert res.returncode != 0 and "rank 1 exited with signal SIGKILL" in res.stderr
+        assert [p.name for p in sorted((tmp_path / name / "checkpoints").iterdir())] == ["step-2"]
+        res = preference(recipe, tmp_path / name, *resume)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ddp", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loss_diff, weight_diff = max_diffs(tmp_path / "ddp", tmp_path / "to_one")
+    assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
 
 
 def test_preference_is_a_distributed_command():
