@@ -10,13 +10,11 @@ LOSS_TOL / WEIGHT_TOL's comment (fp32 summation order only).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_cli import run_posttrain
 from safetensors.torch import load_file
 
 from posttrain.distributed.config import DistributedConfig
@@ -48,11 +46,7 @@ train: {{max_steps: 4, batch_size: 3, grad_accum: 2, seq_len: 128, tensorboard: 
 
 
 def distill(recipe: Path, out: Path, *overrides: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("POSTTRAIN_FAULT", "POSTTRAIN_FAULT_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "posttrain", "distill", str(recipe), f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return run_posttrain("distill", recipe, out, *overrides)
 
 
 def max_diffs(a: Path, b: Path) -> tuple[float, float]:

@@ -10,13 +10,11 @@ rows (a different row width), nothing else.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_cli import run_posttrain
 from safetensors.torch import load_file
 
 from posttrain.data.render import Sample
@@ -45,16 +43,8 @@ train: {{max_steps: 5, batch_size: 3, grad_accum: 2, tensorboard: false, precisi
     return p
 
 
-def preference(
-    recipe: Path, out: Path, *overrides: str, fault: str | None = None, fault_rank: int | None = None
-):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("POSTTRAIN_FAULT", "POSTTRAIN_FAULT_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    env.update({"POSTTRAIN_FAULT": fault} if fault else {})
-    env.update({"POSTTRAIN_FAULT_RANK": str(fault_rank)} if fault_rank is not None else {})
-    cmd = [sys.executable, "-m", "posttrain", "preference", str(recipe), f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def preference(recipe: Path, out: Path, *overrides: str, **fault):
+    return run_posttrain("preference", recipe, out, *overrides, **fault)
 
 
 def metrics(run: Path) -> dict[tuple[str, int], float]:

@@ -9,13 +9,11 @@ against a frozen reference, an entropy bonus (a gradient on every step). Measure
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_cli import run_posttrain
 from safetensors.torch import load_file
 
 from posttrain.distributed.config import DistributedConfig
@@ -46,11 +44,7 @@ train: {{max_steps: 3, tensorboard: false, precision: fp32, save_every: 2}}
 
 
 def rl(recipe: Path, out: Path, *overrides: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("POSTTRAIN_FAULT", "POSTTRAIN_FAULT_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "posttrain", "rl", str(recipe), f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return run_posttrain("rl", recipe, out, *overrides)
 
 
 def rows(run: Path) -> list[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_cli import run_posttrain
 from safetensors.torch import load_file
 
 LOSS_TOL = 1e-5
@@ -38,16 +39,8 @@ train: {{max_steps: 6, batch_size: 3, grad_accum: 2, seq_len: 128, save_every: 2
     return p
 
 
-def sft(recipe: Path, out: Path, *overrides: str, fault: str | None = None, fault_rank: int | None = None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("POSTTRAIN_FAULT", "POSTTRAIN_FAULT_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    if fault:
-        env["POSTTRAIN_FAULT"] = fault
-    if fault_rank is not None:
-        env["POSTTRAIN_FAULT_RANK"] = str(fault_rank)
-    cmd = [sys.executable, "-m", "posttrain", "sft", str(recipe), f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def sft(recipe: Path, out: Path, *overrides: str, **fault):
+    return run_posttrain("sft", recipe, out, *overrides, **fault)
 
 
 def losses(run: Path) -> dict[tuple[str, int], float]:
