@@ -31,10 +31,14 @@ def check_command(command: str | None) -> None:
         )
 
 
+def requested_world(cfg: DistributedConfig) -> int:
+    """The number of processes a run asks for: ``distributed.nproc`` or torchrun's WORLD_SIZE."""
+    return max(cfg.nproc, env_world())
+
+
 def refuse_fsdp_eval_recipe(cfg: DistributedConfig, eval_recipe: str | None) -> None:
     """A trainer's ``eval.recipe`` cannot run under FSDP (every rank would run it on its shard)."""
-    several = cfg.nproc > 1 or env_world() > 1
-    if several and cfg.strategy == "fsdp" and eval_recipe:
+    if requested_world(cfg) > 1 and cfg.strategy == "fsdp" and eval_recipe:
         raise ConfigError(
             "eval.recipe cannot run under FSDP yet (every rank would run it on its shard of the weights)",
             where="eval.recipe",

@@ -58,6 +58,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (pickled over the process group; the identity in one process)."""
+    if world() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(write: Callable[[], Any]) -> Any:
+    """``write()`` on rank 0 (checkpoints, files), then every rank waits for it; returns its result
+    on rank 0 and None elsewhere."""
+    out = write() if is_main() else None
+    barrier()
+    return out
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum `values` over the ranks (float64, so token counts stay exact)."""
     if world() == 1:

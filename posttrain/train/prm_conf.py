@@ -85,19 +85,17 @@ def chain_pair_loss(
     same question, a right, b wrong, both with steps, of softplus(-(s_a - s_b)); pair_acc counts
     s_a > s_b (ties half). No pair: loss 0 (still differentiable), pair_acc 0, pairs 0.
     """
+    from posttrain.algos.rm_losses import grouped_pair_loss
+
     c = question.numel()
     big = torch.finfo(logits.dtype).max
     s = torch.full((c,), big, dtype=logits.dtype, device=logits.device).scatter_reduce(
         0, chain, logits, "amin"
     )
     has = torch.zeros(c, dtype=torch.bool, device=logits.device).index_fill(0, chain, True)
-    pos = (question[:, None] == question[None]) & correct[:, None] & ~correct[None] & has[:, None] & has[None]
-    d = (s[:, None] - s[None])[pos]
-    pairs = pos.sum()
-    if not int(pairs):
-        return logits.sum() * 0.0, {"pair_acc": pairs.float() * 0, "pairs": pairs}
-    acc = ((d > 0).float() + 0.5 * (d == 0).float()).mean()
-    return torch.nn.functional.softplus(-d).mean(), {"pair_acc": acc.detach(), "pairs": pairs}
+    # the chains' min scores as one group per question, outcome as the label: right-over-wrong pairs
+    loss, m = grouped_pair_loss(s[has], correct[has].to(logits.dtype), question[has])
+    return loss, {"pair_acc": m["pair_acc"].detach(), "pairs": m["pairs"]}
 
 
 def stack_chains(feats: list[torch.Tensor], rows: list[dict]) -> dict[str, torch.Tensor]:

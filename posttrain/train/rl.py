@@ -63,7 +63,7 @@ from posttrain.algos.kl import KLController, kl_estimate
 from posttrain.algos.rollout_correction import correction_weights, mismatch_metrics
 from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.parallel import is_main
+from posttrain.distributed.parallel import is_main, on_main
 from posttrain.distributed.trainer import stop_agreed
 from posttrain.errors import ConfigError, TrainingAnomaly
 from posttrain.models.peft import PeftConfig
@@ -85,8 +85,8 @@ from posttrain.train.rl_data import (
     load_prompts,
     rollout_tensors,
 )
-from posttrain.train.rl_dist import check_rl_processes, on_main, rank0_collect, wrap_policy
-from posttrain.train.rl_eval import build_evaluator, evaluate_on_main, make_evaluator  # noqa: F401
+from posttrain.train.rl_dist import check_rl_processes, rank0_collect, wrap_policy
+from posttrain.train.rl_eval import build_evaluator, evaluate_on_main
 from posttrain.train.rl_rollout import (
     EpisodeBatch,
     RolloutConfig,

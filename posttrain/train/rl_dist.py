@@ -29,20 +29,15 @@ from typing import Any
 import torch
 
 from posttrain.distributed.config import DistributedConfig
-from posttrain.distributed.parallel import barrier, is_main, rank, world
+from posttrain.distributed.parallel import broadcast, is_main, rank, world
 from posttrain.errors import ConfigError
-
-
-def several(cfg: DistributedConfig) -> int:
-    """The number of processes this run asks for (distributed.nproc or torchrun's WORLD_SIZE)."""
-    from posttrain.distributed.launch import env_world
-
-    return max(cfg.nproc, env_world())
 
 
 def check_rl_processes(dist_cfg: DistributedConfig, backend: str, multi_turn: bool) -> None:
     """Refuse what the distributed RL update does not support, naming the key and the fix."""
-    n = several(dist_cfg)
+    from posttrain.distributed.launch import requested_world
+
+    n = requested_world(dist_cfg)
     if n <= 1:
         return
     if dist_cfg.strategy == "fsdp":
@@ -67,17 +62,6 @@ def check_rl_processes(dist_cfg: DistributedConfig, backend: str, multi_turn: bo
         )
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (pickled over the process group; the identity in one process)."""
-    if world() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def rank0_collect(collect: Callable[[], Any], sampler: Any) -> Any:
     """``collect()`` on rank 0 (it advances ``sampler``), then its result and the sampler's new
     position on every rank."""
@@ -85,14 +69,6 @@ def rank0_collect(collect: Callable[[], Any], sampler: Any) -> Any:
         return collect()
     out, state = broadcast((collect(), dict(sampler.state)) if is_main() else None)
     sampler.state = state
-    return out
-
-
-def on_main(write: Callable[[], Any]) -> Any:
-    """``write()`` on rank 0 (checkpoints, files), then every rank waits for it; returns its result
-    on rank 0 and None elsewhere."""
-    out = write() if is_main() else None
-    barrier()
     return out
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from posttrain.distributed.parallel import is_main
+from posttrain.distributed.parallel import broadcast, is_main
 from posttrain.monitor.logger import console
-from posttrain.train.rl_dist import broadcast
 
 
 def evaluate_on_main(evaluate, results: dict, step: int) -> None:

@@ -150,9 +150,9 @@ class DistillRecipe:
 def check_processes(mode: str, cfg: DistributedConfig) -> None:
     """Only logit mode trains on several processes: on_policy samples with one engine per run and
     sequence generates its data file before training; both refuse more than one process."""
-    from posttrain.distributed.launch import env_world
+    from posttrain.distributed.launch import requested_world
 
-    several = max(cfg.nproc, env_world())
+    several = requested_world(cfg)
     if mode == "logit" or several <= 1:
         return
     fix = {
