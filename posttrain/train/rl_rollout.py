@@ -7,6 +7,7 @@ groups into trainer rows (one merged episode or one per turn) with each turn's c
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -66,6 +67,14 @@ class RolloutConfig:
     """DAPO: drop groups whose rewards are all equal and sample more prompts to refill."""
     max_refill_rounds: int = 3
     """Extra generate rounds (each a full prompts_per_step batch) for dynamic sampling."""
+    screen_n: int = 0
+    """Screening, with dynamic_sampling (0 = off): each round first samples screen_n (< n) completions
+    per prompt; a group whose screen_n rewards are all equal is abandoned as a dropped zero-variance
+    group (its other n - screen_n are never generated, refill replaces it), the others get their
+    n - screen_n more in one call with their own seed. Biased: a group with variance at n may show
+    none in its first screen_n (pass rate p: abandoned with p^screen_n + (1-p)^screen_n, dropped at
+    n with p^n + (1-p)^n), so rarely-solved and rarely-failed prompts are trained on less. Not with
+    max_staleness 1 (it prefetches whole groups) or data.multi_turn."""
     overlong_filter: bool = False
     """DAPO overlong filtering: completions cut by max_new_tokens get no loss."""
     overlong_buffer: int | None = None
@@ -84,6 +93,18 @@ class RolloutConfig:
         if self.temperature <= 0:
             raise ConfigError(
                 "RL samples from the policy: temperature must be > 0", where="rollout.temperature"
+            )
+        if self.screen_n and not (self.dynamic_sampling and 1 <= self.screen_n < self.n):
+            raise ConfigError(
+                f"screen_n={self.screen_n} with n={self.n}, dynamic_sampling={self.dynamic_sampling}",
+                where="rollout.screen_n",
+                fix="0 (off), or 1 <= screen_n < n with rollout.dynamic_sampling: true (it refills abandoned groups)",
+            )
+        if self.screen_n and self.max_staleness:
+            raise ConfigError(
+                "screening samples each round in two calls; max_staleness 1 prefetches whole groups",
+                where="rollout.screen_n",
+                fix="rollout.screen_n: 0, or rollout.max_staleness: 0",
             )
 
 
@@ -116,6 +137,11 @@ def build_engine(
 def rollout_seed(seed: int, step: int, round_: int) -> int:
     """The engine's sampling seed for (recipe seed, step, refill round): resume replays it."""
     return (seed * 1_000_003 + step * 1_009 + round_) % (2**62)
+
+
+SCREEN_ROUND = 500
+"""Screening's second call in round r is seeded as round r + SCREEN_ROUND: apart from every first
+call (r < 500) and from the update's mini-batch order (999), within the step's 1009 seeds."""
 
 
 def sampling_context(engine: Any, ro: RolloutConfig):
@@ -158,30 +184,60 @@ def generate_groups(
     they are dropped and another full batch of prompts is generated, at most
     ``max_refill_rounds`` times; the first ``prompts_per_step`` kept groups are returned (fewer
     if the rounds run out). Returns (kept groups, every generated group, timings).
+
+    Screening (``ro.screen_n``): a round samples ``screen_n`` per prompt (seeded as the round),
+    abandons the equal-reward groups and samples the others' remaining ``n - screen_n`` in one
+    call (seeded as round + `SCREEN_ROUND`), appended in sample order. An abandoned group is in
+    "every generated group" with its ``screen_n`` completions; ``rollout/screened_out`` counts
+    them and ``rollout/completions_saved`` the completions not generated.
     """
     params = sampling_params(ro)
     times = {"time/generate_s": 0.0, "time/reward_s": 0.0}
+    if ro.screen_n:
+        times["rollout/screened_out"] = 0.0
 
-    def one_round(records: list[dict], round_: int) -> list[tuple[Scored, bool]]:
+    def sample(records: list[dict], n: int, seed_round: int) -> list[Scored]:
         t0 = time.perf_counter()
         with sampling_context(engine, ro):
-            completions = engine.generate(records, params.replace(seed=rollout_seed(seed, step, round_)))
+            comps = engine.generate(records, params.replace(n=n, seed=rollout_seed(seed, step, seed_round)))
         t1 = time.perf_counter()
-        rows = [records[c.prompt_index] for c in completions]
-        outcome, steps, parts = rewards.score(rows, completions)
+        outcome, steps, parts = rewards.score([records[c.prompt_index] for c in comps], comps)
         times["time/generate_s"] += t1 - t0
         times["time/reward_s"] += time.perf_counter() - t1
-        groups = []
-        for g, rec in enumerate(records):
-            sl = slice(g * ro.n, (g + 1) * ro.n)
-            group = Scored(rec, completions[sl], outcome[sl], steps[sl], parts[sl])
-            groups.append((group, group.zero_variance()))
-        return groups
+        cuts = [slice(g * n, (g + 1) * n) for g in range(len(records))]
+        return [
+            Scored(r, comps[c], outcome[c], steps[c], parts[c]) for r, c in zip(records, cuts, strict=True)
+        ]
+
+    def one_round(records: list[dict], round_: int) -> list[tuple[Scored, bool]]:
+        if not ro.screen_n:
+            return [(g, g.zero_variance()) for g in sample(records, ro.n, round_)]
+        groups = sample(records, ro.screen_n, round_)
+        alive = [g for g, group in enumerate(groups) if not group.zero_variance()]
+        more = sample([records[g] for g in alive], ro.n - ro.screen_n, round_ + SCREEN_ROUND) if alive else []
+        for g, tail in zip(alive, more, strict=True):
+            groups[g] = _extend(groups[g], tail, g)
+        times["rollout/screened_out"] += len(records) - len(alive)
+        return [(group, group.zero_variance()) for group in groups]
 
     kept, seen, rounds = dynamic_sampling(sampler, ro, one_round)
     if ro.max_staleness:  # 1 when the first round was prefetched during the previous update
         times["rollout/staleness"] = float(getattr(engine, "last_staleness", 0))
+    if ro.screen_n:
+        times["rollout/completions_saved"] = times["rollout/screened_out"] * (ro.n - ro.screen_n)
     return kept, seen, {**times, "rollout/rounds": rounds}
+
+
+def _extend(head: Scored, tail: Scored, prompt_index: int) -> Scored:
+    """``head``'s screened completions followed by ``tail``'s, renumbered as one group's samples."""
+    renumbered = [
+        dataclasses.replace(c, prompt_index=prompt_index, sample_index=len(head.completions) + c.sample_index)
+        for c in tail.completions
+    ]
+    return Scored(
+        head.record, head.completions + renumbered, head.outcome + tail.outcome,
+        head.steps + tail.steps, head.parts + tail.parts,
+    )  # fmt: skip
 
 
 def dynamic_sampling(
@@ -204,7 +260,10 @@ def dynamic_sampling(
 
 
 def rollout_metrics(seen: list[Scored], kept: list[Scored]) -> dict[str, float]:
-    """Reward per term, lengths, clipped ratio and zero-variance groups over every generated group."""
+    """Reward per term, lengths, clipped ratio and zero-variance groups over every generated group.
+
+    With screening, a group abandoned after its ``screen_n`` samples counts as a zero-variance
+    group, and those samples (all that was generated of it) enter the reward and length figures."""
     comps = [c for g in seen for c in g.completions]
     lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
     totals = torch.tensor([t for g in seen for t in g.totals()])
@@ -276,7 +335,15 @@ def generate_conversations(
 ) -> tuple[list[list[Conversation]], list[list[Conversation]], dict[str, float]]:
     """`generate_groups` for conversations: ``ro.n`` per prompt; turn k of round r is seeded by
     ``rollout_seed(seed, step, r + 1000 k)``. Dynamic sampling drops groups whose conversation
-    returns are all equal. Returns (kept groups, every generated group, timings)."""
+    returns are all equal. Returns (kept groups, every generated group, timings).
+
+    Screening (``ro.screen_n``) is single-turn: a ConfigError here, before any sampling."""
+    if ro.screen_n:
+        raise ConfigError(
+            "rollout.screen_n screens single-turn groups; conversations are sampled whole",
+            where="rollout.screen_n",
+            fix="rollout.screen_n: 0 with data.multi_turn",
+        )
     params = sampling_params(ro)
     times = {"time/generate_s": 0.0}
 
