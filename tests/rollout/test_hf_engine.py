@@ -8,6 +8,7 @@ import torch
 from posttrain.errors import ModelError
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.rollout.engine import by_prompt
+from posttrain.rollout.fused import FusedLM
 from posttrain.rollout.hf_engine import HFEngine, compact_order, decode_mask, new_cache, sample_next
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.train.lm_loss import token_logprobs
@@ -16,18 +17,30 @@ PROMPTS = ["Compute 3 + 4", "Sort 5 2 9 1 and then add up 12 and 7", "Hi", "Comp
 LOGP_TOL = 1e-4  # incremental KV-cache decoding vs one full forward: fp32 summation-order noise
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "hf-forward"])
+def engine(tiny_model_dir, request):
+    """The engine on the tiny default (Qwen2): with its fused forward (the default on CPU) and
+    with HF's forward; every test below holds for both."""
     tok = load_tokenizer(tiny_model_dir)
-    return HFEngine(load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok), tok)
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    eng = HFEngine(model, tok, fused=request.param)
+    assert isinstance(eng._decoder(), FusedLM) is request.param, eng.fused_reason
+    return eng
 
 
 class ForwardRecorder:
-    """Records the batch size of every forward call of the model."""
+    """Records the batch size of every forward call the engine makes (its FusedLM's or the model's)."""
 
-    def __init__(self, model):
+    def __init__(self, engine):
         self.sizes: list[int] = []
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        net = engine._decoder()
+        if isinstance(net, FusedLM):
+            inner = net.forward
+            net.forward = lambda ids, *rest: self.sizes.append(ids.shape[0]) or inner(ids, *rest)
+            self.undo = lambda: delattr(net, "forward")
+        else:
+            handle = engine.model.register_forward_pre_hook(self.hook, with_kwargs=True)
+            self.undo = handle.remove
 
     def hook(self, module, args, kwargs):
         self.sizes.append(kwargs["input_ids"].shape[0])
@@ -36,7 +49,7 @@ class ForwardRecorder:
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        self.undo()
 
 
 def greedy(max_new=12, **kw) -> SamplingParams:
@@ -178,7 +191,7 @@ def test_seed_reproducible_and_groups_ordered(engine):
 
 def test_prefix_sharing_prefills_each_distinct_prompt_once(engine):
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
-    with ForwardRecorder(engine.model) as rec:
+    with ForwardRecorder(engine) as rec:
         out = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=5, seed=0))
     assert rec.sizes[0] == 2  # prefill: 2 distinct prompts, not 3 x 4 rows
     assert rec.sizes[1] == 12  # then every sample decodes
@@ -191,7 +204,7 @@ def test_finished_rows_stop_costing_compute(engine):
     probe = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=30, seed=3))
     frequent = torch.tensor([t for c in probe for t in c.token_ids]).bincount().argsort(descending=True)[:20]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=30, seed=3, stop_token_ids=frequent.tolist())
-    with ForwardRecorder(engine.model) as rec:
+    with ForwardRecorder(engine) as rec:
         out = engine.generate(PROMPTS, params)
     lengths = [len(c.token_ids) for c in out]
     assert len(set(lengths)) > 2 and min(lengths) < 30
@@ -346,7 +359,7 @@ def test_bf16_decodes_on_a_weight_copy_that_update_weights_refreshes(tiny_model_
     decode step re-casts them; the copy follows the trainer's module after update_weights."""
     tok = load_tokenizer(tiny_model_dir)
     model = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
-    engine = HFEngine(model, tok, precision="bf16")
+    engine = HFEngine(model, tok, precision="bf16", fused=False)
     net = engine._decoder()
     assert net is not model and all(p.dtype == torch.bfloat16 for p in net.parameters())
     assert all(b.dtype == torch.float32 for b in net.buffers() if b.is_floating_point())
@@ -357,4 +370,4 @@ def test_bf16_decodes_on_a_weight_copy_that_update_weights_refreshes(tiny_model_
     engine.update_weights(model)
     assert engine._decoder() is net  # refreshed in place, not rebuilt
     assert torch.equal(dict(net.named_parameters())[name], param.detach().to(torch.bfloat16))
-    assert HFEngine(model, tok)._decoder() is model  # fp32: the module itself
+    assert HFEngine(model, tok, fused=False)._decoder() is model  # fp32: the module itself

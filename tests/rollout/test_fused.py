@@ -1,0 +1,186 @@
+"""The fused Llama-family forward of the rollout engine: the same logits as HF's forward (Qwen2,
+Llama, Mistral; left padding, prefill then decode; LoRA), its snapshot refresh, its refusals, and
+the two-level inverse-CDF draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.rollout.fused import FusedLM, Unsupported, unsupported
+from posttrain.rollout.hf_engine import HFEngine, draw, new_cache
+from posttrain.rollout.sampling import SamplingParams
+
+TOL = 1e-4  # fp32: fused projections and oneDNN's packed kernels only reorder the sums
+
+
+def llama(**extra):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True, **extra,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def mistral():
+    torch.manual_seed(1)
+    cfg = MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, sliding_window=None,
+    )  # fmt: skip
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="float32", device="cpu")
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 0):
+    """Left-padded ids (R, P), the padding mask and position ids from its cumsum."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n :] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def fused_logits(model, ids, mask, pos, new: torch.Tensor, dtype=torch.float32):
+    """Prefill ``ids`` then decode ``new`` (R, T) one column at a time through FusedLM: the logits
+    after the prefill and after each decoded token, (T + 1, R, V)."""
+    fused = FusedLM(model, dtype)
+    cache = new_cache(model, ids.shape[1] + new.shape[1])
+    keys = torch.cat([mask, mask.new_ones(new.shape)], dim=1).bool()
+    out = [fused.forward(ids, pos, keys, cache)]
+    nxt = pos[:, -1] + 1
+    for t in range(new.shape[1]):
+        out.append(fused.forward(new[:, t : t + 1], (nxt + t)[:, None], keys, cache))
+    return torch.stack(out)
+
+
+def hf_logits(model, ids, mask, pos, new: torch.Tensor):
+    """The same positions' logits from one full HF forward over prompt + new tokens."""
+    full = torch.cat([ids, new], dim=1)
+    attn = torch.cat([mask, mask.new_ones(new.shape)], dim=1)
+    positions = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(new.shape[1])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=attn, position_ids=positions).logits
+    width = ids.shape[1]
+    return logits[:, width - 1 :].transpose(0, 1)
+
+
+@pytest.mark.parametrize("which", ["qwen2", "llama", "mistral"])
+def test_fused_forward_equals_hf_with_left_padding(which, qwen2):
+    model = {"qwen2": lambda: qwen2, "llama": llama, "mistral": mistral}[which]()
+    vocab = model.config.vocab_size
+    ids, mask, pos = padded_batch(vocab, [7, 3, 5])
+    new = torch.randint(3, vocab, (3, 4), generator=torch.Generator().manual_seed(1))
+    got = fused_logits(model, ids, mask, pos, new)
+    ref = hf_logits(model, ids, mask, pos, new)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < TOL
+
+
+def test_fused_forward_merges_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero: make the adapters change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ids, mask, pos = padded_batch(300, [6, 4])
+    new = torch.randint(3, 300, (2, 3), generator=torch.Generator().manual_seed(2))
+    with model.disable_adapter():
+        base = hf_logits(model, ids, mask, pos, new)
+    ref = hf_logits(model, ids, mask, pos, new)
+    assert (ref - base).abs().max() > 0.1  # the adapters matter
+    assert (fused_logits(model, ids, mask, pos, new) - ref).abs().max() < TOL
+
+
+def test_bf16_snapshot_stays_near_fp32(qwen2):
+    ids, mask, pos = padded_batch(qwen2.config.vocab_size, [6, 6, 2])
+    new = torch.randint(3, qwen2.config.vocab_size, (3, 3), generator=torch.Generator().manual_seed(3))
+    ref = hf_logits(qwen2, ids, mask, pos, new)
+    got = fused_logits(qwen2, ids, mask, pos, new, dtype=torch.bfloat16)
+    diff = (got - ref).abs().max().item()
+    assert 1e-3 < diff < 0.3, diff  # bf16 weights really ran, close to fp32
+
+
+def test_outer_autocast_does_not_change_the_snapshot_numbers(qwen2):
+    ids, mask, pos = padded_batch(qwen2.config.vocab_size, [5, 3])
+    new = torch.randint(3, qwen2.config.vocab_size, (2, 2), generator=torch.Generator().manual_seed(4))
+    plain = fused_logits(qwen2, ids, mask, pos, new)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fused_logits(qwen2, ids, mask, pos, new)
+    assert torch.equal(plain, under)
+
+
+def test_unsupported_models_fall_back_to_hf_forward(tiny_model_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_model_dir)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    assert "model_type 'gpt2'" in unsupported(gpt2)
+    with pytest.raises(Unsupported, match="gpt2"):
+        FusedLM(gpt2, torch.float32)
+    silu_free = llama(hidden_act="gelu")
+    assert "hidden_act" in unsupported(silu_free)
+    engine = HFEngine(gpt2.eval(), tok)
+    out = engine.generate(["Compute 3 + 4"], SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert len(out[0].token_ids) == 4 and "gpt2" in engine.fused_reason
+    sliding = MistralForCausalLM(
+        MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
+    ).eval()  # fmt: skip
+    engine = HFEngine(sliding, tok)
+    engine.generate(["Hi"], SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert "sliding window" in engine.fused_reason
+
+
+def test_snapshot_follows_in_place_weight_changes(tiny_model_dir):
+    """An optimizer step changes the shared module in place: the engine notices (version counters)
+    and rebuilds its snapshot, even without update_weights."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    engine = HFEngine(model, tok)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    first = engine._decoder()
+    before = engine.generate(["Compute 3 + 4"], greedy)[0]
+    assert engine._decoder() is first and not first.stale()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(**tok(["Compute 3 + 4"], return_tensors="pt")).logits.sum().backward()
+    opt.step()
+    assert first.stale() and engine._decoder() is not first
+    after = engine.generate(["Compute 3 + 4"], greedy)[0]
+    reference = HFEngine(model, tok, fused=False).generate(["Compute 3 + 4"], greedy)[0]
+    assert after.token_ids == reference.token_ids != before.token_ids
+
+
+@pytest.mark.parametrize("vocab,block", [(7, 3), (300, 256), (1000, 64)])
+def test_draw_frequencies_match_the_weights(vocab, block):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=gen) * 2
+    logits[::5] = float("-inf")  # zero-weight tokens, some at block edges
+    weights = torch.softmax(logits, -1) * 3.0  # unnormalised
+    n = 60_000
+    tok = draw(weights.expand(n, vocab).contiguous(), gen, block=block)
+    freq = tok.bincount(minlength=vocab).float() / n
+    assert freq[::5].sum() == 0  # never a zero-weight token
+    p = weights / weights.sum()
+    assert (freq - p).abs().max() < 5 * (p.max() / n) ** 0.5  # within 5 standard errors
+
+
+def test_draw_lands_on_single_tokens_at_the_edges():
+    gen = torch.Generator().manual_seed(0)
+    for vocab, index in ((600, 0), (600, 599), (600, 255), (600, 256), (513, 512)):
+        weights = torch.zeros(50, vocab)
+        weights[:, index] = 1e-30  # tiny mass is still the whole distribution
+        assert (draw(weights, gen) == index).all()
