@@ -15,8 +15,10 @@ reinforce_pp with the KL in the reward; RLOO = rloo; Dr.GRPO = dr_grpo + seq-mea
 - Old log-probs: the HF engine samples with the policy module itself, so the log-probs it
   reports ARE the old policy's (`old_logprobs: auto` uses them when the policy is fp32; they
   equal a recomputed forward to ~1e-5, tested at 1e-4 absolute: KV-cache decoding vs one full
-  forward sums in another order). ``recompute`` runs one no-grad forward instead (other
-  engines, bf16). They serve every epoch: PPO's old policy is the one that sampled.
+  forward sums in another order). With one optimiser step per rollout, the update's own forward
+  (detached) is the old policy's (``update``: no extra pass; bf16, other engines); otherwise
+  ``recompute`` runs one no-grad forward (`old_logprob_source`). They serve every epoch: PPO's
+  old policy is the one that sampled.
 - Reference pi_ref: with a LoRA / IA3 adapter, the same model with the adapter disabled (no
   second copy); otherwise a frozen copy of the starting weights; none at all (no copy, no
   forward) when ``kl.coef`` is 0 and the coefficient is fixed.
@@ -197,7 +199,7 @@ class RLRecipe:
         self.rollout.validate()
         self.anomaly.validate()
         if self.data.multi_turn is not None:
-            check_multi_turn(self.data.multi_turn, self.algorithm, self.rewards)
+            check_multi_turn(self.data.multi_turn, self.algorithm, self.rewards, self.rollout)
         check_rl_processes(self.distributed, self.rollout.backend, self.data.multi_turn is not None)
         if self.peft.method in ("prefix", "prompt"):
             raise ConfigError(
@@ -348,17 +350,33 @@ def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[s
     return batch, {**metrics, **split}
 
 
-def use_rollout_logprobs(s: Session) -> bool:
-    """Old log-probs from the sampler (module docstring); never with a rollout correction or
-    autocast sampling, whose point is that the sampler's numbers are not the trainer's."""
-    mode, ro = s.cfg.algorithm.old_logprobs, s.cfg.rollout
-    if mode != "auto":
-        return mode == "rollout"
-    if s.cfg.algorithm.rollout_correction is not None or ro.autocast is not None or s.run.precision != "fp32":
-        return False  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
-    if ro.max_staleness:  # stale samples: the trainer's log-probs are the proximal policy
-        return False
-    return ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32
+def old_logprob_source(s: Session) -> str:
+    """Where the old log-probs come from (``algorithm.old_logprobs``; auto picks):
+
+    - ``rollout``: the sampler's (module docstring); auto takes them when the policy itself samples
+      in fp32, never with a rollout correction, autocast sampling or stale samples;
+    - ``update``: the update's own forward, detached. When the rollout gets exactly one optimiser
+      step (ppo_epochs = mini_batches = 1), that forward runs at the old weights, so it gives the
+      numbers a recompute pass would, without the pass (TRL does the same with one iteration);
+      auto takes it unless a rollout correction or a KL penalty in the reward needs the old
+      log-probs before the update (`AlgorithmConfig.update_old_logprobs_blocker`), or a critic's
+      values need that pass anyway;
+    - ``recompute``: one no-grad forward before the update.
+    """
+    algo, ro = s.cfg.algorithm, s.cfg.rollout
+    if algo.old_logprobs != "auto":
+        return algo.old_logprobs
+    exact_sampler = (
+        algo.rollout_correction is None
+        and ro.autocast is None
+        and s.run.precision == "fp32"
+        and not ro.max_staleness
+    )  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
+    if exact_sampler and ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32:
+        return "rollout"
+    if s.value_head is None and algo.update_old_logprobs_blocker() is None:
+        return "update"
+    return "recompute"  # (a critic's values need that pass anyway)
 
 
 def prepare_batch(
@@ -376,10 +394,10 @@ def prepare_batch(
         chunk_size=s.cfg.train.chunk_size,
     )  # fmt: skip
     metrics: dict[str, float] = {}
-    values = None
-    if not use_rollout_logprobs(s) or s.value_head is not None:
+    values, source = None, old_logprob_source(s)
+    if source == "recompute" or s.value_head is not None:
         logp, values = score(s.model, s.value_head)
-        if not use_rollout_logprobs(s):
+        if source == "recompute":
             sampler_logp, data["old_logp"] = data["old_logp"], logp * data["valid"]
             metrics.update(mismatch_metrics(data["old_logp"], sampler_logp, data["valid"]))
             if algo.rollout_correction is not None:
@@ -388,11 +406,11 @@ def prepare_batch(
                     data["old_logp"], sampler_logp, data["mask"], level=rc.level, mode=rc.mode, cap=rc.cap
                 )
                 metrics.update(rc_metrics)
-    if use_rollout_logprobs(s):  # measured by the update's first forward (`ppo_update`)
+    if source != "recompute":  # measured by the update's first forward (`ppo_update`)
         data["sampler_logp"] = data["old_logp"]
     metrics = {k: float(v) for k, v in metrics.items()}
     rewards = data["rewards"]
-    if s.reference is not None:
+    if s.reference is not None:  # (with source update, the rollout's KL from the sampler's log-probs)
         data["ref_logp"] = score(s.reference.model, None, s.reference.context())[0]
         kl = kl_estimate(data["old_logp"], data["ref_logp"], algo.kl.estimator) * data["valid"]
         metrics["kl/rollout_seq_mean"] = float(kl.sum(-1).mean())
@@ -414,6 +432,8 @@ def prepare_batch(
         adv = spread_turns(per_turn, e.rows, data["valid"])
         returns = spread_turns(e.credits, e.rows, data["valid"])
     data["advantages"], data["returns"] = adv, returns
+    if source == "update":  # `minibatch_loss` takes the update's forward, detached
+        del data["old_logp"]
     valid = data["valid"]
     metrics.update({k: float(v) for k, v in adv_metrics.items()})
     metrics.update({"advantages/min": float(adv[valid].min()), "advantages/max": float(adv[valid].max())})

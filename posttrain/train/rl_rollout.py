@@ -286,11 +286,20 @@ def rollout_metrics(seen: list[Scored], kept: list[Scored]) -> dict[str, float]:
 # ---------------------------------------------------------------- multi-turn
 
 
-def check_multi_turn(mt: MultiTurnConfig, algo: Any, rewards: list[RewardTermConfig]) -> None:
-    """ConfigError unless the environment exists and the algorithm and reward terms work over turns."""
+def check_multi_turn(
+    mt: MultiTurnConfig, algo: Any, rewards: list[RewardTermConfig], ro: RolloutConfig | None = None
+) -> None:
+    """ConfigError unless the environment exists and the algorithm, reward terms and rollout
+    settings work over turns."""
     from posttrain.rollout.multiturn import get_env
     from posttrain.train.rl_update import MULTI_TURN_ADVANTAGES_EXCLUDED
 
+    if ro is not None and ro.screen_n:
+        raise ConfigError(
+            "rollout.screen_n screens single-turn groups; conversations are sampled whole",
+            where="rollout.screen_n",
+            fix="rollout.screen_n: 0 with data.multi_turn",
+        )
     get_env(mt.env)  # an unknown name is a ConfigError listing the registered ones
     if mt.max_turns < 1:
         raise ConfigError(
@@ -335,15 +344,8 @@ def generate_conversations(
 ) -> tuple[list[list[Conversation]], list[list[Conversation]], dict[str, float]]:
     """`generate_groups` for conversations: ``ro.n`` per prompt; turn k of round r is seeded by
     ``rollout_seed(seed, step, r + 1000 k)``. Dynamic sampling drops groups whose conversation
-    returns are all equal. Returns (kept groups, every generated group, timings).
-
-    Screening (``ro.screen_n``) is single-turn: a ConfigError here, before any sampling."""
-    if ro.screen_n:
-        raise ConfigError(
-            "rollout.screen_n screens single-turn groups; conversations are sampled whole",
-            where="rollout.screen_n",
-            fix="rollout.screen_n: 0 with data.multi_turn",
-        )
+    returns are all equal. Returns (kept groups, every generated group, timings). Screening is
+    single-turn (`check_multi_turn` refuses ``rollout.screen_n``)."""
     params = sampling_params(ro)
     times = {"time/generate_s": 0.0}
 

@@ -147,8 +147,10 @@ class AlgorithmConfig:
     """Critic loss weight (gae only)."""
     value_clip: float | None = 0.2
     """Critic value clip range; null = unclipped MSE (gae only)."""
-    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
-    """Old log-probs from the sampler (rollout), a no-grad forward (recompute), or auto (module docstring)."""
+    old_logprobs: Literal["auto", "rollout", "update", "recompute"] = "auto"
+    """Old log-probs from the sampler (rollout), the update's own forward detached (update: one
+    optimiser step per rollout only), a no-grad forward (recompute), or auto
+    (`posttrain.train.rl.old_logprob_source`)."""
     kl: KLConfig = field(default_factory=KLConfig)
 
     def validate(self) -> None:
@@ -177,6 +179,16 @@ class AlgorithmConfig:
         if self.kl.target is not None and self.kl.coef == 0:
             raise ConfigError("an adaptive KL needs a starting coef > 0", where="algorithm.kl.coef")
 
+    def update_old_logprobs_blocker(self) -> str | None:
+        """Why the update's own forward cannot serve as the old log-probs (None: it can)."""
+        if self.ppo_epochs > 1 or self.mini_batches > 1:
+            return "only the first optimiser step on a rollout runs at the weights that sampled it"
+        if self.rollout_correction is not None:
+            return "the rollout correction weighs the old log-probs before the update"
+        if self.kl.placement == "reward" and (self.kl.coef > 0 or self.kl.target is not None):
+            return "a KL penalty in the reward needs the old log-probs before the update"
+        return None
+
     def _validate_control(self) -> None:
         rc, ec = self.rollout_correction, self.entropy_control
         if rc is not None and rc.cap <= 1:
@@ -189,6 +201,13 @@ class AlgorithmConfig:
             raise ConfigError(
                 "the correction weighs the trainer's log-probs against the sampler's; "
                 "old_logprobs=rollout makes them the same numbers",
+                where="algorithm.old_logprobs",
+                fix="use old_logprobs: auto or recompute",
+            )
+        blocker = self.update_old_logprobs_blocker()
+        if self.old_logprobs == "update" and blocker:
+            raise ConfigError(
+                f"old_logprobs=update takes the update's own forward as the old policy, but {blocker}",
                 where="algorithm.old_logprobs",
                 fix="use old_logprobs: auto or recompute",
             )
@@ -361,7 +380,8 @@ def minibatch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one mini-batch (module docstring) and its detached metrics.
 
-    mb: rows of the rollout with old_logp, advantages, mask (and ref_logp when the KL sits in
+    mb: rows of the rollout with old_logp (absent: this forward's log-probs, detached, are the old
+    ones; `posttrain.train.rl.old_logprob_source` "update"), advantages, mask (and ref_logp when the KL sits in
     the loss; old_values and returns with a critic; is_weight with a rollout correction, applied
     as A_t * w_t). ``entropy_coef``: the controller's current value (default algo.entropy_coef).
     ``measure_mismatch``: the weights are those that sampled ``mb``; log the trainer/sampler gap.
@@ -391,7 +411,8 @@ def minibatch_loss(
         tau_pos=algo.sapo_tau_pos, tau_neg=algo.sapo_tau_neg, delta=algo.dppo_delta,
         divergence=algo.dppo_divergence, cov_frac=algo.cov_frac, cov_coef=algo.cov_coef,
     )  # fmt: skip
-    loss, pg_metrics = fn(logp, mb["old_logp"], adv, mask, **kwargs)
+    old = mb["old_logp"] if "old_logp" in mb else logp.detach() * mb["valid"]
+    loss, pg_metrics = fn(logp, old, adv, mask, **kwargs)
     ent_loss, ent_metrics = entropy_bonus(entropy, mask, coef=c_h, agg=agg, norm=norm)
     metrics = {**metrics, **pg_metrics, **ent_metrics, "loss/policy": loss.detach()}
     if c_h:

@@ -260,7 +260,11 @@ def recipe(model_dir, out, *extra) -> RLRecipe:
 def test_captured_logprobs_equal_recomputed_per_turn(tmp_path, tiny_model_dir):
     s = setup(
         recipe(
-            tiny_model_dir, tmp_path / "r", "data.multi_turn.credit=per_turn", "data.multi_turn.merge=false"
+            tiny_model_dir,
+            tmp_path / "r",
+            "data.multi_turn.credit=per_turn",
+            "data.multi_turn.merge=false",
+            "train.precision=fp32",  # the sampler's own log-probs are then the old ones (auto: rollout)
         )
     )
     batch, m = collect_episodes(s, 1)

@@ -102,6 +102,44 @@ def test_kl_coef_zero_means_no_reference_at_all(tmp_path, tiny_model_dir):
     s.run.logger.close()
 
 
+@pytest.mark.parametrize("kl", ["0", "0.1"])
+def test_update_forward_as_old_logprobs_equals_a_recompute_pass(tmp_path, tiny_model_dir, kl):
+    """One optimiser step per rollout: the update's own forward, detached, is the old policy's
+    (old_logprobs=update skips the recompute pass); two steps give the same weights and losses
+    as recompute, and the sampler/trainer mismatch is still measured."""
+    runs = {}
+    for mode in ("recompute", "update"):
+        out = tmp_path / mode
+        run_rl(recipe(tiny_model_dir, out, f"algorithm.old_logprobs={mode}", f"algorithm.kl.coef={kl}"))
+        runs[mode] = (load_file(str(out / "final" / "model.safetensors")), metrics(out))
+    (w_re, m_re), (w_up, m_up) = runs["recompute"], runs["update"]
+    assert max((w_re[k] - w_up[k]).abs().max().item() for k in w_re) < 1e-6
+    for a, b in zip(m_re, m_up, strict=True):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], abs=1e-6)
+        assert a["pg/ratio_max"] == pytest.approx(1.0, abs=1e-6) and b["pg/ratio_max"] == pytest.approx(
+            1.0, abs=1e-6
+        )
+        assert b["mismatch/token_abs_diff_mean"] == pytest.approx(a["mismatch/token_abs_diff_mean"], abs=1e-6)
+
+
+def test_old_logprob_source_auto_and_refusals(tmp_path, tiny_model_dir):
+    from posttrain.train.rl import old_logprob_source
+
+    s = setup(recipe(tiny_model_dir, tmp_path / "a", "train.precision=fp32"))
+    assert old_logprob_source(s) == "rollout"  # fp32 policy sampling itself: the sampler's numbers
+    s.run.logger.close()
+    s = setup(recipe(tiny_model_dir, tmp_path / "b", "train.precision=fp32", "rollout.autocast=bfloat16"))
+    assert old_logprob_source(s) == "update"  # bf16 sampler: not the trainer's numbers, one step
+    s.run.logger.close()
+    s = setup(recipe(tiny_model_dir, tmp_path / "c", "rollout.autocast=bfloat16", "algorithm.ppo_epochs=2"))
+    assert old_logprob_source(s) == "recompute"
+    s.run.logger.close()
+    for bad in ("algorithm.mini_batches=2", "algorithm.rollout_correction={}"):
+        with pytest.raises(ConfigError, match="old_logprobs=update") as err:
+            recipe(tiny_model_dir, tmp_path / "d", "algorithm.old_logprobs=update", bad)
+        assert err.value.where == "algorithm.old_logprobs"
+
+
 # ---------------------------------------------------------------- rollout: dynamic sampling, overlong
 
 
