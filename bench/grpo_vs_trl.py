@@ -72,7 +72,7 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, b
         "algorithm.loss_agg=token-mean", f"rollout.prompts_per_step={prompts}", f"rollout.n={N}",
         f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "eval.n_per_level=0",
         f"train.max_steps={n_steps}", f"train.threads={THREADS}", "train.tensorboard=false",
-        f"optim.lr={LR}", "optim.schedule=constant", "resume=false",
+        f"optim.lr={LR}", "optim.schedule=constant", "resume=false", "anomaly.on_anomaly=warn",
     ]  # fmt: skip
     run_rl(load_recipe(RLRecipe, None, overrides))
     used = json.loads((out / "run" / "run_meta.json").read_text())["precision"]["precision"]
@@ -83,7 +83,11 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, b
         "lengths": [r["response/length_mean"] for r in rows],
         "gen_share": sum(r["time/generate_s"] for r in rows) / sum(r["time/step_s"] for r in rows),
         "note": f"precision auto -> {used}; "
-        + ("rollout log-probs as old log-probs" if used == "fp32" else "old log-probs recomputed")
+        + (
+            "rollout log-probs as old log-probs"
+            if used == "fp32"
+            else "old log-probs from the update forward"
+        )
         + ("; frozen reference copy" if beta else "; no reference"),
         "precision": used,
     }

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from posttrain.errors import BackendUnavailable, ConfigError, ModelError
+from posttrain.models.attention import register as register_attention
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,17 @@ def load_model(
     """Load a causal LM from a local folder (or a hub id where a network exists).
 
     dtype `auto` = fp32 on CPU, bf16 on CUDA. The pad token id is synced with `tokenizer`
-    (loaded from `path` when not given and the folder has one).
+    (loaded from `path` when not given and the folder has one). On CPU the attention is
+    `posttrain.models.attention` (SDPA, or matmuls where those are faster).
     """
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     check_model_source(path, gguf_file)
+    attn = {"attn_implementation": register_attention()} if target.type == "cpu" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, gguf_file=gguf_file, **attn
+        )
     except (OSError, ValueError, KeyError) as err:
         hint = MODEL_FOLDER_HINT + ("" if _is_local(path) else "; a hub id needs network access")
         raise ModelError(f"cannot load the model: {err}", where=str(path), fix=hint) from err

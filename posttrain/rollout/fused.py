@@ -211,7 +211,10 @@ class FusedLM:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x.float(), positions)
         half = sin.shape[-1] // 2
-        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]  # (R, 1, S, D)
+        cos, sin = (
+            cos[:, None],
+            torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None],
+        )  # (R, 1, S, D)
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         if width == 1:
             mask = None if keys is None else keys[:, None, None, : start + 1].bool()  # (R, 1, 1, L)

@@ -42,6 +42,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from posttrain.errors import ModelError
+from posttrain.models.attention import takes_bool_mask
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.fused import FusedLM, Unsupported
 from posttrain.rollout.prefix_cache import PrefixStore, fill_layers, row_kv
@@ -185,8 +186,7 @@ def decode_mask(model: Any, cache: DynamicCache, attn: torch.Tensor) -> torch.Te
         return None
     if isinstance(model, FusedLM):
         return attn.bool()
-    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-    if sdpa and all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
+    if takes_bool_mask(model) and all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
         return attn.bool()[:, None, None]
     return attn
 

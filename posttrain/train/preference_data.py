@@ -42,6 +42,7 @@ from posttrain.data.collate import IGNORE_INDEX, pack
 from posttrain.data.loaders import load_records
 from posttrain.data.render import Sample, render_prompt_completion
 from posttrain.errors import ConfigError, DataError, ModelError
+from posttrain.models.attention import takes_bool_mask
 from posttrain.train.lm_loss import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ class ExamplePlan:
 
 def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
     impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl == "sdpa":
+    if takes_bool_mask(model):
         return mask
     if impl == "eager":
         dtype = next(model.parameters()).dtype

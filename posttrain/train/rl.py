@@ -17,7 +17,7 @@ reinforce_pp with the KL in the reward; RLOO = rloo; Dr.GRPO = dr_grpo + seq-mea
   equal a recomputed forward to ~1e-5, tested at 1e-4 absolute: KV-cache decoding vs one full
   forward sums in another order). With one optimiser step per rollout, the update's own forward
   (detached) is the old policy's (``update``: no extra pass; bf16, other engines); otherwise
-  ``recompute`` runs one no-grad forward (`old_logprob_source`). They serve every epoch: PPO's
+  ``recompute`` runs one no-grad forward (`rl_update.old_logprob_source`). They serve every epoch: PPO's
   old policy is the one that sampled.
 - Reference pi_ref: with a LoRA / IA3 adapter, the same model with the adapter disabled (no
   second copy); otherwise a frozen copy of the starting weights; none at all (no copy, no
@@ -104,6 +104,7 @@ from posttrain.train.rl_rollout import (
 )
 from posttrain.train.rl_update import (
     AlgorithmConfig,
+    old_logprob_source,
     ppo_update,
     score_rollout,
     spread_turns,
@@ -350,35 +351,6 @@ def collect_episodes(s: Session, step: int) -> tuple[EpisodeBatch | None, dict[s
     return batch, {**metrics, **split}
 
 
-def old_logprob_source(s: Session) -> str:
-    """Where the old log-probs come from (``algorithm.old_logprobs``; auto picks):
-
-    - ``rollout``: the sampler's (module docstring); auto takes them when the policy itself samples
-      in fp32, never with a rollout correction, autocast sampling or stale samples;
-    - ``update``: the update's own forward, detached. When the rollout gets exactly one optimiser
-      step (ppo_epochs = mini_batches = 1), that forward runs at the old weights, so it gives the
-      numbers a recompute pass would, without the pass (TRL does the same with one iteration);
-      auto takes it unless a rollout correction or a KL penalty in the reward needs the old
-      log-probs before the update (`AlgorithmConfig.update_old_logprobs_blocker`), or a critic's
-      values need that pass anyway;
-    - ``recompute``: one no-grad forward before the update.
-    """
-    algo, ro = s.cfg.algorithm, s.cfg.rollout
-    if algo.old_logprobs != "auto":
-        return algo.old_logprobs
-    exact_sampler = (
-        algo.rollout_correction is None
-        and ro.autocast is None
-        and s.run.precision == "fp32"
-        and not ro.max_staleness
-    )  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
-    if exact_sampler and ro.backend in ("hf", "ray") and next(s.model.parameters()).dtype == torch.float32:
-        return "rollout"
-    if s.value_head is None and algo.update_old_logprobs_blocker() is None:
-        return "update"
-    return "recompute"  # (a critic's values need that pass anyway)
-
-
 def prepare_batch(
     s: Session, groups: list[Scored], episodes: EpisodeBatch | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -394,7 +366,8 @@ def prepare_batch(
         chunk_size=s.cfg.train.chunk_size,
     )  # fmt: skip
     metrics: dict[str, float] = {}
-    values, source = None, old_logprob_source(s)
+    dtype = next(s.model.parameters()).dtype
+    values, source = None, old_logprob_source(algo, ro, s.run.precision, dtype, s.value_head is not None)
     if source == "recompute" or s.value_head is not None:
         logp, values = score(s.model, s.value_head)
         if source == "recompute":

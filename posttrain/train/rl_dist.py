@@ -72,15 +72,49 @@ def rank0_collect(collect: Callable[[], Any], sampler: Any) -> Any:
     return out
 
 
-def rank_parts(rows: torch.Tensor, micro_batches: int) -> list[tuple[torch.Tensor, bool]]:
+def rank_parts(
+    rows: torch.Tensor, micro_batches: int, lengths: torch.Tensor | None = None, token_budget: int = 0
+) -> list[tuple[torch.Tensor, bool]]:
     """This rank's micro-batches of the mini-batch ``rows``: its slice
     ``tensor_split(rows, world)[rank]`` cut into k parts, k the same on every rank (every rank runs
     the same number of backward passes). An empty part comes back as ``rows[:1]`` with real=False
-    (the caller gives it zero weight)."""
+    (the caller gives it zero weight).
+
+    With ``token_budget`` > 0 and the rows' sequence ``lengths``, a slice is sorted by length and
+    cut where a part would pass the budget of padded tokens (rows x its longest row; `length_parts`),
+    at least ``micro_batches`` parts: similar lengths share a pass, so little padding is computed.
+    Every rank holds the whole batch, so each computes every slice's count and takes the largest."""
     w = world()
-    mine = torch.tensor_split(rows, w)[rank()] if w > 1 else rows
+    slices = torch.tensor_split(rows, w) if w > 1 else (rows,)
+    if token_budget > 0 and lengths is not None:
+        cuts = [length_parts(sl, lengths, token_budget, micro_batches) for sl in slices]
+        k = max(len(c) for c in cuts)
+        mine = cuts[rank() if w > 1 else 0]
+        return [(p, True) for p in mine] + [(rows[:1], False)] * (k - len(mine))
     k = min(micro_batches, -(-rows.numel() // w))
-    return [(p, True) if p.numel() else (rows[:1], False) for p in mine.tensor_split(k)]
+    return [
+        (p, True) if p.numel() else (rows[:1], False) for p in slices[rank() if w > 1 else 0].tensor_split(k)
+    ]
+
+
+def length_parts(rows: torch.Tensor, lengths: torch.Tensor, budget: int, at_least: int) -> list[torch.Tensor]:
+    """``rows`` sorted by ``lengths`` (longest first) and cut greedily so that each part's padded
+    tokens (rows x its first row's length) stay within ``budget`` (a longer row alone is its own
+    part); if that gives fewer than ``at_least`` parts, the sorted rows in ``at_least`` equal parts."""
+    if rows.numel() == 0:
+        return []
+    order = rows[lengths[rows].argsort(descending=True, stable=True)]
+    sizes, first, count = [], None, 0
+    for n in lengths[order].tolist():
+        if count and first * (count + 1) > budget:
+            sizes.append(count)
+            count = 0
+        first = n if count == 0 else first
+        count += 1
+    sizes.append(count)
+    if len(sizes) < at_least:
+        return [p for p in order.tensor_split(min(at_least, order.numel())) if p.numel()]
+    return list(order.split(sizes))
 
 
 def reduce_metrics(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:

@@ -143,6 +143,11 @@ class AlgorithmConfig:
     micro_batches: int = 1
     """Forward/backward passes per optimiser step (gradient accumulation, rows split evenly); the
     gradient is the same as one pass over the mini-batch, whatever the split."""
+    micro_batch_tokens: int | None = None
+    """> 0: passes hold rows of similar length, at most this many padded tokens each (rows x the
+    longest; at least micro_batches passes): less padding computed, same gradient (verl's dynamic
+    batch size); 0 = rows split evenly in their own order; null = `DEFAULT_MICRO_BATCH_TOKENS` of
+    the device."""
     value_coef: float = 0.5
     """Critic loss weight (gae only)."""
     value_clip: float | None = 0.2
@@ -172,6 +177,12 @@ class AlgorithmConfig:
         if self.ppo_epochs < 1 or self.mini_batches < 1 or self.micro_batches < 1:
             raise ConfigError(
                 "ppo_epochs, mini_batches and micro_batches must be >= 1", where="algorithm.ppo_epochs"
+            )
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
+            raise ConfigError(
+                f"micro_batch_tokens must be >= 0, got {self.micro_batch_tokens}",
+                where="algorithm.micro_batch_tokens",
+                fix="0 (rows split evenly) or a padded-token budget per pass, e.g. 4096",
             )
         self._validate_control()
         if self.kl.coef < 0 or (self.kl.target is not None and self.kl.target <= 0):
@@ -442,6 +453,43 @@ def _part_loss(_root: torch.nn.Module, *args: Any, **kwargs: Any):
     return minibatch_loss(*args, **kwargs)  # run inside the DDP forward (`call`); _root holds model
 
 
+def old_logprob_source(
+    algo: AlgorithmConfig, ro: Any, precision: str, dtype: torch.dtype, critic: bool
+) -> str:
+    """Where the old log-probs come from (``algorithm.old_logprobs``; auto picks), for the rollout
+    settings ``ro``, the trainer's ``precision`` and the policy's weight ``dtype``:
+
+    - ``rollout``: the sampler's (`posttrain.train.rl`); auto takes them when the policy itself
+      samples in fp32, never with a rollout correction, autocast sampling or stale samples;
+    - ``update``: the update's own forward, detached. When the rollout gets exactly one optimiser
+      step (ppo_epochs = mini_batches = 1), that forward runs at the old weights, so it gives the
+      numbers a recompute pass would, without the pass (TRL does the same with one iteration);
+      auto takes it unless a rollout correction or a KL penalty in the reward needs the old
+      log-probs before the update (`AlgorithmConfig.update_old_logprobs_blocker`), or a critic's
+      values need that pass anyway;
+    - ``recompute``: one no-grad forward before the update.
+    """
+    if algo.old_logprobs != "auto":
+        return algo.old_logprobs
+    exact_sampler = (
+        algo.rollout_correction is None
+        and ro.autocast is None
+        and precision == "fp32"
+        and not ro.max_staleness
+    )  # bf16 decode with a KV cache does not give the trainer's bf16 numbers
+    if exact_sampler and ro.backend in ("hf", "ray") and dtype == torch.float32:
+        return "rollout"
+    if not critic and algo.update_old_logprobs_blocker() is None:
+        return "update"
+    return "recompute"
+
+
+DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
+"""Padded tokens per pass when ``micro_batch_tokens`` is null. CPU: GRPO on the tiny default (64
+rows of 40-104 tokens, 2 cores) trained in 0.23 s a step at 2048 against 0.31 s in one pass (1024:
+0.30 s, 4096: 0.33 s); CUDA: verl's default token budget per GPU."""
+
+
 def accumulate(
     model,
     value_head,
@@ -468,7 +516,9 @@ def accumulate(
     device = next(model.parameters()).device
     whole = {"mask": data["mask"][rows]}
     total, parts, tokens, scale = 0.0, [], 0, world()
-    pieces = rank_parts(rows, algo.micro_batches)
+    budget = algo.micro_batch_tokens
+    budget = DEFAULT_MICRO_BATCH_TOKENS.get(device.type, 0) if budget is None else budget
+    pieces = rank_parts(rows, algo.micro_batches, data["attention_mask"].sum(-1), budget)
     for i, (part, real) in enumerate(pieces):
         mb = {k: v.to(device) for k, v in select_rows(data, part).items()}
         with grad_sync(module, i == len(pieces) - 1):

@@ -84,18 +84,44 @@ CASES = [
 
 @pytest.mark.parametrize("loss,agg", CASES)
 def test_micro_batching_does_not_change_the_gradient(setup, loss, agg):
-    """1x16, 2x8, 4x4 and 16x1 micro-batches: the same accumulated gradient (policy + KL + entropy)."""
+    """1x16, 2x8, 4x4 and 16x1 micro-batches, and length-sorted passes under a padded-token budget
+    (micro_batch_tokens): the same accumulated gradient (policy + KL + entropy)."""
     model, data = setup
     rows = torch.randperm(ROWS, generator=torch.Generator().manual_seed(2))
     ref = None
-    for micro in (1, 2, 4, 16):
-        algo = AlgorithmConfig(policy_loss=loss, loss_agg=agg, micro_batches=micro, entropy_coef=0.01)
+    for micro, budget in ((1, 0), (2, 0), (4, 0), (16, 0), (1, 40), (1, 64), (3, 64)):
+        algo = AlgorithmConfig(
+            policy_loss=loss, loss_agg=agg, micro_batches=micro, micro_batch_tokens=budget, entropy_coef=0.01
+        )
         g = step_gradient(model, data, algo, rows)
         assert g.abs().sum() > 0
         if ref is None:
             ref = g
         else:
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"{micro} micro-batches")
+            torch.testing.assert_close(
+                g, ref, rtol=1e-4, atol=1e-6, msg=f"{micro} micro-batches, budget {budget}"
+            )
+
+
+def test_length_parts_sort_by_length_and_keep_the_budget():
+    from posttrain.train.rl_dist import length_parts, rank_parts
+
+    lengths = torch.tensor([5, 12, 3, 12, 7, 30, 6, 8])
+    rows = torch.arange(8)
+    parts = length_parts(rows, lengths, budget=24, at_least=1)
+    assert [p.tolist() for p in parts] == [[5], [1, 3], [7, 4, 6], [0, 2]]  # 30 alone; 2 x 12; 3 x 8; 2 x 5
+    assert all(len(p) * int(lengths[p].max()) <= 24 or len(p) == 1 for p in parts)
+    assert sorted(torch.cat(parts).tolist()) == list(range(8))
+    # fewer parts than micro_batches asks for: the sorted rows in equal parts
+    assert [p.tolist() for p in length_parts(rows, lengths, budget=1000, at_least=3)] == [
+        [5, 1, 3],
+        [7, 4, 6],
+        [0, 2],
+    ]
+    pieces = rank_parts(rows, 1, lengths, token_budget=24)
+    assert [p.tolist() for p, real in pieces] == [p.tolist() for p in parts] and all(r for _, r in pieces)
+    # padded tokens computed: 30 + 24 + 24 + 10 = 88 against 8 x 30 = 240 in one pass
+    assert sum(len(p) * int(lengths[p].max()) for p in parts) == 88
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)

@@ -145,7 +145,7 @@ def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_n
     """Issue 16's new-user run: after one update at a far-too-high lr the completions run to the
     token limit and the reward drops to 0 (every group equal, so nothing would update again); the
     run pauses at the first step that shows it, not after ``no_signal_steps`` idle steps.
-    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 1.0 at step 2 (on today's default model,
+    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 0.81 at step 2 (1.0 with SDPA attention; on today's default model,
     `posttrain rl recipes/grpo_tiny.yaml model.path=default optim.lr=1e-2`: the first update comes
     at step 3, every completion is at the limit at step 4, and the run pauses there, exit 75)."""
     out = tmp_path / "lr"
@@ -156,5 +156,5 @@ def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_n
     assert [r["step"] for r in rows] == [1, 2] and err.value.anomaly.step == 2
     assert err.value.anomaly.kind == "length" and err.value.anomaly.metric == "response/clipped_ratio"
     assert rows[0]["reward/total_mean"] > 0.3 and rows[0]["response/clipped_ratio"] < 0.5
-    assert rows[1]["reward/total_mean"] == 0.0 and rows[1]["response/clipped_ratio"] == 1.0
+    assert rows[1]["reward/total_mean"] == 0.0 and rows[1]["response/clipped_ratio"] > 0.75  # alarm at 0.5
     assert [p.name for p in list_checkpoints(out)] == ["step-2"]

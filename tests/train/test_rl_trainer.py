@@ -123,7 +123,11 @@ def test_update_forward_as_old_logprobs_equals_a_recompute_pass(tmp_path, tiny_m
 
 
 def test_old_logprob_source_auto_and_refusals(tmp_path, tiny_model_dir):
-    from posttrain.train.rl import old_logprob_source
+    from posttrain.train.rl_update import old_logprob_source as pick
+
+    def old_logprob_source(s):
+        dtype = next(s.model.parameters()).dtype
+        return pick(s.cfg.algorithm, s.cfg.rollout, s.run.precision, dtype, s.value_head is not None)
 
     s = setup(recipe(tiny_model_dir, tmp_path / "a", "train.precision=fp32"))
     assert old_logprob_source(s) == "rollout"  # fp32 policy sampling itself: the sampler's numbers
