@@ -33,12 +33,7 @@ def use_matmul(query: torch.Tensor, key: torch.Tensor, position_bias: Any = None
     bf16 = query.dtype == torch.bfloat16 or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
-    return (
-        query.device.type == "cpu"
-        and bf16
-        and key.shape[2] <= MATMUL_MAX_KEYS
-        and position_bias is None
-    )
+    return query.device.type == "cpu" and bf16 and key.shape[2] <= MATMUL_MAX_KEYS and position_bias is None
 
 
 def attention(
@@ -95,3 +90,6 @@ def register() -> str:
 def takes_bool_mask(model: Any) -> bool:
     """Whether ``model``'s attention takes a boolean 4D mask as is (SDPA and `ATTENTION`)."""
     return getattr(model.config, "_attn_implementation", None) in BOOL_MASK_IMPLEMENTATIONS
+
+
+register()  # on import: processes that rebuild a model from its config (Ray workers) know the name

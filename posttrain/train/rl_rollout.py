@@ -199,7 +199,8 @@ def generate_groups(
     def sample(records: list[dict], n: int, seed_round: int) -> list[Scored]:
         t0 = time.perf_counter()
         with sampling_context(engine, ro):
-            comps = engine.generate(records, params.replace(n=n, seed=rollout_seed(seed, step, seed_round)))
+            per_prompt = params if n == ro.n else params.replace(n=n)  # as `prefetch_groups` built them
+            comps = engine.generate(records, per_prompt.replace(seed=rollout_seed(seed, step, seed_round)))
         t1 = time.perf_counter()
         outcome, steps, parts = rewards.score([records[c.prompt_index] for c in comps], comps)
         times["time/generate_s"] += t1 - t0
