@@ -77,13 +77,30 @@ def sample_next(
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # mass before this token already covers top_p
-        drop[:, 0] = False
-        filtered = filtered.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        filtered = nucleus(filtered, params.top_p)
     tok = draw(torch.softmax(filtered, -1), generator)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+NUCLEUS_CANDIDATES = 1024
+
+
+def nucleus(logits: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor:
+    """``logits`` (R, V) with every token outside the top-p nucleus set to -inf: a token is dropped
+    when the probability mass of the tokens before it (descending) already exceeds ``top_p``.
+    When the ``candidates`` most likely tokens of every row hold more than ``top_p``, only they
+    are sorted (the rest is dropped either way): a full sort of SmolLM2's 49k vocabulary took
+    120 ms a step for 32 rows."""
+    k = min(candidates, logits.shape[-1])
+    values, order = torch.topk(logits, k, dim=-1)  # sorted, descending
+    probs = torch.softmax(logits, -1).gather(1, order)
+    if k == logits.shape[-1] or not bool((probs.sum(-1) > top_p).all()):
+        values, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(values, -1)
+    drop = probs.cumsum(-1) - probs > top_p  # the mass before this token already covers top_p
+    drop[:, 0] = False
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter(1, order, values.masked_fill(drop, float("-inf")))
 
 
 DRAW_BLOCK = 256

@@ -184,3 +184,24 @@ def test_draw_lands_on_single_tokens_at_the_edges():
         weights = torch.zeros(50, vocab)
         weights[:, index] = 1e-30  # tiny mass is still the whole distribution
         assert (draw(weights, gen) == index).all()
+
+
+def test_nucleus_over_candidates_equals_the_full_sort():
+    from posttrain.rollout.hf_engine import nucleus
+
+    def full_sort(logits, top_p):
+        values, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(values, -1)
+        drop = probs.cumsum(-1) - probs > top_p
+        drop[:, 0] = False
+        return logits.scatter(1, order, values.masked_fill(drop, float("-inf")))
+
+    gen = torch.Generator().manual_seed(0)
+    for scale, top_p, within in ((10.0, 0.9, True), (10.0, 0.5, True), (0.3, 0.95, False)):
+        logits = torch.randn(8, 5000, generator=gen) * scale
+        mass = torch.softmax(logits, -1).topk(64).values.sum(-1)
+        assert bool((mass > top_p).all()) is within  # peaked rows: the 64 candidates; flat: full sort
+        got = nucleus(logits, top_p, candidates=64)
+        assert torch.equal(got, full_sort(logits, top_p))
+        kept = torch.isfinite(got).sum(-1)
+        assert (kept >= 1).all() and (kept < 5000).all()
