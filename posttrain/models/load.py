@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from posttrain.errors import BackendUnavailable, ConfigError, ModelError
-from posttrain.models.attention import register as register_attention
+from posttrain.models.attention import ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_model(
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     check_model_source(path, gguf_file)
-    attn = {"attn_implementation": register_attention()} if target.type == "cpu" else {}
+    attn = {"attn_implementation": ATTENTION} if target.type == "cpu" else {}  # registered on import
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, gguf_file=gguf_file, **attn

@@ -45,35 +45,46 @@ class Unsupported(Exception):
     """The model has a part `FusedLM` does not reproduce (the message says which)."""
 
 
-def lora_dense(module: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a PEFT LoRA ``Linear`` with its active adapters' deltas added; None when
-    ``module`` is not one. DoRA and LoRA biases are `Unsupported`."""
+def lora_adapters(module: Any) -> list[str] | None:
+    """The active adapters whose deltas a PEFT LoRA ``Linear`` adds (none when merged or disabled);
+    None when ``module`` is not one. DoRA and LoRA biases are `Unsupported`."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # peft is a core dependency; be robust anyway
         return None
     if not isinstance(module, LoraLinear):
         return None
-    base = module.get_base_layer()
-    weight = base.weight
-    if not module.merged and not module.disable_adapters:
-        for name in module.active_adapters:
-            if name not in module.lora_A:
-                continue
-            if module.use_dora.get(name) or module.lora_bias.get(name):
-                raise Unsupported(f"LoRA adapter {name!r} uses DoRA or a LoRA bias")
-            weight = weight + module.get_delta_weight(name).to(weight.dtype)
-    return weight, base.bias
+    if module.merged or module.disable_adapters:
+        return []
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    for name in names:
+        if module.use_dora.get(name) or module.lora_bias.get(name):
+            raise Unsupported(f"LoRA adapter {name!r} uses DoRA or a LoRA bias")
+    return names
+
+
+def check_linear(module: Any) -> list[str] | None:
+    """Raise `Unsupported` unless ``module`` is a plain ``nn.Linear`` (None) or LoRA on one (its
+    adapters); computes nothing."""
+    if type(module) is torch.nn.Linear:
+        return None
+    adapters = lora_adapters(module)
+    if adapters is None:
+        raise Unsupported(f"{type(module).__name__} is not a plain or LoRA nn.Linear")
+    return adapters
 
 
 def dense(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) that ``module`` applies: a plain ``nn.Linear`` or LoRA on one."""
-    if type(module) is torch.nn.Linear:
+    """(weight (out, in), bias) that ``module`` applies: a plain ``nn.Linear``, or LoRA on one with
+    its active adapters' deltas added."""
+    adapters = check_linear(module)
+    if adapters is None:
         return module.weight, module.bias
-    merged = lora_dense(module)
-    if merged is None:
-        raise Unsupported(f"{type(module).__name__} is not a plain or LoRA nn.Linear")
-    return merged
+    base = module.get_base_layer()
+    weight = base.weight
+    for name in adapters:
+        weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -276,7 +287,7 @@ def unsupported(model: Any) -> str | None:
     try:
         for layer in inner.layers:
             for m in (*_projections(layer), base.lm_head):
-                dense(m)
+                check_linear(m)
     except (Unsupported, AttributeError) as err:
         return str(err)
     return None
