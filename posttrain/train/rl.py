@@ -130,7 +130,8 @@ class RLTrainConfig:
     """torch CPU threads (0 = torch's default)."""
     precision: Precision = "auto"
     """Of the update and, unless rollout.autocast is set, of sampling: auto (bf16 autocast where the
-    hardware computes bf16 natively; posttrain.train.precision) | fp32 | bf16 | fp16 (CUDA only).
+    hardware computes bf16 natively; posttrain.train.precision; models of hidden size <= 256 sample
+    in fp32 on CPU, posttrain.rollout.hf_engine.decode_precision) | fp32 | bf16 | fp16 (CUDA only).
     Any precision but fp32 recomputes old log-probs (old_logprobs: auto)."""
     tensorboard: bool = True
     loggers: list[str] | None = None
@@ -302,7 +303,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     s = Session(
-        cfg, run, model, value_head, module, build_engine(cfg.rollout, cfg.model.path, model, tok, run.precision), reference,
+        cfg, run, model, value_head, module, build_engine(cfg.rollout, cfg.model.path, model, tok, cfg.train.precision), reference,
         RewardSet(cfg.rewards, tok, ro.max_new_tokens, ro.overlong_buffer), PromptSampler(records, cfg.data.seed),
         KLController(algo.kl.coef, algo.kl.target, algo.kl.horizon), optimizer, scheduler, eval_problems(cfg),
         entropy_coef=algo.entropy_coef,

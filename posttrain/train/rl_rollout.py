@@ -112,8 +112,9 @@ def build_engine(
     ro: RolloutConfig, model_path: str, model: Any, tokenizer: Any, precision: str = "fp32"
 ) -> Any:
     """The rollout engine of ``ro.backend`` over the policy. ``hf`` shares the policy module and
-    samples in ``ro.autocast`` or else the trainer's ``precision`` (bf16: decoded on a bf16 weight
-    copy refreshed at every ``update_weights``); ``ray`` runs HF engines in actors; ``vllm`` and
+    samples in ``ro.autocast`` or else the trainer's requested ``precision`` (auto as the engine
+    resolves it: `posttrain.rollout.hf_engine.decode_precision`; bf16: decoded on a bf16 weight
+    snapshot refreshed when the weights change); ``ray`` runs HF engines in actors; ``vllm`` and
     registered backends load ``model_path``."""
     from posttrain.rollout.engine import get_engine
     from posttrain.train.loop import resolve_model_path

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.data import EvalDataConfig
@@ -145,10 +146,12 @@ def test_sampling_and_search_on_a_tiny_model(tiny_model_dir, tmp_path):
     search_m = results["metrics"]["best_of_n"]
     assert search_m["tokens_per_problem"]["value"] > search_m["response_length"]["value"]
     assert results["timing"]["greedy"]["generated_tokens"] > 0
-    from posttrain.train.precision import resolve
+    from posttrain.models.load import load_model
+    from posttrain.rollout.hf_engine import decode_precision
 
-    want = resolve("auto", "cpu")  # model.precision: auto, decided per machine and recorded
-    assert results["precision"] == {"requested": "auto", "used": want.precision, "reason": want.reason}
+    # model.precision: auto, decided per machine and model (fp32 for this small one), and recorded
+    used, reason = decode_precision("auto", load_model(tiny_model_dir, dtype="float32"), torch.device("cpu"))
+    assert results["precision"] == {"requested": "auto", "used": used, "reason": reason}
 
 
 def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model_dir, tmp_path):

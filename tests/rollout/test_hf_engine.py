@@ -9,7 +9,14 @@ from posttrain.errors import ModelError
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.rollout.engine import by_prompt
 from posttrain.rollout.fused import FusedLM
-from posttrain.rollout.hf_engine import HFEngine, compact_order, decode_mask, new_cache, sample_next
+from posttrain.rollout.hf_engine import (
+    HFEngine,
+    compact_order,
+    decode_mask,
+    decode_precision,
+    new_cache,
+    sample_next,
+)
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.train.lm_loss import token_logprobs
 
@@ -371,3 +378,36 @@ def test_bf16_decodes_on_a_weight_copy_that_update_weights_refreshes(tiny_model_
     assert engine._decoder() is net  # refreshed in place, not rebuilt
     assert torch.equal(dict(net.named_parameters())[name], param.detach().to(torch.bfloat16))
     assert HFEngine(model, tok, fused=False)._decoder() is model  # fp32: the module itself
+
+
+def test_auto_decodes_small_models_in_fp32_where_bf16_is_native(tiny_model_dir, monkeypatch):
+    """auto on a CPU with native bf16: models of hidden size <= 256 decode in fp32 (the reason says
+    why), larger ones in bf16; an explicit bf16 is kept; without native bf16, auto is fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import posttrain.rollout.hf_engine as hf
+    from posttrain.train.precision import Choice
+
+    native = Choice("auto", "bf16", "native bf16 (test)")
+    monkeypatch.setattr(
+        hf,
+        "resolve_precision",
+        lambda req, dev, key: native if req != "fp32" else Choice(req, "fp32", "asked for"),
+    )
+    tok = load_tokenizer(tiny_model_dir)
+    small = load_model(tiny_model_dir, dtype="float32", device="cpu", tokenizer=tok)
+    cfg = dict(vocab_size=300, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    large = LlamaForCausalLM(LlamaConfig(hidden_size=288, **cfg))
+    cpu = torch.device("cpu")
+    precision, reason = decode_precision("auto", small, cpu)
+    assert (
+        precision == "fp32"
+        and f"hidden_size {small.config.hidden_size} <= 256" in reason
+        and "native bf16 (test)" in reason
+    )
+    assert decode_precision("auto", large, cpu) == ("bf16", "native bf16 (test)")
+    assert decode_precision("bf16", small, cpu)[0] == "bf16"
+    engine = HFEngine(small, tok, precision="auto")
+    assert engine.precision == "fp32" and engine._decoder().dtype == torch.float32
+    monkeypatch.setattr(hf, "resolve_precision", lambda req, dev, key: Choice(req, "fp32", "no native bf16"))
+    assert decode_precision("auto", large, cpu) == ("fp32", "no native bf16")

@@ -52,6 +52,7 @@ def sft_countdown(tmp_path_factory, tiny_model_dir):
         f"model.path={tiny_model_dir}", f"output_dir={out}", "data.tasks=[countdown]", "data.levels=[1]",
         "data.n_per_level=256", "data.eval_n_per_level=4", "train.max_steps=300", "train.batch_size=16",
         "train.seq_len=128", "train.tensorboard=false", "optim.lr=3e-3", "train.sample_max_new_tokens=8",
+        "train.precision=fp32",  # the same starting policy on every CPU (auto is bf16 only on some)
     ])  # fmt: skip
     return run_sft(cfg)
 
@@ -87,8 +88,9 @@ def test_a_length_only_reward_explodes_the_length_and_pauses_at_the_clipped_jump
     rows = [r for r in _rows(out) if "event" not in r]
     clipped = [r["response/clipped_ratio"] for r in rows]
     lengths = [r["response/length_mean"] for r in rows]
-    # real growth: short answers at first, then the length more than doubled by the detection
-    assert clipped[0] == 0.0 and lengths[0] < 32 and lengths[-1] > 2 * lengths[0]
+    # real growth: short answers at first (at most a few of the 16 rows at the limit), then the
+    # length more than doubled by the detection
+    assert clipped[0] < 0.25 and lengths[0] < 32 and lengths[-1] > 2 * lengths[0]
     # caught at the first step above clipped_max (0.5), well within the window of 10 steps
     first = next(i + 1 for i, c in enumerate(clipped) if c > 0.5)
     assert event["step"] == first == rows[-1]["step"] and first <= 10
@@ -145,7 +147,8 @@ def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_n
     """Issue 16's new-user run: after one update at a far-too-high lr the completions run to the
     token limit and the reward drops to 0 (every group equal, so nothing would update again); the
     run pauses at the first step that shows it, not after ``no_signal_steps`` idle steps.
-    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 0.81 at step 2 (1.0 with SDPA attention; on today's default model,
+    Measured: reward 0.94 -> 0.0, clipped share 0.0 -> 0.81 at step 2 (0.69 on an Intel Xeon with AMX;
+    1.0 with SDPA attention; on today's default model,
     `posttrain rl recipes/grpo_tiny.yaml model.path=default optim.lr=1e-2`: the first update comes
     at step 3, every completion is at the limit at step 4, and the run pauses there, exit 75)."""
     out = tmp_path / "lr"
@@ -156,5 +159,5 @@ def test_one_step_at_a_too_high_lr_jumps_to_the_length_limit_and_pauses_at_the_n
     assert [r["step"] for r in rows] == [1, 2] and err.value.anomaly.step == 2
     assert err.value.anomaly.kind == "length" and err.value.anomaly.metric == "response/clipped_ratio"
     assert rows[0]["reward/total_mean"] > 0.3 and rows[0]["response/clipped_ratio"] < 0.5
-    assert rows[1]["reward/total_mean"] == 0.0 and rows[1]["response/clipped_ratio"] > 0.75  # alarm at 0.5
+    assert rows[1]["reward/total_mean"] == 0.0 and rows[1]["response/clipped_ratio"] > 0.5  # the alarm level
     assert [p.name for p in list_checkpoints(out)] == ["step-2"]

@@ -86,13 +86,21 @@ def test_rm_run_trains_exports_and_reports_before_after(tmp_path, tiny_model_dir
 
 
 def test_rm_learns_to_rank_its_training_pairs(tmp_path, tiny_model_dir):
-    """Metric moved: trained and evaluated on the same small file, pairwise accuracy rises."""
+    """Metric moved: trained and evaluated on the same small file, pairwise accuracy rises. At lr
+    1e-3 it does in fp32 and bf16 alike (loss 1.78 -> 1.04 / 1.03 in 20 steps, Intel Xeon with AMX);
+    at the shared 3e-3 an fp32 run spiked and paused at step 8."""
     rows = ranking_records(task_problems(["sort"], "train", 8, levels=[1, 2]), max_responses=3, seed=0)
     write_jsonl(tmp_path / "rank.jsonl", rows)
     data = [f"data.train={tmp_path / 'rank.jsonl'}", f"data.eval={tmp_path / 'rank.jsonl'}"]
     run_rm(
         _cfg(
-            tiny_model_dir, tmp_path / "pl", *data, "loss.name=pl", "train.max_steps=15", "train.batch_size=8"
+            tiny_model_dir,
+            tmp_path / "pl",
+            *data,
+            "loss.name=pl",
+            "train.max_steps=20",
+            "train.batch_size=8",
+            "optim.lr=1e-3",
         )
     )
     report = json.loads((tmp_path / "pl" / "eval.json").read_text())
