@@ -87,7 +87,7 @@ from posttrain.train.rl_data import (
     load_prompts,
     rollout_tensors,
 )
-from posttrain.train.rl_dist import check_rl_processes, rank0_collect, wrap_policy
+from posttrain.train.rl_dist import check_rl_processes, pass_budget, rank0_collect, wrap_policy
 from posttrain.train.rl_eval import build_evaluator, evaluate_on_main
 from posttrain.train.rl_rollout import (
     EpisodeBatch,
@@ -364,7 +364,7 @@ def prepare_batch(
     rows = max(1, -(-data["valid"].shape[0] // algo.mini_batches))
     score = lambda model, head, ctx=None: score_rollout(  # noqa: E731
         model, head, data, temperature=ro.temperature, rows_per_pass=rows, context=ctx,
-        chunk_size=s.cfg.train.chunk_size,
+        chunk_size=s.cfg.train.chunk_size, token_budget=pass_budget(algo.micro_batch_tokens, s.run.device),
     )  # fmt: skip
     metrics: dict[str, float] = {}
     dtype = next(s.model.parameters()).dtype

@@ -97,6 +97,18 @@ def rank_parts(
     ]
 
 
+DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
+"""Padded tokens per pass when ``algorithm.micro_batch_tokens`` is null. CPU: GRPO on the tiny
+default (64 rows of 40-104 tokens, 2 cores, AMD EPYC) trained in 0.26 s a step at 2048 or 4096
+against 0.32 s in one pass (1024: 0.30 s); CUDA: verl's default token budget per GPU."""
+
+
+def pass_budget(configured: int | None, device: torch.device) -> int:
+    """Padded tokens per forward pass: ``configured`` (``algorithm.micro_batch_tokens``; 0 = rows
+    split evenly), or the device's `DEFAULT_MICRO_BATCH_TOKENS` when null."""
+    return DEFAULT_MICRO_BATCH_TOKENS.get(device.type, 0) if configured is None else configured
+
+
 def length_parts(rows: torch.Tensor, lengths: torch.Tensor, budget: int, at_least: int) -> list[torch.Tensor]:
     """``rows`` sorted by ``lengths`` (longest first) and cut greedily so that each part's padded
     tokens (rows x its first row's length) stay within ``budget`` (a longer row alone is its own

@@ -43,7 +43,7 @@ from posttrain.monitor.logger import check_finite
 from posttrain.train.lm_loss import chunked_logprobs, selected_hidden, supports_fused_head, token_logprobs
 from posttrain.train.optim import clip_grads, optimizer_step
 from posttrain.train.rl_data import select_rows
-from posttrain.train.rl_dist import rank_parts, reduce_metrics
+from posttrain.train.rl_dist import length_parts, pass_budget, rank_parts, reduce_metrics
 
 Metrics = dict[str, float]
 
@@ -146,8 +146,8 @@ class AlgorithmConfig:
     micro_batch_tokens: int | None = None
     """> 0: passes hold rows of similar length, at most this many padded tokens each (rows x the
     longest; at least micro_batches passes): less padding computed, same gradient (verl's dynamic
-    batch size); 0 = rows split evenly in their own order; null = `DEFAULT_MICRO_BATCH_TOKENS` of
-    the device."""
+    batch size); 0 = rows split evenly in their own order; null = the device's default
+    (`posttrain.train.rl_dist.pass_budget`); no-grad scoring passes use the same budget."""
     value_coef: float = 0.5
     """Critic loss weight (gae only)."""
     value_clip: float | None = 0.2
@@ -341,18 +341,25 @@ def score_rollout(
     rows_per_pass: int,
     context: Any = None,
     chunk_size: int = 1024,
+    token_budget: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """No-grad log-probs (B, T) (and critic values) of the whole rollout, ``rows_per_pass`` rows at a time.
+    """No-grad log-probs (B, T) (and critic values) of the whole rollout, ``rows_per_pass`` rows at a
+    time, or with ``token_budget`` > 0 in length-sorted passes of at most that many padded tokens
+    (`length_parts`, at least as many passes): the same numbers, less padding computed.
 
     ``context``: entered around the passes (the adapter-disabled reference of a LoRA policy).
     """
     b, device = data["valid"].shape[0], next(model.parameters()).device
     logp, values = torch.zeros(data["valid"].shape), torch.zeros(data["valid"].shape)
+    passes = torch.arange(b).split(max(1, rows_per_pass))
+    if token_budget > 0:
+        lengths = data["attention_mask"].sum(-1)
+        passes = length_parts(torch.arange(b), lengths, token_budget, len(passes))
     was_training = model.training
     model.eval()
     try:
         with context if context is not None else nullcontext():
-            for rows in torch.arange(b).split(max(1, rows_per_pass)):
+            for rows in passes:
                 part = {k: v.to(device) for k, v in select_rows(data, rows).items()}
                 lp, _, v = policy_forward(
                     model,
@@ -484,12 +491,6 @@ def old_logprob_source(
     return "recompute"
 
 
-DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
-"""Padded tokens per pass when ``micro_batch_tokens`` is null. CPU: GRPO on the tiny default (64
-rows of 40-104 tokens, 2 cores, AMD EPYC) trained in 0.26 s a step at 2048 or 4096 against 0.32 s
-in one pass (1024: 0.30 s); CUDA: verl's default token budget per GPU."""
-
-
 def accumulate(
     model,
     value_head,
@@ -516,8 +517,7 @@ def accumulate(
     device = next(model.parameters()).device
     whole = {"mask": data["mask"][rows]}
     total, parts, tokens, scale = 0.0, [], 0, world()
-    budget = algo.micro_batch_tokens
-    budget = DEFAULT_MICRO_BATCH_TOKENS.get(device.type, 0) if budget is None else budget
+    budget = pass_budget(algo.micro_batch_tokens, device)
     pieces = rank_parts(rows, algo.micro_batches, data["attention_mask"].sum(-1), budget)
     for i, (part, real) in enumerate(pieces):
         mb = {k: v.to(device) for k, v in select_rows(data, part).items()}

@@ -152,3 +152,28 @@ def test_minibatches_of_an_epoch_add_up_to_the_full_batch(setup, agg, epochs, mi
             for m, rows in enumerate(parts)
         )
         torch.testing.assert_close(total, full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [40, 64])
+def test_scoring_in_token_budget_passes_equals_one_pass(setup, budget):
+    """No-grad scoring cut into length-sorted passes under a padded-token budget (several passes of
+    different widths) gives the log-probs of one pass over every row."""
+    from posttrain.train.rl_dist import length_parts
+
+    model, data = setup
+    lengths = data["attention_mask"].sum(-1)
+    assert len(length_parts(torch.arange(ROWS), lengths, budget, 1)) > 2  # the budget really cuts
+    shapes = []
+    hook = model.model.register_forward_hook(
+        lambda mod, args, kw, out: shapes.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        whole, _ = score_rollout(model, None, data, temperature=1.0, rows_per_pass=ROWS)
+        assert len(shapes) == 1
+        cut, _ = score_rollout(model, None, data, temperature=1.0, rows_per_pass=ROWS, token_budget=budget)
+    finally:
+        hook.remove()
+    assert len(shapes) > 3 and all(r * w <= max(budget, w) for r, w in shapes[1:])  # passes within budget
+    valid = data["valid"]
+    assert valid.any() and torch.allclose(cut[valid], whole[valid], atol=1e-5)
+    assert not cut[~valid].any()
