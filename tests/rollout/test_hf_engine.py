@@ -411,3 +411,44 @@ def test_auto_decodes_small_models_in_fp32_where_bf16_is_native(tiny_model_dir, 
     assert engine.precision == "fp32" and engine._decoder().dtype == torch.float32
     monkeypatch.setattr(hf, "resolve_precision", lambda req, dev, key: Choice(req, "fp32", "no native bf16"))
     assert decode_precision("auto", large, cpu) == ("fp32", "no native bf16")
+
+
+def test_stop_candidates_flag_the_tokens_a_stop_string_can_end_in(engine):
+    from posttrain.rollout.hf_engine import stop_candidates
+
+    tok = engine.tokenizer
+    vocab = len(tok) + 3  # a model's padded embedding rows past the tokenizer's vocabulary
+    flags = stop_candidates(tok, ["\n", "ab+"], vocab)
+    texts = [tok.decode([i], skip_special_tokens=True) for i in range(len(tok))]
+    want = [not t or "\ufffd" in t or "\n" in t or "+" in t for t in texts]
+    assert flags.tolist() == want + [True] * 3 and 0 < sum(want) < len(tok) // 2
+    assert stop_candidates(tok, ["Answer: "], vocab) is None  # a trailing space: every row is decoded
+
+
+@pytest.mark.parametrize("kind", ["one character", "across tokens"])
+def test_stop_strings_checked_on_candidate_rows_only_stop_where_a_full_check_does(engine, kind, monkeypatch):
+    """The same completions (tokens, text, finish) whether only the rows whose new token can end a
+    stop string are decoded, or every row at every step; the stop strings come from a free sample,
+    so they are hit: a single character, or text spanning a token boundary."""
+    import posttrain.rollout.hf_engine as hf
+
+    tok = engine.tokenizer
+    free = engine.generate(PROMPTS[:1], SamplingParams(n=1, temperature=1.2, max_new_tokens=24, seed=5))[0]
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    if kind == "one character":
+        stop = [next(p[-1] for p in pieces[4:] if p.strip() and p.isascii())]
+    else:
+        k = next(i for i in range(4, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
+        stop = [pieces[k][-1] + pieces[k + 1][:1]]
+    replay = SamplingParams(n=1, temperature=1.2, max_new_tokens=24, seed=5, stop=stop)  # hits the stop
+    params = SamplingParams(n=4, temperature=1.2, max_new_tokens=24, seed=5, stop=stop)
+
+    def run():
+        out = engine.generate(PROMPTS[:1], replay) + engine.generate(PROMPTS, params)
+        engine._stop_rows.clear()
+        return [(c.token_ids, c.text, c.finish_reason) for c in out]
+
+    fast = run()
+    monkeypatch.setattr(hf, "stop_candidates", lambda *a: None)
+    assert fast == run()
+    assert fast[0][2] == "stop" and stop[0] in fast[0][1] and len(fast[0][0]) < len(free.token_ids)
