@@ -18,7 +18,9 @@ system runs in its own subprocess (isolated warm-up and peak RSS); the first
 - posttrain runs its default `train.precision: auto` (bf16 autocast where the CPU has native
   bf16, else fp32).
 - trl-fp32 / trl-bf16: DPOTrainer with bf16=False / True, gradient_checkpointing=False and
-  precompute_ref_log_probs=True (the same reference treatment); the faster is its fastest here.
+  precompute_ref_log_probs=True (the same reference treatment), transformers' SDPA attention;
+  trl-bf16-eager: the same bf16 run with its eager attention (matmuls, fp32 softmax), faster than
+  SDPA on short CPU rows; the fastest of the three is TRL's fastest here.
 - trl-defaults: DPOConfig's defaults for bf16 (True: autocast), gradient
   checkpointing (True) and the reference (a second model, forward every step).
 
@@ -47,7 +49,7 @@ from common import THREADS, busy_cpu_s, machine, machine_line, model_path, run_w
 
 BATCH, MAX_LEN = 8, 128
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
-SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-defaults")
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-bf16-eager", "trl-defaults")
 """posttrain in its default precision (auto); TRL's fastest is the faster of its fp32 and bf16 runs."""
 
 
@@ -113,8 +115,9 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int) -> dict:
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
-    """DPOTrainer, mode fp32 | bf16 (no checkpointing, precomputed reference) | defaults."""
+def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str, attention: str = "sdpa") -> dict:
+    """DPOTrainer, mode fp32 | bf16 (no checkpointing, precomputed reference) | defaults, with
+    ``attention`` (transformers' attn_implementation)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -137,7 +140,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
         beta=0.1, loss_type=["sigmoid"], learning_rate=1e-6, save_strategy="no", report_to="none",
         logging_steps=n_steps, use_cpu=True, seed=0, **speed,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("json", data_files=data, split="train")
     trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -146,7 +149,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
     return {
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
         "pair_tokens": tokens,
-        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} "
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} attn={attention} "
         f"precompute_ref={args.precompute_ref_log_probs}; {sum(tokens) / sum(padded):.0%} of padded tokens real",
     }
 
@@ -156,7 +159,8 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     if system == "posttrain":
         res = run_posttrain(path, data, out, n_steps)
     else:
-        res = run_trl(path, data, out, n_steps, mode=system.split("-")[1])
+        mode, _, attention = system.removeprefix("trl-").partition("-")
+        res = run_trl(path, data, out, n_steps, mode=mode, attention=attention or "sdpa")
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "result.json").write_text(json.dumps(res))
 
@@ -200,23 +204,23 @@ def bench_model(
         results = {s: launch(s, path, tmp / "pairs.jsonl", tmp, n_steps, max_wait) for s in systems}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{'system':<13}{'s/step':>7}{'pair tok/s':>11}{'RSS MB':>8}{'wall s':>7}{'others':>7}  notes")
+    print(f"{'system':<15}{'s/step':>7}{'pair tok/s':>11}{'RSS MB':>8}{'wall s':>7}{'others':>7}  notes")
     tps: dict[str, float] = {}
     for system, r in ((s, r) for s, r in results.items() if r is not None):
         times, toks = r["step_times"][n_warm:], r["pair_tokens"][n_warm:]
         tps[system] = sum(toks) / sum(times)
-        print(f"{system:<13}{sum(times) / len(times):>7.2f}{tps[system]:>11.0f}{r['rss_mb']:>8.0f}"
+        print(f"{system:<15}{sum(times) / len(times):>7.2f}{tps[system]:>11.0f}{r['rss_mb']:>8.0f}"
               f"{r['wall_s']:>7.0f}{r['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {r['note']}",
               flush=True)  # fmt: skip
-    for peer in ("trl-defaults", "trl-fp32", "trl-bf16"):
+    for peer in ("trl-defaults", "trl-fp32", "trl-bf16", "trl-bf16-eager"):
         if "posttrain" in tps and peer in tps:
             print(
                 f"ratio posttrain/{peer.replace('-', '_')} pair tokens/s: {tps['posttrain'] / tps[peer]:.2f}x"
             )
-    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16") if s in tps}
+    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16", "trl-bf16-eager") if s in tps}
     if "posttrain" in tps and trl:  # the last line: our default vs the peer's fastest setting here
         fastest = max(trl, key=trl.get)
-        print(f"ratio posttrain(auto={results['posttrain']['precision']})/trl_fastest({fastest.split('-')[1]}) "
+        print(f"ratio posttrain(auto={results['posttrain']['precision']})/trl_fastest({fastest.removeprefix('trl-')}) "
               f"pair tokens/s: {tps['posttrain'] / trl[fastest]:.2f}x on {machine_line(mach)}")  # fmt: skip
 
 

@@ -15,9 +15,10 @@ dropped for both.
   prefix sharing, finished rows dropped) and its sampling log-probs serve as the old log-probs;
   step times from metrics.jsonl (generation + reward + update; no eval, no checkpoint).
 - trl-fp32 / trl-bf16: GRPOTrainer (HF ``generate`` path), bf16=False / True and
-  gradient_checkpointing=False (checkpointing, its default, is slower here), use_cpu=True; step
-  times from a callback (one step = generation + reward + update). The faster of the two on
-  this machine is the peer.
+  gradient_checkpointing=False (checkpointing, its default, is slower here), use_cpu=True,
+  transformers' SDPA attention; step times from a callback (one step = generation + reward +
+  update). trl-fp32-eager / trl-bf16-eager: the same with its eager attention (matmuls, fp32
+  softmax), faster than SDPA on short CPU rows. The fastest of the four on this machine is the peer.
 - posttrain runs its default `train.precision: auto` (bf16 autocast where the CPU has native
   bf16, else fp32).
 
@@ -42,7 +43,7 @@ from common import THREADS, machine, machine_line, model_path, run_worker, step_
 
 N, MAX_NEW, LR = 8, 64, 1e-6
 DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
-SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16")
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-fp32-eager", "trl-bf16-eager")
 """posttrain in its default precision (auto); TRL in fp32 and in bf16 autocast: its fastest of the two is the peer."""
 
 
@@ -93,7 +94,16 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, prompts: int, b
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: float, bf16: bool) -> dict:
+def run_trl(
+    path: str,
+    data: str,
+    out: Path,
+    n_steps: int,
+    prompts: int,
+    beta: float,
+    bf16: bool,
+    attention: str = "sdpa",
+) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -117,7 +127,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: f
         lr_scheduler_type="constant", max_grad_norm=1.0, bf16=bf16, gradient_checkpointing=False,
         use_cpu=True, save_strategy="no", report_to="none", logging_steps=max(1, n_steps), seed=0,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("json", data_files=data, split="train")
     trainer = GRPOTrainer(
@@ -129,14 +139,18 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, prompts: int, beta: f
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
         "lengths": lengths,
         "gen_share": float("nan"),
-        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} loss={args.loss_type}",
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} loss={args.loss_type} attn={attention}",
     }
 
 
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(THREADS)
     args = (a.path, a.data, Path(a.out), a.steps, a.prompts, a.beta[0])
-    res = run_posttrain(*args) if a.worker == "posttrain" else run_trl(*args, bf16=a.worker == "trl-bf16")
+    if a.worker == "posttrain":
+        res = run_posttrain(*args)
+    else:
+        mode, _, attention = a.worker.removeprefix("trl-").partition("-")
+        res = run_trl(*args, bf16=mode == "bf16", attention=attention or "sdpa")
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (Path(a.out) / "result.json").write_text(json.dumps(res))
 
@@ -167,16 +181,16 @@ def bench_model(name: str, a: argparse.Namespace) -> tuple[float, str, str] | No
     try:
         write_prompts(tmp / "prompts.jsonl", prompts * n_steps)
         for beta in a.beta:
-            res = {s: launch(s, path, tmp / "prompts.jsonl", tmp, n_steps, prompts, beta) for s in SYSTEMS}
+            res = {s: launch(s, path, tmp / "prompts.jsonl", tmp, n_steps, prompts, beta) for s in a.systems}
             print(
-                f"beta={beta:g}\n{'system':<11}{'s/step':>8}{'sd':>6}{'len':>6}{'gen %':>7}{'RSS MB':>8}  notes"
+                f"beta={beta:g}\n{'system':<15}{'s/step':>8}{'sd':>6}{'len':>6}{'gen %':>7}{'RSS MB':>8}  notes"
             )
             sps = {}
             for system, r in ((s, r) for s, r in res.items() if r is not None):
                 times = r["step_times"][n_warm:]
                 sps[system] = len(times) / sum(times)
                 length = statistics.mean(r["lengths"][n_warm:] or r["lengths"])
-                print(f"{system:<11}{sum(times) / len(times):>8.2f}{statistics.pstdev(times):>6.2f}{length:>6.1f}"
+                print(f"{system:<15}{sum(times) / len(times):>8.2f}{statistics.pstdev(times):>6.2f}{length:>6.1f}"
                       f"{100 * r['gen_share']:>7.0f}{r['rss_mb']:>8.0f}  {r['note']}", flush=True)  # fmt: skip
             trl = {s: v for s, v in sps.items() if s.startswith("trl")}
             if "posttrain" in sps and trl:
@@ -184,7 +198,7 @@ def bench_model(name: str, a: argparse.Namespace) -> tuple[float, str, str] | No
                 ratio = (
                     sps["posttrain"] / trl[fastest],
                     res["posttrain"]["precision"],
-                    fastest.split("-")[1],
+                    fastest.removeprefix("trl-"),
                 )
                 print(f"{name} beta={beta:g}: ratio posttrain(auto={ratio[1]})/trl_fastest({ratio[2]}) "
                       f"steps/s: {ratio[0]:.2f}x", flush=True)  # fmt: skip
@@ -201,6 +215,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, help="warm-up steps dropped (default 1)")
     ap.add_argument("--prompts", type=int, help="prompts per step (default: tiny 8, smollm2 4)")
     ap.add_argument("--model-path", help="benchmark this model folder instead (with --model tiny|smollm2)")
+    ap.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="run only these systems"
+    )
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -7,8 +7,8 @@ rows of 8 x 256 tokens, completion-only loss, AdamW, clipping at 1.0, one
 subprocess per run: posttrain's `run_sft` in its default `precision: auto`
 (bf16 autocast where this CPU computes bf16 natively, else fp32); TRL's
 SFTTrainer in fp32 and in bf16 autocast (both without gradient checkpointing,
-wrapped packing: its fastest settings), and a bare `model(..., labels=...)` +
-AdamW loop. With --extra also TRL's defaults (bf16 autocast + checkpointing)
+wrapped packing: its fastest settings) with transformers' SDPA attention, and in
+bf16 with its eager attention, and a bare `model(..., labels=...)` + AdamW loop. With --extra also TRL's defaults (bf16 autocast + checkpointing)
 and posttrain pinned to fp32. The first
 `--warmup` steps are dropped for all; tokens/s = tokens of the rows (padding
 included) / step time. Model FLOPs per step = 6 * P * T + 6 * d * V * R (P:
@@ -16,8 +16,8 @@ parameters outside embedding / LM head, T: tokens, d: hidden size, V: vocab,
 R: rows through the LM head); % peak divides FLOPs/s by the n=2048 matmul peak
 measured here in the precision each system ran. bench/README.md explains the
 rows; the last line is `ratio posttrain(auto=P)/trl_fastest(MODE) tokens/s:
-X.XXx on MACHINE` for the last model, where trl_fastest is the faster of TRL's
-fp32 and bf16 runs on this machine.
+X.XXx on MACHINE` for the last model, where trl_fastest is the fastest of TRL's
+fp32, bf16 and bf16-eager runs on this machine. `--systems` runs a subset.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from common import THREADS, machine, machine_line, model_path, run_worker, step_
 
 BATCH, SEQ = 8, 256
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
-SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "bare", "trl-defaults", "posttrain-fp32")
-"""The first four run by default; --extra adds the last two."""
+SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-bf16-eager", "bare", "trl-defaults", "posttrain-fp32")
+"""The first five run by default; --extra adds the last two. ``trl-bf16-eager``: TRL with transformers'
+eager attention (matmuls and an fp32 softmax), faster than its SDPA default on short CPU rows."""
 
 
 def write_data(path: Path, n_per_level: int = 150) -> None:
@@ -88,8 +89,9 @@ def run_posttrain(path: str, data: str, out: Path, n_steps: int, precision: str)
     }
 
 
-def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
-    """SFTTrainer, mode fp32 | bf16 | defaults; step ends timed by a callback."""
+def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str, attention: str = "sdpa") -> dict:
+    """SFTTrainer, mode fp32 | bf16 | defaults, with ``attention`` (transformers' attn_implementation);
+    step ends timed by a callback."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -109,7 +111,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
         packing=True, packing_strategy="wrapped", save_strategy="no", report_to="none",
         logging_steps=n_steps, use_cpu=True, seed=0, **speed,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("json", data_files=data, split="train")
     trainer = CountingTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -121,7 +123,7 @@ def run_trl(path: str, data: str, out: Path, n_steps: int, mode: str) -> dict:
         "step_times": [b - a for a, b in zip(ends, ends[1:], strict=False)],
         "tokens": tokens,
         "head_rows": [t - t // SEQ for t in tokens],  # every position but the last of each row
-        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim.value}, "
+        "note": f"bf16={args.bf16} grad_ckpt={args.gradient_checkpointing} optim={args.optim.value} attn={attention}, "
         f"wrapped packing, {trained:.0%} of tokens trained",
         "precision": "bf16" if args.bf16 else "fp32",
     }
@@ -155,7 +157,14 @@ def run_bare(path: str, data: str, out: Path, n_steps: int) -> dict:
 def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     torch.set_num_threads(THREADS)
     if system.startswith("trl"):
-        res = run_trl(path, data, out, n_steps, mode=system.split("-")[1])
+        res = run_trl(
+            path,
+            data,
+            out,
+            n_steps,
+            mode=system.split("-")[1],
+            attention=system.split("-")[2] if system.count("-") > 1 else "sdpa",
+        )
     elif system.startswith("posttrain"):
         res = run_posttrain(path, data, out, n_steps, "fp32" if system.endswith("fp32") else "auto")
     else:
@@ -216,15 +225,15 @@ def bench_model(name: str, n_meas: int, n_warm: int, systems: list[str], mach: d
               f"{avg['wall_s']:>7.0f}{avg['others']:>7.2f}  sd {statistics.pstdev(times):.2f} s; {rs[0]['note']}",
               flush=True)  # fmt: skip
     pairs = [("posttrain", "bare"), ("posttrain", "trl-defaults"), ("posttrain-fp32", "trl-fp32")]
-    pairs += [("posttrain", "trl-fp32"), ("posttrain", "trl-bf16")]
+    pairs += [("posttrain", "trl-fp32"), ("posttrain", "trl-bf16"), ("posttrain", "trl-bf16-eager")]
     for ours, peer in ((a, b) for a, b in pairs if a in tps and b in tps):
         ratio = f"{ours}/{peer}".replace("-", "_")
         print(f"ratio {ratio} tokens/s: {tps[ours] / tps[peer]:.2f}x")
-    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16") if s in tps}
+    trl = {s: tps[s] for s in ("trl-fp32", "trl-bf16", "trl-bf16-eager") if s in tps}
     if "posttrain" in tps and trl:  # the last line: our default vs the peer's fastest setting here
         fastest = max(trl, key=trl.get)
         used = next(r for s, r in runs if s == "posttrain" and r is not None)["precision"]
-        print(f"ratio posttrain(auto={used})/trl_fastest({fastest.split('-')[1]}) tokens/s: "
+        print(f"ratio posttrain(auto={used})/trl_fastest({fastest.removeprefix('trl-')}) tokens/s: "
               f"{tps['posttrain'] / trl[fastest]:.2f}x on {machine_line(mach)}")  # fmt: skip
 
 
@@ -236,12 +245,13 @@ def main() -> None:
     ap.add_argument("--extra", action="store_true", help="also TRL's defaults (slow) and posttrain in fp32")
     ap.add_argument("--repeat", type=int, default=1, help="runs per system, in alternating order")
     ap.add_argument("--nice", type=int, default=0, help="e.g. -20: priority over other jobs (root)")
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, help="run only these systems")
     for hidden in ("--worker", "--path", "--data", "--out"):  # used by the subprocesses
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.path, a.data, Path(a.out), a.steps)
-    systems = list(SYSTEMS if a.extra else SYSTEMS[:4])
+    systems = a.systems or list(SYSTEMS if a.extra else SYSTEMS[:5])
     if a.nice:  # inherited by the workers; Linux shares the CPU between sessions by autogroup
         os.nice(a.nice)
         if Path("/proc/self/autogroup").exists():
