@@ -19,7 +19,7 @@ system runs in its own subprocess (isolated warm-up and peak RSS); the first
   bf16, else fp32).
 - trl-fp32 / trl-bf16: DPOTrainer with bf16=False / True, gradient_checkpointing=False and
   precompute_ref_log_probs=True (the same reference treatment), transformers' SDPA attention;
-  trl-bf16-eager: the same bf16 run with its eager attention (matmuls, fp32 softmax), faster than
+  trl-bf16-eager: the same bf16 run with its eager attention (matmuls, fp32 softmax), which can beat
   SDPA on short CPU rows; the fastest of the three is TRL's fastest here.
 - trl-defaults: DPOConfig's defaults for bf16 (True: autocast), gradient
   checkpointing (True) and the reference (a second model, forward every step).

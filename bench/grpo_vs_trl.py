@@ -18,7 +18,7 @@ dropped for both.
   gradient_checkpointing=False (checkpointing, its default, is slower here), use_cpu=True,
   transformers' SDPA attention; step times from a callback (one step = generation + reward +
   update). trl-fp32-eager / trl-bf16-eager: the same with its eager attention (matmuls, fp32
-  softmax), faster than SDPA on short CPU rows. The fastest of the four on this machine is the peer.
+  softmax), which can beat SDPA on short CPU rows. The fastest of the four on this machine is the peer.
 - posttrain runs its default `train.precision: auto` (bf16 autocast where the CPU has native
   bf16, else fp32).
 

@@ -40,7 +40,7 @@ BATCH, SEQ = 8, 256
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
 SYSTEMS = ("posttrain", "trl-fp32", "trl-bf16", "trl-bf16-eager", "bare", "trl-defaults", "posttrain-fp32")
 """The first five run by default; --extra adds the last two. ``trl-bf16-eager``: TRL with transformers'
-eager attention (matmuls and an fp32 softmax), faster than its SDPA default on short CPU rows."""
+eager attention (matmuls and an fp32 softmax), which can beat its SDPA default on short CPU rows."""
 
 
 def write_data(path: Path, n_per_level: int = 150) -> None:
