@@ -345,7 +345,7 @@ def score_rollout(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """No-grad log-probs (B, T) (and critic values) of the whole rollout, ``rows_per_pass`` rows at a
     time, or with ``token_budget`` > 0 in length-sorted passes of at most that many padded tokens
-    (`length_parts`, at least as many passes): the same numbers, less padding computed.
+    (`length_parts`, at least as many passes): the same log-probs (to rounding), less padding computed.
 
     ``context``: entered around the passes (the adapter-disabled reference of a LoRA policy).
     """

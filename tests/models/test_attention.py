@@ -85,3 +85,21 @@ def test_models_loaded_on_cpu_use_it_and_keep_their_outputs(tiny_model_dir):
     real = mask.bool()
     assert (ours - theirs)[real].abs().max() < 0.1  # bf16 logits; same math, other rounding
     assert (ours - theirs)[real].abs().max() > 0  # the matmul path really ran
+
+
+def test_the_mask_bias_is_built_once_per_mask_and_follows_changes():
+    """Layers of one forward share the mask, so its additive bias is built once; another mask, or
+    the same one changed in place, gets its own."""
+    from posttrain.models.attention import mask_bias
+
+    keep = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    first = mask_bias(keep, 4, torch.bfloat16)
+    assert mask_bias(keep, 4, torch.bfloat16) is first  # cached
+    lowest = torch.finfo(torch.bfloat16).min
+    assert torch.equal(first, torch.zeros(2, 1, 4, 4, dtype=torch.bfloat16).masked_fill(~keep, lowest))
+    keep[1, 0, 3, 0] = False  # in place: the version counter moves
+    again = mask_bias(keep, 4, torch.bfloat16)
+    assert again is not first and again[1, 0, 3, 0] == lowest and again[0, 0, 3, 0] == 0
+    other = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    assert mask_bias(other, 4, torch.bfloat16).eq(0).all()
+    assert mask_bias(other, 3, torch.float32).shape == (2, 1, 4, 3)
