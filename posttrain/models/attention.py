@@ -8,12 +8,13 @@ materialised (L x L) scores also cost memory. fp32 and other devices stay on SDP
 passes take the same path as training ones, so scoring and training give the same numbers.
 
 The matmul path reads each key/value head once for its group of query heads (no ``repeat_kv``
-copies), folds the scale into the queries, and takes the softmax of the bf16 scores in bf16 (the
-kernel computes in fp32 and rounds its output to bf16, as a cast after an fp32 softmax would):
-one layer's forward + backward on an Intel Xeon with AMX went from 10.4 to 4.9 ms (8 x 4 heads x
-256, tiny default) and from 29.1 to 12.1 ms (8 x 9 x 256, SmolLM2). Outputs equal the fp32-softmax
-version's to bf16 rounding; the query/key gradients differ by up to ~1e-2 of their largest entry
-(the softmax backward in bf16).
+copies), folds the scale into the queries, adds the mask as a bias built once per mask
+(`mask_bias`), and takes the softmax of the bf16 scores in bf16 (the kernel computes in fp32 and
+rounds its output to bf16, as a cast after an fp32 softmax would). Grouping and the bf16 softmax
+took one layer's forward + backward on an Intel Xeon with AMX from 10.4 to 4.9 ms (8 x 4 heads x
+256, tiny default) and from 29.1 to 12.1 ms (8 x 9 x 256, SmolLM2); the bias, measured separately,
+from 7.4 to 2.8 and 22.3 to 7.4 ms. Outputs equal the fp32-softmax version's to bf16 rounding; the
+query/key gradients differ by up to ~1e-2 of their largest entry (the softmax backward in bf16).
 
 `ATTENTION` is registered with transformers' attention and mask interfaces (its masks are SDPA's:
 boolean, or None for plain causal), and `load_model` selects it on CPU.
