@@ -107,10 +107,7 @@ def mask_bias(mask: torch.Tensor, k_len: int, dtype: torch.dtype) -> torch.Tenso
     tracked = not mask.is_inference()  # inference tensors have no version counter
     if tracked and last is not None and last[0]() is mask and last[1:4] == (mask._version, dtype, k_len):
         return last[4]
-    keep = (mask if mask.dtype == torch.bool else mask == 0)[..., :k_len]
-    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~keep, torch.finfo(dtype).min
-    )
+    bias = additive((mask if mask.dtype == torch.bool else mask == 0)[..., :k_len], dtype)
     if tracked:
         _last_bias[0] = (weakref.ref(mask), mask._version, dtype, k_len, bias)
     return bias
@@ -120,8 +117,15 @@ def mask_bias(mask: torch.Tensor, k_len: int, dtype: torch.dtype) -> torch.Tenso
 def causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(Q, K) additive bias of SDPA's ``is_causal`` (top-left aligned): the lowest finite ``dtype``
     value above the diagonal, 0 elsewhere."""
-    above = torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(above, torch.finfo(dtype).min)
+    return additive(torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(), dtype)
+
+
+def additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean ``keep`` (True = attend) as an additive mask of ``dtype``: 0 where kept, the lowest
+    finite value elsewhere (transformers' float-mask convention)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+        ~keep, torch.finfo(dtype).min
+    )
 
 
 def register() -> str:

@@ -42,7 +42,7 @@ from posttrain.data.collate import IGNORE_INDEX, pack
 from posttrain.data.loaders import load_records
 from posttrain.data.render import Sample, render_prompt_completion
 from posttrain.errors import ConfigError, DataError, ModelError
-from posttrain.models.attention import takes_bool_mask
+from posttrain.models.attention import additive, takes_bool_mask
 from posttrain.train.lm_loss import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -415,10 +415,7 @@ def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
     if takes_bool_mask(model):
         return mask
     if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
+        return additive(mask, next(model.parameters()).dtype)
     raise ModelError(
         f"preference batches need a custom 4D attention mask, which attn_implementation={impl!r} does not take",
         fix="load the model with attn_implementation='sdpa' (the default) or 'eager'",
