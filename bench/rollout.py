@@ -1,11 +1,14 @@
 """Rollout speed: posttrain's HF engine vs plain ``model.generate``, n samples per prompt.
 
-    python bench/rollout.py [--model tiny|smollm2|all] [--prompts K] [--n 8] [--max-new-tokens M] [--threads T]
+    python bench/rollout.py [--model tiny|smollm2|all] [--prompts K] [--n 8] [--max-new-tokens M] [--shots S] [--threads T]
 
 Both systems get the same model (fp32 weights, 2 threads), the same prompts (task-suite questions
 rendered with the model's chat template, left-padded for ``generate``), the same sampling
 (temperature 1.0, top_p 1.0, top_k off, ``max_new_tokens`` M) and n samples per prompt
-(``num_return_sequences=n`` for ``generate``). ``generate`` also returns no log-probs here;
+(``num_return_sequences=n`` for ``generate``). ``--shots S`` puts S solved train-split problems
+(chat turns) before each question: longer prompts, where the engine's n rows read the prompt's
+keys/values once a step (`posttrain.rollout.shared_prefix`); the row ``pt-expanded`` is the
+engine with that turned off (``share_prompts=False``), the control. ``generate`` also returns no log-probs here;
 the engine computes them for every token.
 
 Tokens counted = generated tokens up to and including the stop token (padding after a
@@ -28,11 +31,16 @@ import torch
 from common import machine, machine_line, model_path
 
 
-def build_prompts(k: int) -> list[list[dict]]:
+def build_prompts(k: int, shots: int = 0) -> list[list[dict]]:
+    """k test-split questions, each after the same ``shots`` solved train-split problems (chat
+    turns): longer prompts, as RL prompts with instructions or examples are."""
     from posttrain.data.tasks import make_split
 
     problems = make_split("arith", "test", k, seed=0)[:k]
-    return [p.prompt_record()["prompt"] for p in problems]
+    examples = [m for p in make_split("arith", "train", shots, seed=0)[:shots] for m in p.messages()]
+    examples = [{"role": m["role"], "content": m.get("reasoning_content", "") + "\n" + m["content"]}
+                if m["role"] == "assistant" else m for m in examples]  # fmt: skip
+    return [examples + p.prompt_record()["prompt"] for p in problems]
 
 
 def count_generated(seqs: torch.Tensor, stop_ids: set[int]) -> int:
@@ -91,16 +99,23 @@ def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float,
     path = model_path(name, args.tiny_path if name == "tiny" else None)
     engine = HFEngine(str(path), dtype="float32", device="cpu", precision="auto")
     model, tok = engine.model, engine.tokenizer
+    expanded = HFEngine(model, tok, precision="auto", share_prompts=False)  # the control of sharing
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    prompts = build_prompts(args.prompts)
+    prompts = build_prompts(args.prompts, args.shots)
     encoded = [encode_prompt(tok, p) for p in prompts]
     stop_ids = set(engine.eos_ids)
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"== {name}: {path} ({params / 1e6:.1f}M params), {len(prompts)} prompts x n={args.n}, "
+        f"== {name}: {path} ({params / 1e6:.1f}M params), {len(prompts)} prompts x n={args.n} "
+        f"({args.shots} shots, {min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
         f"max_new_tokens={args.max_new_tokens}"
     )
-    totals = {"generate-fp32": [0, 0.0], "generate-bf16": [0, 0.0], "posttrain": [0, 0.0]}
+    totals = {
+        "generate-fp32": [0, 0.0],
+        "generate-bf16": [0, 0.0],
+        "posttrain": [0, 0.0],
+        "pt-expanded": [0, 0.0],
+    }
     for rep in range(args.repeats + 1):
         for system in totals:
             torch.manual_seed(rep)
@@ -108,7 +123,9 @@ def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float,
                 with bf16() if system.endswith("bf16") else nullcontext():
                     toks, secs = run_generate(model, tok, encoded, args.n, args.max_new_tokens, stop_ids)
             else:
-                toks, secs = run_engine(engine, prompts, args.n, args.max_new_tokens)
+                toks, secs = run_engine(
+                    engine if system == "posttrain" else expanded, prompts, args.n, args.max_new_tokens
+                )
             label = "warm-up" if rep == 0 else f"run {rep}"
             print(f"  {system:10s} {label:8s} {toks:6d} tokens {secs:7.2f} s {toks / secs:8.1f} tok/s")
             if rep > 0:
@@ -138,6 +155,12 @@ def main() -> None:
         "--prompts", type=int, default=None, help="distinct prompts (default 16 tiny, 4 smollm2)"
     )
     parser.add_argument("--n", type=int, default=8)
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="solved train-split problems before each question (longer prompts)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128 tiny, 64 smollm2")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(

@@ -213,12 +213,12 @@ class FusedLM:
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None, cache: Any
     ) -> torch.Tensor:
-        """Run ``ids`` (R, S) at ``positions`` (R, S) after what ``cache`` holds (reserved layers,
-        written in place); ``keys`` (R, >= cached + S): the padding mask over cached and new
+        """Run ``ids`` (R, S) at ``positions`` (R, S) after what ``cache`` holds (reserved layers
+        or a `posttrain.rollout.shared_prefix.GroupCache`, written in place); ``keys`` (R, >= cached + S): the padding mask over cached and new
         positions (nonzero = attend), None when no row is padded. Returns the last position's
         logits (R, V) in fp32."""
         rows, width = ids.shape
-        start = cache.layers[0].get_seq_length()
+        start = cache.get_seq_length()
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x.float(), positions)
         half = sin.shape[-1] // 2
@@ -231,12 +231,16 @@ class FusedLM:
             mask = None if keys is None else keys[:, None, None, : start + 1].bool()  # (R, 1, 1, L)
         else:
             mask = block_mask(keys, rows, start, width, ids.device)
+        shared = getattr(cache, "attend", None)
         for block, layer in zip(self.blocks, cache.layers, strict=True):
             h = rms_norm(x, block.norm1, self.eps)
             qkv = block.qkv(h).view(rows, width, nq + 2 * nkv, d).transpose(1, 2).float()
             q, k = rotate(qkv[:, : nq + nkv], cos, sin).split((nq, nkv), dim=1)
-            k_all, v_all = layer.update(k, qkv[:, nq + nkv :])  # fp32 keys / values
-            a = self.attend(q, k_all, v_all, mask)
+            if shared is not None:  # a `GroupCache`: attention over shared prompts + own suffixes
+                a = shared(layer, q, k, qkv[:, nq + nkv :], self.scale)
+            else:
+                k_all, v_all = layer.update(k, qkv[:, nq + nkv :])  # fp32 keys / values
+                a = self.attend(q, k_all, v_all, mask)
             x = x + block.out(a.to(self.dtype))
             gate, up = block.gate_up(rms_norm(x, block.norm2, self.eps)).chunk(2, dim=-1)
             x = x + block.down(F.silu(gate) * up)

@@ -7,7 +7,9 @@ log-prob of every sampled token. The loop here
    attention-mask cumsum, so padding does not shift positions), keeping only the last
    position's logits;
 2. expands the KV cache n times along the batch (prefix sharing: the prompt is encoded once
-   per group, not n times, as ``num_return_sequences`` does);
+   per group, not n times, as ``num_return_sequences`` does); with the fused forward and long
+   enough prompts, the n rows instead read the prompt's keys/values once a step
+   (`posttrain.rollout.shared_prefix`);
 3. decodes all rows together, sampling with temperature / top-k / top-p from a
    ``torch.Generator`` seeded by ``SamplingParams.seed``; the log-prob of each sampled token
    is log softmax(logits / T) (T = 1 when greedy), untruncated by top-k / top-p -- the
@@ -47,6 +49,7 @@ from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.fused import FusedLM, Unsupported
 from posttrain.rollout.prefix_cache import PrefixStore, fill_layers, row_kv
 from posttrain.rollout.sampling import SamplingParams
+from posttrain.rollout.shared_prefix import GroupCache, worth_sharing
 from posttrain.train.precision import autocast
 from posttrain.train.precision import resolve as resolve_precision
 
@@ -174,6 +177,16 @@ class _ReservedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
 
 
+def shared_cache(
+    net: FusedLM, cache: DynamicCache, padding: torch.Tensor, expand: torch.Tensor, steps: int
+) -> GroupCache:
+    """The prefill's reserved cache of U distinct prompts as a `GroupCache` for the rows
+    ``expand`` (R,): the prompts' keys/values are kept once, each row reserves ``steps``."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    pad = None if bool(padding.all()) else padding.bool()
+    return GroupCache(layers, pad, expand, steps, net.heads // net.kv_heads)
+
+
 def compact_order(live: torch.Tensor) -> torch.Tensor:
     """The rows to keep, as indices for ``batch_select_indices``: the live rows of ``live`` (R,)
     that sit in the first R' = live.sum() places stay there, the live rows behind them fill the
@@ -294,7 +307,10 @@ class HFEngine:
     models on CPU, `decode_precision`; the commands' default).
     ``fused``: on CPU, prefill and decode Llama-family models with `posttrain.rollout.fused.FusedLM`
     (fused projections, oneDNN-packed weights; ``fused_reason`` says why a model is not); False:
-    always HF's forward.
+    always HF's forward. ``share_prompts``: with the fused forward, the n rows of a prompt read its
+    keys/values once a step (`posttrain.rollout.shared_prefix`) instead of n expanded copies; None:
+    where that saves enough reads to pay for itself (`shared_prefix.worth_sharing`: long prompts,
+    many samples each).
     """
 
     def __init__(
@@ -309,6 +325,7 @@ class HFEngine:
         precision: str = "fp32",
         prefix_cache_tokens: int = 0,
         fused: bool = True,
+        share_prompts: bool | None = None,
     ):
         if isinstance(model, str | os.PathLike):
             from posttrain.models.load import load_model, load_tokenizer
@@ -328,7 +345,7 @@ class HFEngine:
         self.prefix = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._half: torch.nn.Module | None = None  # bf16 weight copy for decoding (see `_decoder`)
         self._half_stale = False
-        self.fused = fused
+        self.fused, self.share_prompts = fused, share_prompts
         self._fused: FusedLM | None = None
         self.fused_reason: str | None = None if fused else "fused=False"
         self._stop_rows: dict[tuple[tuple[str, ...], int], torch.Tensor | None] = {}  # `stop_candidates`
@@ -503,15 +520,22 @@ class HFEngine:
         """Decode rows = distinct prompts[expand]; returns (tokens (R, L), log-probs (R, L), lengths, stopped)."""
         rows, steps, dev = expand.numel(), params.max_new_tokens, self.device
         logits, cache, attn = self._prefill(net, prompts, steps)
-        logits, attn, width = logits[expand], attn[expand], attn.shape[1] - steps
-        cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
+        fused = isinstance(net, FusedLM)
+        width = attn.shape[1] - steps
+        share = self.share_prompts
+        if share is None:
+            share = fused and worth_sharing(rows, len(prompts), width, net.kv_heads, net.head_dim)
+        if fused and share and rows > len(prompts):  # attention over shared prompts
+            cache = shared_cache(net, cache, attn[:, :width], expand, steps)
+        else:
+            cache.batch_select_indices(expand)  # prefix sharing: n rows per prompt from one prefill
+        logits, attn = logits[expand], attn[expand]
         tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros((rows, steps), device=dev)
         lengths, stopped = [steps] * rows, [False] * rows
         stop_ids = torch.tensor(self.eos_ids + list(params.stop_token_ids), dtype=torch.long, device=dev)
         active, pos = torch.arange(rows, device=dev), attn[:, :width].sum(-1)
-        fused = isinstance(net, FusedLM)
-        mask = decode_mask(net, cache, attn)
+        mask = None if isinstance(cache, GroupCache) else decode_mask(net, cache, attn)
         for t in range(steps):
             tok, lp = sample_next(logits, params, gen)
             tokens[active, t], logps[active, t] = tok, lp
