@@ -187,6 +187,14 @@ def shared_cache(
     return GroupCache(layers, pad, expand, steps, net.heads // net.kv_heads)
 
 
+def unshare(model: Any, group: GroupCache, capacity: int) -> DynamicCache:
+    """``group``'s rows in an expanded reserved cache of ``capacity`` positions."""
+    cache = new_cache(model, capacity)
+    for layer, shared in zip(cache.layers, group.layers, strict=True):
+        layer.update(*group.rows_kv(shared))
+    return cache
+
+
 def compact_order(live: torch.Tensor) -> torch.Tensor:
     """The rows to keep, as indices for ``batch_select_indices``: the live rows of ``live`` (R,)
     that sit in the first R' = live.sum() places stay there, the live rows behind them fill the
@@ -310,7 +318,7 @@ class HFEngine:
     always HF's forward. ``share_prompts``: with the fused forward, the n rows of a prompt read its
     keys/values once a step (`posttrain.rollout.shared_prefix`) instead of n expanded copies; None:
     where that saves enough reads to pay for itself (`shared_prefix.worth_sharing`: long prompts,
-    many samples each).
+    many samples each), and back to expanded copies once too few rows of a prompt remain.
     """
 
     def __init__(
@@ -552,6 +560,9 @@ class HFEngine:
                 active, tok, pos = active[keep], tok[keep], pos[keep]
                 mask = None if mask is None else mask[keep]
                 cache.batch_select_indices(keep)
+                if isinstance(cache, GroupCache) and self.share_prompts is None and not cache.pays():
+                    cache = unshare(self.model, cache, width + steps)  # too few rows a prompt left
+                    mask = decode_mask(net, cache, attn[active])
             if fused:
                 logits = net.forward(tok[:, None], pos[:, None], mask, cache)
             else:

@@ -127,6 +127,19 @@ class GroupCache:
             ((prompt.view(rows, 1, 1) * heads + kv.view(1, heads, 1)) * w + rank.view(rows, 1, 1)) * g + grp
         ).reshape(-1)
 
+    def pays(self) -> bool:
+        """Whether sharing still saves enough reads for the rows left (`worth_sharing`): the
+        engine goes back to an expanded cache (`rows_kv`) when too few rows of a prompt remain."""
+        prompts = int(torch.unique(self.slot // self.width).numel())
+        head_dim = self.layers[0].prompt_v.shape[-1]
+        return worth_sharing(self.slot.numel(), prompts, self.prompt_len, self.kv_heads, head_dim)
+
+    def rows_kv(self, layer: GroupLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's keys and values over its prompt and its suffix, (R, KV, P + t, D)."""
+        prompt, t = self.slot // self.width, layer.length
+        keys = torch.cat((layer.prompt_kt.transpose(-1, -2)[prompt], layer.k[:, :, :t]), dim=2)
+        return keys, torch.cat((layer.prompt_v[prompt], layer.v[:, :, :t]), dim=2)
+
     def get_seq_length(self) -> int:
         return self.prompt_len + self.layers[0].length
 

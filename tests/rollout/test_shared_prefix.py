@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.rollout import hf_engine
 from posttrain.rollout.fused import FusedLM
-from posttrain.rollout.hf_engine import HFEngine, compact_order, new_cache, shared_cache
+from posttrain.rollout.hf_engine import HFEngine, compact_order, new_cache, shared_cache, unshare
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.rollout.shared_prefix import GroupCache, worth_sharing
 
@@ -28,10 +28,11 @@ def llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def decode_both(model, lengths, expand, steps, drops):
+def decode_both(model, lengths, expand, steps, drops, unshare_at=None):
     """Prefill the prompts once, then decode the same random tokens through an expanded reserved
-    cache and through a `GroupCache`; ``drops``: {step: rows finishing then}. Returns the logits
-    of every step, both ways."""
+    cache and through a `GroupCache`; ``drops``: {step: rows finishing then}; ``unshare_at``: the
+    step after which the `GroupCache` goes back to an expanded cache (`hf_engine.unshare`).
+    Returns the logits of every step, both ways."""
     fused = FusedLM(model, torch.float32)
     ids, mask, pos = padded_batch(300, lengths, seed=1)
     width = ids.shape[1]
@@ -49,10 +50,11 @@ def decode_both(model, lengths, expand, steps, drops):
     nxt = pos[expand, -1] + 1
     gen = torch.Generator().manual_seed(2)
     out = ([], [])
+    shared_keys = None
     for t in range(steps):
         tok = torch.randint(3, 300, (nxt.numel(), 1), generator=gen)
         for i, cache in enumerate(caches):
-            out[i].append(fused.forward(tok, (nxt + t)[:, None], None if i else keys, cache))
+            out[i].append(fused.forward(tok, (nxt + t)[:, None], shared_keys if i else keys, cache))
         if t in drops:
             live = torch.ones(nxt.numel(), dtype=torch.bool)
             live[drops[t]] = False
@@ -60,6 +62,10 @@ def decode_both(model, lengths, expand, steps, drops):
             for cache in caches:
                 cache.batch_select_indices(keep)
             keys, nxt = keys[keep], nxt[keep]
+        if t == unshare_at:
+            caches[1] = hf_engine.unshare(model, caches[1], width + steps)
+            assert caches[1].get_seq_length() == width + t + 1
+            shared_keys = keys
     return out
 
 
@@ -72,6 +78,13 @@ def test_group_attention_equals_the_expanded_cache(llama):
     for a, b in zip(plain, shared, strict=True):
         torch.testing.assert_close(b, a, atol=TOL, rtol=0)
     assert (plain[-1] - plain[0][: plain[-1].shape[0]]).abs().max() > 1e-2  # the steps did differ
+
+
+def test_going_back_to_an_expanded_cache_keeps_the_logits(llama):
+    expand = torch.tensor([0, 0, 0, 1, 1, 2])
+    plain, shared = decode_both(llama, [5, 9, 7], expand, steps=6, drops={1: [0, 4]}, unshare_at=2)
+    for a, b in zip(plain, shared, strict=True):
+        torch.testing.assert_close(b, a, atol=TOL, rtol=0)
 
 
 def test_group_attention_without_padding(llama):
@@ -121,3 +134,19 @@ def test_engine_shares_long_prompts_by_default(llama, monkeypatch):
         [list(range(3, 263)), list(range(5, 265))], SamplingParams(n=32, max_new_tokens=2, seed=0)
     )
     assert calls == [64]  # 62 rows x 260 columns x 256 B = 4.1 MB saved a layer
+
+
+def test_engine_unshares_when_few_rows_of_a_prompt_remain(llama, monkeypatch):
+    """Long prompts with many rows share; stop ids end ~20% of rows a step, and once the rows left
+    save too little the engine goes back to expanded rows: the completions stay those of an
+    engine that never shares."""
+    calls = []
+    monkeypatch.setattr(hf_engine, "unshare", lambda *a: calls.append(a[1].slot.numel()) or unshare(*a))
+    prompts = [list(range(3, 263)), list(range(5, 265))]
+    params = SamplingParams(n=32, max_new_tokens=12, seed=3, stop_token_ids=list(range(3, 63)))
+    auto = HFEngine(llama, IdTokenizer(), threads=0).generate(prompts, params)
+    plain = HFEngine(llama, IdTokenizer(), threads=0, share_prompts=False).generate(prompts, params)
+    assert len(calls) == 1 and 2 < calls[0] < 64
+    assert [c.token_ids for c in auto] == [c.token_ids for c in plain]
+    lengths = {len(c.token_ids) for c in auto}
+    assert min(lengths) < max(lengths)  # rows did finish at different steps
