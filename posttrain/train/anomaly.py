@@ -24,7 +24,10 @@ run has gone wrong, with the recent values, the threshold and the settings that 
   median of ``window`` steps so far, and above the first step's loss and every loss of the window
   before the last 3: a new level, not a few hard batches (a far-too-high lr: caught within 2-3 steps
   of the blow-up; one early spike that the next steps take back does not pause; neither do the
-  swings of a PRM's length-bucketed batches, measured 0.003 to 1.9 in healthy runs).
+  swings of a PRM's length-bucketed batches, measured 0.003 to 1.9 in healthy runs); or one loss
+  above ``loss_spike`` x the larger of the first loss and the median of the window before: a step the
+  weights may not recover from even when the next losses look normal (a reward model at lr 3,
+  measured: 0.91, 157, then 0.693 = ln 2 at every step, its scores grown to ~5,000 and equal).
 
 The monitor's history is checkpointed with the run (`state_dict` / `load_state_dict`), so a run
 resumed after an interruption judges its window as the uninterrupted one would; a run resumed
@@ -88,6 +91,9 @@ class AnomalyConfig:
     loss_divergence: float = 3.0
     """Median loss of the last 5 steps above this many times the best window median so far (and
     above the first step's loss and every loss of the window before: a new level)."""
+    loss_spike: float = 50.0
+    """One loss above this many times the larger of the first loss and the median of the window
+    before it (a blow-up that later losses hide). Healthy runs swung to at most ~5x either."""
     rollback_lr_factor: float = 0.5
     """rollback: the lr is multiplied by this after each rollback."""
     max_rollbacks: int = 2
@@ -283,6 +289,15 @@ class AnomalyMonitor:
             return None
         if self.first_loss is None:
             self.first_loss = h[-1]
+        prev = before.get("loss", [])[-c.window :]
+        base = (
+            max(self.first_loss, statistics.median(prev)) if prev else 0.0
+        )  # a lucky first batch is no base
+        if c.loss_spike and base > 0 and h[-1] > c.loss_spike * base:
+            return Anomaly("loss_divergence", "loss", step, h, c.loss_spike * base,
+                           f"the loss jumped to {h[-1]:.3g}, {h[-1] / base:.0f}x the larger of the run's first "
+                           f"loss and the window's median ({base:.3g}): the weights may be broken even if the "
+                           "next losses look normal", ["anomaly.loss_spike", "optim.lr", "optim.max_grad_norm"])  # fmt: skip
         last = list(h)[-min(LOSS_SMOOTH, c.window) :]
         recent = statistics.median(last)
         # the baseline is the best window median, not the best 3-step mean: batches that differ by

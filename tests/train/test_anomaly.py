@@ -192,6 +192,28 @@ def test_loss_divergence_against_the_best_recent_mean_and_the_start():
     assert _first(AnomalyMonitor(AnomalyConfig()), [{"loss": v} for v in late], "loss_divergence") is None
 
 
+def test_one_loss_far_above_the_start_pauses_though_the_next_look_normal():
+    # a reward model at lr 3 and lr 30 (tiny default, measured on an Intel Xeon with AMX): one step
+    # blows the scores up, then every pair scores equal (loss ln 2 = 0.693, the start's level), so
+    # no median of later steps rises; the spike (step 2) is 173x and 8,158x the first loss
+    lr3 = (0.91, 157.347, 0.693, 4.52, 4.52, 0.693, 0.693, 0.693, 0.693, 0.693, 0.52, 0.693)
+    lr30 = (0.91, 7424.173, *[0.693] * 10)
+    for losses in (lr3, lr30):
+        rows = [{"loss": v} for v in losses]
+        assert _first(AnomalyMonitor(AnomalyConfig()), rows, "loss_divergence") == 2
+        assert _first(AnomalyMonitor(AnomalyConfig(loss_spike=0)), rows, "loss_divergence") is None
+    # 40x the first loss is under loss_spike 50
+    assert (
+        _first(AnomalyMonitor(AnomalyConfig()), [{"loss": v} for v in (0.91, 36.4, 0.8)], "loss_divergence")
+        is None
+    )
+    # the base is the larger of the first loss and the median of the window before: after a lucky
+    # first batch (0.35) 20 is 57x the first loss but 22x the median 0.9, no spike; 46 (51x) is
+    lucky = [{"loss": v} for v in (0.35, 0.9, 0.9, 0.8, 1.0, 0.9)]
+    assert _first(AnomalyMonitor(AnomalyConfig()), [*lucky, {"loss": 20.0}], "loss_divergence") is None
+    assert _first(AnomalyMonitor(AnomalyConfig()), [*lucky, {"loss": 46.0}], "loss_divergence") == 7
+
+
 def test_state_round_trip_continues_the_window_exactly():
     rows = [{"grad_norm": 1.0, "rollout/zero_variance_frac": 1.0, "reward/total_mean": 0.0}] * 3
     whole, first = (

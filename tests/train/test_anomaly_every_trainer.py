@@ -35,8 +35,9 @@ def _paused(out, exc) -> int:
 
 def test_reward_model_at_a_far_too_high_lr_pauses(tmp_path, tiny_model_dir):
     """lr 10: the loss blows up within the first updates (0.70, 4.17, 240 on an Intel Xeon with AMX),
-    which small numeric differences between CPUs do not change. At lr 3 and 30 the loss swings
-    (0.35 to 96, 0.69 to 242944) without a new level that the detectors accept."""
+    which small numeric differences between CPUs do not change. At lr 3 and 30 one step blows the
+    scores up and the later losses sit at ln 2 (0.91, 157, 0.693, ...): the loss_spike rule
+    (test_anomaly.py) catches that; before it, such runs went on."""
     out = tmp_path / "rm"
     cfg = small_recipe(
         RMRecipe, tiny_model_dir, out, "optim.lr=10.0", "train.max_steps=12", "eval_before=false"
