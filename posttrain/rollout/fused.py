@@ -14,7 +14,7 @@ at 6-10 GB/s, far under the memory bandwidth, and a fifth more in HF's per-modul
   RoPE, keys, values and attention are fp32 whatever the weights' dtype: bf16 attention scores
   (magnitudes ~30, 8 mantissa bits) moved SmolLM2's greedy tokens, and CPU SDPA over one bf16
   query was 7x slower than these matmuls in fp32;
-- keys and values written into the engine's reserved cache (`hf_engine._ReservedLayer`), so
+- keys and values written into the engine's reserved cache (`kv_cache.ReservedLayer`), so
   prefix reuse and row dropping work on the same buffers.
 
 What it supports: ``model_type`` llama, qwen2 or mistral with SiLU MLPs, full attention in every

@@ -41,12 +41,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from posttrain.errors import ModelError
-from posttrain.models.attention import takes_bool_mask
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.fused import FusedLM, Unsupported
+from posttrain.rollout.kv_cache import (
+    ReservedLayer,
+    compact_order,
+    decode_mask,
+    new_cache,
+    shared_cache,
+    unshare,
+)
 from posttrain.rollout.prefix_cache import PrefixStore, fill_layers, row_kv
 from posttrain.rollout.sampling import SamplingParams
 from posttrain.rollout.shared_prefix import GroupCache, worth_sharing
@@ -132,101 +138,6 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None, block: int = 
     return (b.squeeze(1) * block + torch.searchsorted(within, rest, right=True).squeeze(1)).clamp(
         max=vocab - 1
     )
-
-
-class _ReservedLayer(DynamicLayer):
-    """A KV-cache layer whose buffers hold the whole generation: each decode step writes its
-    column in place instead of re-concatenating the cache (what ``DynamicLayer`` does)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            b, h, _, d = key_states.shape
-            self._k = key_states.new_empty((b, h, self.capacity, d))
-            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
-        end = self.length + key_states.shape[-2]
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-        return self.keys, self.values
-
-    def _gather(self, buf: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        new = buf.new_empty((indices.numel(), *buf.shape[1:]))
-        torch.index_select(buf[:, :, : self.length], 0, indices, out=new[:, :, : self.length])
-        return new
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        n, end = indices.numel(), self.length
-        if n <= self._k.shape[0]:  # in place: only rows i with indices[i] != i move (see compact_order)
-            moved = (indices != torch.arange(n, device=indices.device)).nonzero().squeeze(1)
-            for buf in (self._k, self._v):
-                buf[moved, :, :end] = buf[indices[moved], :, :end]  # the right side is gathered first
-            self._k, self._v = self._k[:n], self._v[:n]
-        else:  # more rows than reserved (prefix sharing's expansion): new buffers
-            self._k, self._v = (self._gather(buf, indices) for buf in (self._k, self._v))
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-
-
-def shared_cache(
-    net: FusedLM, cache: DynamicCache, padding: torch.Tensor, expand: torch.Tensor, steps: int
-) -> GroupCache:
-    """The prefill's reserved cache of U distinct prompts as a `GroupCache` for the rows
-    ``expand`` (R,): the prompts' keys/values are kept once, each row reserves ``steps``."""
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    pad = None if bool(padding.all()) else padding.bool()
-    return GroupCache(layers, pad, expand, steps, net.heads // net.kv_heads)
-
-
-def unshare(model: Any, group: GroupCache, capacity: int) -> DynamicCache:
-    """``group``'s rows in an expanded reserved cache of ``capacity`` positions."""
-    cache = new_cache(model, capacity)
-    for layer, shared in zip(cache.layers, group.layers, strict=True):
-        layer.update(*group.rows_kv(shared))
-    return cache
-
-
-def compact_order(live: torch.Tensor) -> torch.Tensor:
-    """The rows to keep, as indices for ``batch_select_indices``: the live rows of ``live`` (R,)
-    that sit in the first R' = live.sum() places stay there, the live rows behind them fill the
-    holes; dropping d rows then moves at most d rows of the cache, not R'."""
-    keep = live.nonzero().squeeze(1)
-    order = torch.arange(keep.numel(), device=live.device)
-    order[(~live[: keep.numel()]).nonzero().squeeze(1)] = keep[keep >= keep.numel()]
-    return order
-
-
-def new_cache(model: Any, capacity: int) -> DynamicCache:
-    """A cache for ``capacity`` positions: reserved buffers when every layer is a plain
-    full-attention ``DynamicLayer``, else the model's default dynamic cache (sliding windows...)."""
-    cache = DynamicCache(config=model.config)
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_ReservedLayer(capacity) for _ in cache.layers]
-    return cache
-
-
-def decode_mask(model: Any, cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask of every decode step (sliced to the seen length), built once: None when
-    no row is padded; with reserved (full-attention) layers and sdpa attention, the (R, 1, 1, P +
-    steps) boolean mask that the model uses as is, instead of rebuilding one from the padding mask
-    each step; for a `FusedLM`, the (R, P + steps) boolean padding mask (it slices what it needs);
-    else the (R, P + steps) padding mask ``attn`` itself."""
-    if bool(attn.all()):
-        return None
-    if isinstance(model, FusedLM):
-        return attn.bool()
-    if takes_bool_mask(model) and all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
-        return attn.bool()[:, None, None]
-    return attn
 
 
 def cache_kwarg(model: Any) -> str:
@@ -435,7 +346,7 @@ class HFEngine:
         if current is not None and not self._half_stale and current.dtype == dtype and not current.stale():
             return current
         self._fused = None
-        if not all(isinstance(layer, _ReservedLayer) for layer in new_cache(self.model, 1).layers):
+        if not all(isinstance(layer, ReservedLayer) for layer in new_cache(self.model, 1).layers):
             self.fused_reason = "a cache layer other than full attention (sliding window...)"
             return None
         try:
@@ -479,7 +390,7 @@ class HFEngine:
         (`posttrain.rollout.prefix_cache`); without one, m_i = 0: a plain left-padded prefill."""
         u, store = len(prompts), self.prefix
         cache = new_cache(self.model, max(len(p) for p in prompts) + steps)
-        if store is not None and not all(isinstance(layer, _ReservedLayer) for layer in cache.layers):
+        if store is not None and not all(isinstance(layer, ReservedLayer) for layer in cache.layers):
             store = None  # sliding-window or other layer kinds: no reuse
         found = [store.lookup(tuple(p)) for p in prompts] if store is not None else [(0, None)] * u
         ms = [m for m, _ in found]

@@ -115,7 +115,7 @@ def test_sliding_window_model_keeps_its_cache_and_matches_generate(engine):
     )
     model = MistralForCausalLM(cfg).eval()
     assert {type(layer).__name__ for layer in new_cache(model, 8).layers} == {"DynamicSlidingWindowLayer"}
-    assert {type(layer).__name__ for layer in new_cache(engine.model, 8).layers} == {"_ReservedLayer"}
+    assert {type(layer).__name__ for layer in new_cache(engine.model, 8).layers} == {"ReservedLayer"}
     out = HFEngine(model, engine.tokenizer).generate(PROMPTS[:2], greedy(12))
     for c in out:
         ids = torch.tensor([c.prompt_ids])
