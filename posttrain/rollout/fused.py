@@ -106,6 +106,7 @@ class Linear:
         self.packed = None
         if pack and weight.numel() >= PACK_MIN_ELEMENTS:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)  # 32: a batch hint
+            self.weight = None  # the packed copy is the only one read: keeping both doubled the snapshot
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -173,7 +174,7 @@ class FusedLM:
 
         def linear(*modules: Any) -> Linear:
             parts = [dense(m) for m in modules]
-            weight = torch.cat([w for w, _ in parts]).to(dtype)
+            weight = torch.cat([w.to(dtype) for w, _ in parts])  # cast first: no fp32 concatenation
             biases = [b for _, b in parts]
             bias = None
             if any(b is not None for b in biases):
