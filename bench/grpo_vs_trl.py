@@ -229,7 +229,12 @@ def main() -> None:
     for name in ["tiny", "smollm2"] if a.model == "all" else [a.model]:
         ratio = bench_model(name, a) or ratio
     if ratio is None:
-        print(f"ratio posttrain/trl_fastest steps/s: n/a (a run failed) on {machine_line(mach)}")
+        why = (
+            "a run failed"
+            if {"posttrain", "trl"} <= {s.partition("-")[0] for s in a.systems}
+            else "--systems"
+        )
+        print(f"ratio posttrain/trl_fastest steps/s: n/a ({why}) on {machine_line(mach)}")
     else:
         print(f"ratio posttrain(auto={ratio[1]})/trl_fastest({ratio[2]}) steps/s: {ratio[0]:.2f}x "
               f"on {machine_line(mach)}")  # fmt: skip
