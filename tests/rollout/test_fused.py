@@ -18,11 +18,11 @@ TOL = 1e-4  # fp32: fused projections and oneDNN's packed kernels only reorder t
 
 def llama(**extra):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    shape = dict(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True, **extra,
+        num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True,
     )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**(shape | extra))).eval()
 
 
 def mistral():

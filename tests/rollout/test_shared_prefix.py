@@ -5,9 +5,9 @@ completions unchanged by it; and the rule that decides when it is used."""
 from __future__ import annotations
 
 import pytest
+import test_fused
 import torch
 from test_fused import padded_batch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.rollout import hf_engine
 from posttrain.rollout.fused import FusedLM
@@ -20,12 +20,7 @@ TOL = 1e-5  # fp32: the two layouts only reorder sums
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return test_fused.llama(hidden_size=96, num_attention_heads=6)  # 3 query heads per key/value head
 
 
 def decode_both(model, lengths, expand, steps, drops, unshare_at=None):
