@@ -215,9 +215,9 @@ class FusedLM:
         self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None, cache: Any
     ) -> torch.Tensor:
         """Run ``ids`` (R, S) at ``positions`` (R, S) after what ``cache`` holds (reserved layers
-        or a `posttrain.rollout.shared_prefix.GroupCache`, written in place); ``keys`` (R, >= cached + S): the padding mask over cached and new
-        positions (nonzero = attend), None when no row is padded. Returns the last position's
-        logits (R, V) in fp32."""
+        or a `posttrain.rollout.shared_prefix.GroupCache`, written in place); ``keys`` (R, >=
+        cached + S): the padding mask over cached and new positions (nonzero = attend), None when
+        no row is padded. Returns the last position's logits (R, V) in fp32."""
         rows, width = ids.shape
         start = cache.get_seq_length()
         x = F.embedding(ids, self.embed)

@@ -2,7 +2,8 @@
 
 Why: n samples of one prompt attend to the same prompt keys and values. Expanded n times (what the
 engine's plain cache does after its one prefill), each decode step reads the prompt's keys/values
-n times; on SmolLM2 at 32 rows (4 prompts x 8) those fp32 reads cost about as much as the weights.
+n times: SmolLM2 at 32 rows (4 prompts x 8) with 300-token prompts reads 440 MB of fp32 prompt
+keys/values a step that way, against 270 MB of bf16 weights.
 Here every layer keeps
 
 - the distinct prompts' keys (transposed, (U, KV, D, P)) and values (U, KV, P, D) once;
