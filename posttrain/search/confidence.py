@@ -71,6 +71,7 @@ def policy_step_features(
     from posttrain.data.collate import IGNORE_INDEX, pad_collate
     from posttrain.data.render import Sample, render_prompt_completion
     from posttrain.models.heads import single_token_id
+    from posttrain.train.lm_loss import token_logprobs
 
     sep_id = single_token_id(tokenizer, sep, "step_sep")
     end_id = single_token_id(tokenizer, last_end, "last_step_end") if last_end else None
@@ -85,13 +86,15 @@ def policy_step_features(
         starts = [
             next((i for i, y in enumerate(s.labels) if y != IGNORE_INDEX), len(s.labels)) for s in samples
         ]
-        batch = pad_collate([Sample(s.input_ids, s.input_ids) for s in samples], tokenizer.pad_token_id)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        token = torch.zeros(ids.shape, device=device)
-        token[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        entropy = torch.zeros(ids.shape, device=device)
-        entropy[:, 1:] = -(logp.exp() * logp).sum(-1)[:, :-1]
+        scored = [  # the response's tokens: only they reach the LM head, a chunk at a time
+            Sample(s.input_ids, [IGNORE_INDEX] * start + s.input_ids[start:])
+            for s, start in zip(samples, starts, strict=True)
+        ]
+        batch = {k: v.to(device) for k, v in pad_collate(scored, tokenizer.pad_token_id).items()}
+        logp, ent, _ = token_logprobs(model, batch, with_entropy=True, entropy_grad=False)
+        ids, labelled = batch["input_ids"], batch["labels"][:, 1:] != IGNORE_INDEX
+        token, entropy = torch.zeros(ids.shape, device=device), torch.zeros(ids.shape, device=device)
+        token[:, 1:][labelled], entropy[:, 1:][labelled] = logp.float(), ent.float()
         for row, (s, start) in enumerate(zip(samples, starts, strict=True)):
             stop = len(s.input_ids)  # the template's end-of-turn tokens are not part of the path
             while stop > start and s.input_ids[stop - 1] in closing:

@@ -65,6 +65,23 @@ def test_features_do_not_depend_on_batching(tiny_model_dir):
     for a, b in zip(one, four, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
     assert all(bool((x[:, 1] <= x[:, 0] + 1e-6).all()) for x in one)  # min log-prob <= mean
+    # against the whole (T, V) log-softmax of one full forward (what the chunked head replaces)
+    from posttrain.data.render import render_prompt_completion
+
+    for text, got in zip(texts, one, strict=True):
+        sample = render_prompt_completion(tok, q, text)
+        ids = torch.tensor([sample.input_ids])
+        start = next(i for i, y in enumerate(sample.labels) if y != -100)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        token = torch.cat([torch.zeros(1), logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]])
+        entropy = torch.cat([torch.zeros(1), -(logp.exp() * logp).sum(-1)[:-1]])
+        sep, end = tok.convert_tokens_to_ids("<step>"), tok.convert_tokens_to_ids("</think>")
+        stop = ids.shape[1]
+        while stop > start and int(ids[0, stop - 1]) in set(tok.all_special_ids) - {sep, end}:
+            stop -= 1  # the template's end-of-turn tokens are not part of the path
+        want = step_features(token, entropy, step_ends(ids[0], start, stop, sep, end), start)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.fixture
