@@ -77,6 +77,19 @@ def on_main(write: Callable[[], Any]) -> Any:
     return out
 
 
+def main_first(work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0 first, then on the other ranks: rank 0 computes and writes a cache,
+    the others read it. Rank 0 releases them even when it fails, so they find no cache and say so
+    instead of waiting for ever. Every rank returns its own result."""
+    if not is_main():
+        barrier()
+        return work()
+    try:
+        return work()
+    finally:
+        barrier()
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum `values` over the ranks (float64, so token counts stay exact)."""
     if world() == 1:

@@ -43,7 +43,7 @@ from posttrain.data.quality.perplexity import perplexity_keep  # one threshold r
 from posttrain.data.quality.section import CleanSection, clean_data
 from posttrain.distributed.config import DistributedConfig
 from posttrain.distributed.launch import refuse_fsdp_eval_recipe
-from posttrain.distributed.parallel import all_reduce_sum, barrier, call, grad_sync, is_main, rank, world
+from posttrain.distributed.parallel import all_reduce_sum, call, grad_sync, is_main, main_first, rank, world
 from posttrain.distributed.trainer import export_final
 from posttrain.errors import ConfigError
 from posttrain.eval.hook import EvalHookConfig, with_recipe_eval
@@ -495,12 +495,7 @@ def reference_scores(run: Run, cfg: PreferenceRecipe, name: str, examples: list,
             return score_examples(run.model, plan, cfg.train.chunk_size)
 
     path = run.dir / "reference" / f"{name}.pt"
-    if not is_main():  # several processes: rank 0 scores and writes the cache, the others read it
-        barrier()
-    scores = cached_scores(path, examples, compute)
-    if is_main():
-        barrier()
-    return plan, scores
+    return plan, main_first(lambda: cached_scores(path, examples, compute))  # rank 0 writes the cache
 
 
 def run_preference(cfg: PreferenceRecipe) -> Path:

@@ -161,3 +161,45 @@ def test_an_eval_recipe_under_fsdp_is_refused_naming_the_key():
     refuse_fsdp_eval_recipe(DistributedConfig(nproc=2, strategy="ddp"), "recipes/eval_tiny.yaml")
     refuse_fsdp_eval_recipe(DistributedConfig(nproc=2, strategy="fsdp"), None)
     refuse_fsdp_eval_recipe(DistributedConfig(nproc=1, strategy="fsdp"), "recipes/eval_tiny.yaml")
+
+
+def _main_first_worker(rank: int, port: int, folder: str, fail: bool) -> None:
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from posttrain.distributed.parallel import main_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cache = Path(folder) / "cache.txt"
+
+    def work():
+        if rank == 0:
+            time.sleep(0.5)  # rank 1 must wait for this, not read too early
+            if fail:
+                raise RuntimeError("rank 0 failed")
+            cache.write_text("written by rank 0")
+            return "computed"
+        return cache.read_text() if cache.exists() else None
+
+    try:
+        got = main_first(work)
+    except RuntimeError:
+        got = "raised"
+    (Path(folder) / f"rank{rank}.txt").write_text(str(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_main_first_runs_rank_0_first_and_releases_the_others_when_it_fails(tmp_path, fail):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_main_first_worker, args=(port, str(tmp_path), fail), nprocs=2, join=True)
+    got = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert got == (["raised", "None"] if fail else ["computed", "written by rank 0"])

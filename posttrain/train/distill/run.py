@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.distributed.parallel import barrier, is_main
+from posttrain.distributed.parallel import is_main, main_first
 from posttrain.distributed.trainer import export_final
 from posttrain.errors import PosttrainError
 from posttrain.monitor.logger import console
@@ -47,19 +47,19 @@ def cached_topk(cfg: DistillRecipe, run: Run, teacher_path: str, samples: list) 
     teacher is loaded, run once, and freed) and written to the cache."""
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run.dir / "teacher_topk"
     meta = cache_meta(teacher_path, cfg.teacher_topk, samples)
-    if not is_main():  # several processes: rank 0 computes and writes the cache, the others read it
-        barrier()
-        found = load_topk(folder, meta)
-        if found is None:
-            raise PosttrainError(
-                f"rank 0 left no matching teacher top-k cache in {folder}",
-                fix="read rank 0's error above (the teacher's pass failed there)",
-            )
-        return found
-    try:
-        return _main_topk(cfg, run, teacher_path, samples, folder, meta)
-    finally:
-        barrier()
+    found = main_first(  # several processes: rank 0 computes and writes the cache, the others read it
+        lambda: (
+            _main_topk(cfg, run, teacher_path, samples, folder, meta)
+            if is_main()
+            else load_topk(folder, meta)
+        )
+    )
+    if found is None:
+        raise PosttrainError(
+            f"rank 0 left no matching teacher top-k cache in {folder}",
+            fix="read rank 0's error above (the teacher's pass failed there)",
+        )
+    return found
 
 
 def _main_topk(cfg: DistillRecipe, run: Run, teacher_path: str, samples: list, folder: Path, meta) -> TopK:
