@@ -87,6 +87,19 @@ def machine_line(m: dict) -> str:
             f"precision auto = {m['auto']})")  # fmt: skip
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB: VmHWM of /proc/self/status. Not ``ru_maxrss``: across exec it
+    keeps the high-water mark of the forked parent's image (a worker started by a 1 GiB parent
+    reported 1 GiB before doing anything)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kB on most systems
+
+
 def busy_cpu_s() -> tuple[float, float]:
     """(CPU seconds busy on the whole machine, CPU seconds used by our finished children) so far."""
     jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]

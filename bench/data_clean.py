@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mb
 
 from posttrain.config import from_dict
 from posttrain.data.quality.clean import CleanRecipe, run_clean
@@ -208,7 +209,7 @@ def main() -> None:
         out = run_clean(recipe)
         elapsed = time.perf_counter() - start
         report = json.loads((out / "report.json").read_text())
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        rss = peak_rss_mb() * 2**20 / 1e9
         print(f"run_clean: {elapsed:.1f} s, peak RSS {rss:.2f} GB, removed {report['removed']}")
         if not args.no_peer:
             rate, dups = peer(texts)

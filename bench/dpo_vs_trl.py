@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -45,7 +44,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import THREADS, busy_cpu_s, machine, machine_line, model_path, run_worker, step_clock, worker_env
+from common import (
+    THREADS,
+    busy_cpu_s,
+    machine,
+    machine_line,
+    model_path,
+    peak_rss_mb,
+    run_worker,
+    step_clock,
+    worker_env,
+)
 
 BATCH, MAX_LEN = 8, 128
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
@@ -161,7 +170,7 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
     else:
         mode, _, attention = system.removeprefix("trl-").partition("-")
         res = run_trl(path, data, out, n_steps, mode=mode, attention=attention or "sdpa")
-    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_mb"] = peak_rss_mb()
     (out / "result.json").write_text(json.dumps(res))
 
 

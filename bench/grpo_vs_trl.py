@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -39,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import THREADS, machine, machine_line, model_path, run_worker, step_clock, worker_env
+from common import THREADS, machine, machine_line, model_path, peak_rss_mb, run_worker, step_clock, worker_env
 
 N, MAX_NEW, LR = 8, 64, 1e-6
 DEFAULTS = {"tiny": (8, 5, 1), "smollm2": (4, 3, 1)}  # (prompts per step, measured steps, warm-up)
@@ -151,7 +150,7 @@ def worker(a: argparse.Namespace) -> None:
     else:
         mode, _, attention = a.worker.removeprefix("trl-").partition("-")
         res = run_trl(*args, bf16=mode == "bf16", attention=attention or "sdpa")
-    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_mb"] = peak_rss_mb()
     (Path(a.out) / "result.json").write_text(json.dumps(res))
 
 

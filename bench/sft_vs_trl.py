@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import THREADS, machine, machine_line, model_path, run_worker, step_clock, worker_env
+from common import THREADS, machine, machine_line, model_path, peak_rss_mb, run_worker, step_clock, worker_env
 
 BATCH, SEQ = 8, 256
 DEFAULT_STEPS = {"tiny": (20, 2), "smollm2": (4, 1)}  # (measured, warm-up)
@@ -169,7 +168,7 @@ def worker(system: str, path: str, data: str, out: Path, n_steps: int) -> None:
         res = run_posttrain(path, data, out, n_steps, "fp32" if system.endswith("fp32") else "auto")
     else:
         res = run_bare(path, data, out, n_steps)
-    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_mb"] = peak_rss_mb()
     (out / "result.json").write_text(json.dumps(res))
 
 

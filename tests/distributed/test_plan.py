@@ -127,17 +127,17 @@ def _sft_recipe(model: Path, out: Path, **train):
 
 MEASURE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from posttrain.config import load_recipe
     from posttrain.train.sft import SFTRecipe, run_sft
     import posttrain.models.load, posttrain.data.sft_data, transformers, peft  # noqa
-    def rss():
+    def status(key):  # VmHWM, not ru_maxrss: that one keeps the forking parent's RSS across exec
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    base = rss()
+    base = status("VmRSS")
     run_sft(load_recipe(SFTRecipe, "recipes/sft_tiny.yaml", sys.argv[1:]))
-    print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"base": base, "peak": status("VmHWM")}))
     """
 )
 
