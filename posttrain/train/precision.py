@@ -201,3 +201,19 @@ def autocast(precision: str, device: torch.device | str):
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def precast_linears(model: torch.nn.Module, precision: str) -> None:
+    """Store a frozen model's ``nn.Linear`` weights and biases in the dtype autocast gives them at
+    every forward under ``precision`` (bf16 / fp16; fp32: nothing to do). Under that autocast the
+    numbers are the same, without the casts: autocast caches its copies only of tensors that
+    require grad, so a frozen model's fp32 weights were cast again in every pass. A weight tied to
+    the input embeddings gets its own copy (the embedding table stays fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            for name in ("weight", "bias"):
+                if (p := getattr(module, name)) is not None:
+                    setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))

@@ -75,7 +75,7 @@ from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from posttrain.train.faults import RunInterrupted, StopRequest, maybe_kill
 from posttrain.train.loop import ModelConfig, Run, prepare_run
 from posttrain.train.optim import OptimConfig, build_optimizer, build_scheduler
-from posttrain.train.precision import Precision, autocast
+from posttrain.train.precision import Precision, autocast, precast_linears
 from posttrain.train.rl_data import (
     PromptSampler,
     RewardSet,
@@ -227,8 +227,10 @@ class Reference:
         return reference_context(self.model) if self.adapter else None
 
 
-def build_reference(cfg: RLRecipe, model: torch.nn.Module) -> Reference | None:
-    """None when the KL coefficient is 0 and fixed (no copy, no forward); see the module docstring."""
+def build_reference(cfg: RLRecipe, model: torch.nn.Module, precision: str = "fp32") -> Reference | None:
+    """None when the KL coefficient is 0 and fixed (no copy, no forward); see the module docstring.
+    A frozen copy keeps its linear weights in the autocast dtype of ``precision`` (`precast_linears`:
+    the same log-probs, no per-pass weight casts, half their memory)."""
     kl = cfg.algorithm.kl
     if kl.coef == 0 and kl.target is None:
         return None
@@ -236,6 +238,7 @@ def build_reference(cfg: RLRecipe, model: torch.nn.Module) -> Reference | None:
         return Reference(model, adapter=True)
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
+    precast_linears(frozen, precision)
     return Reference(frozen, adapter=False)
 
 
@@ -292,7 +295,7 @@ def setup(cfg: RLRecipe, model=None, tokenizer=None) -> Session:
     records = load_prompts(clean_data(cfg.clean, cfg.data, "prompts", cfg.output_dir))
     if cfg.data.multi_turn is None:
         check_scorers(records, cfg.rewards)
-    reference = build_reference(cfg, model)  # before resuming: pi_ref is the starting policy
+    reference = build_reference(cfg, model, run.precision)  # before resuming: pi_ref is the starting policy
     value_head = None
     module = model
     if cfg.algorithm.advantage == "gae":

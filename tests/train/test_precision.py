@@ -129,3 +129,33 @@ def test_a_native_cpu_with_a_slow_cached_reading_is_measured_again(tmp_path, mon
     choice = P.resolve("auto", "cpu")
     assert choice.precision == "bf16" and "4.00x" in choice.reason and len(calls) == 4
     assert P.probe_cpu().bf16_gflops == 800.0  # the new reading replaced the cached one
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_precast_linears_give_the_same_log_probs_under_autocast(tied):
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.train.lm_loss import token_logprobs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=tied)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    frozen = copy.deepcopy(model)
+    P.precast_linears(frozen, "bf16")
+    assert frozen.lm_head.weight.dtype == frozen.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    assert frozen.model.embed_tokens.weight.dtype == torch.float32  # a tied head got its own copy
+    assert model.lm_head.weight.dtype == torch.float32  # the source is untouched
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = (token_logprobs(m, batch)[0] for m in (model, frozen))
+    assert torch.equal(got, want)  # autocast casts the fp32 weights to exactly these bf16 values
+    with torch.no_grad():
+        fp32 = token_logprobs(model, batch)[0]
+    assert (want - fp32).abs().max() > 1e-4  # autocast did change the numbers: the check above is not vacuous
+    untouched = copy.deepcopy(model)
+    P.precast_linears(untouched, "fp32")
+    assert untouched.lm_head.weight.dtype == torch.float32

@@ -67,7 +67,9 @@ def metrics(out) -> list[dict]:
     "peft,temperature", [("full", 1.0), ("lora", 0.7)], ids=["full-copy-ref", "lora-adapter-ref-T0.7"]
 )
 def test_first_minibatch_kl_zero_ratio_one_and_rollout_logprobs(tmp_path, tiny_model_dir, peft, temperature):
-    extra = [f"peft.method={peft}", f"rollout.temperature={temperature}", "algorithm.kl.coef=0.1"]
+    # fp32, outside autocast (the trainer's bf16 path: the next test)
+    extra = [f"peft.method={peft}", f"rollout.temperature={temperature}", "algorithm.kl.coef=0.1",
+             "train.precision=fp32"]  # fmt: skip
     s = setup(recipe(tiny_model_dir, tmp_path / "r", *extra, "algorithm.mini_batches=2"))
     assert s.reference is not None and s.reference.adapter == (peft == "lora")
     if peft == "full":  # a frozen copy, not the policy
@@ -90,6 +92,23 @@ def test_first_minibatch_kl_zero_ratio_one_and_rollout_logprobs(tmp_path, tiny_m
     assert torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.model.parameters())
+    s.run.logger.close()
+
+
+def test_bf16_reference_copy_stores_bf16_linears_and_keeps_the_first_kl_zero(tmp_path, tiny_model_dir):
+    """Under bf16 the frozen reference keeps its linear weights in bf16 (`precast_linears`), what
+    autocast casts the policy's to: the first mini-batch's KL is still exactly 0."""
+    from posttrain.train.precision import autocast
+
+    s = setup(recipe(tiny_model_dir, tmp_path / "r", "algorithm.kl.coef=0.1", "train.precision=bf16"))
+    ref = s.reference.model
+    assert ref.lm_head.weight.dtype == torch.bfloat16 and ref.model.embed_tokens.weight.dtype == torch.float32
+    kept, _, _ = collect(s, 1)
+    with autocast(s.run.precision, s.run.device):
+        data, _ = prepare_batch(s, kept)
+        _, m = minibatch_loss(s.model, None, select_rows(data, torch.arange(8)), s.cfg.algorithm, 0.1,
+                              temperature=1.0, norm=10.0, chunk_size=64)  # fmt: skip
+    assert float(m["kl/token_mean"]) == 0.0 and float(m["kl/seq_sum"]) == 0.0
     s.run.logger.close()
 
 
