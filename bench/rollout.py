@@ -19,6 +19,8 @@ streams), so tokens/s, not wall time, is compared. Each system runs once to warm
 posttrain's engine runs ``precision="auto"`` (bf16 autocast where the CPU has native bf16);
 ``generate`` runs in fp32 and under bf16 autocast, and the faster of the two is the peer. The
 bandwidth limit printed is rows x memory bandwidth / weight bytes (every weight read once a step).
+The engine rows also print milliseconds per decode step and rows per step (`HFEngine.stats`),
+which compare the two engine rows even when their samples, and so their lengths, differ.
 The last line is ``ratio posttrain(auto=P)/generate_<fp32|bf16> tokens/s: X.XXx on MACHINE``.
 """
 
@@ -79,13 +81,16 @@ def run_generate(
     return count_generated(out[:, width:], stop_ids), elapsed
 
 
-def run_engine(engine, prompts, n: int, max_new: int) -> tuple[int, float]:
+def run_engine(engine, prompts, n: int, max_new: int, stats: dict[str, float]) -> tuple[int, float]:
+    """Tokens and seconds of one `generate`; adds the engine's `HFEngine.stats` into ``stats``."""
     from posttrain.rollout.sampling import rollout_defaults
 
     params = rollout_defaults(n=n, max_new_tokens=max_new)
     start = time.perf_counter()
     out = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    for key, value in engine.stats.items():
+        stats[key] = stats.get(key, 0) + value
     return sum(len(c.token_ids) for c in out), elapsed
 
 
@@ -116,6 +121,7 @@ def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float,
         "posttrain": [0, 0.0],
         "pt-expanded": [0, 0.0],
     }
+    engine_stats: dict[str, dict[str, float]] = {"posttrain": {}, "pt-expanded": {}}  # measured runs
     for rep in range(args.repeats + 1):
         for system in totals:
             torch.manual_seed(rep)
@@ -124,8 +130,9 @@ def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float,
                     toks, secs = run_generate(model, tok, encoded, args.n, args.max_new_tokens, stop_ids)
             else:
                 toks, secs = run_engine(
-                    engine if system == "posttrain" else expanded, prompts, args.n, args.max_new_tokens
-                )
+                    engine if system == "posttrain" else expanded, prompts, args.n, args.max_new_tokens,
+                    engine_stats[system] if rep > 0 else {},
+                )  # fmt: skip
             label = "warm-up" if rep == 0 else f"run {rep}"
             print(f"  {system:10s} {label:8s} {toks:6d} tokens {secs:7.2f} s {toks / secs:8.1f} tok/s")
             if rep > 0:
@@ -136,7 +143,9 @@ def bench_model(name: str, args: argparse.Namespace, mach: dict) -> tuple[float,
     weight_bytes = params * (2 if engine.precision == "bf16" else 4)
     limit = len(prompts) * args.n * mach["bandwidth_gbs"] * 1e9 / weight_bytes
     for system, rate in rates.items():
-        print(f"  {system:13s} {rate:8.1f} tok/s over {args.repeats} runs")
+        st = engine_stats.get(system)
+        steps = f"; decode {1e3 * st['decode_s'] / st['steps']:.1f} ms/step at {st['row_steps'] / st['steps']:.1f} rows, prefill {st['prefill_s'] / args.repeats:.2f} s/run" if st else ""  # fmt: skip
+        print(f"  {system:13s} {rate:8.1f} tok/s over {args.repeats} runs{steps}")
     print(f"  bandwidth limit at {len(prompts) * args.n} rows, {engine.precision} weights read: {limit:.0f} tok/s; "
           f"posttrain at {100 * rates['posttrain'] / limit:.1f}% of it")  # fmt: skip
     peer = max(("generate-fp32", "generate-bf16"), key=rates.get)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -268,6 +269,10 @@ class HFEngine:
         self._fused: FusedLM | None = None
         self.fused_reason: str | None = None if fused else "fused=False"
         self._stop_rows: dict[tuple[tuple[str, ...], int], torch.Tensor | None] = {}  # `stop_candidates`
+        self.stats: dict[str, float] = {}
+        """Of the last `generate`: prefill_s, decode_s (wall seconds), steps (decode forwards) and
+        row_steps (rows decoded, summed over the steps): time per step and rows per step, which
+        compare engines even when their samples (and so their lengths) differ."""
 
     @property
     def device(self) -> torch.device:
@@ -304,6 +309,7 @@ class HFEngine:
         if self.threads and self.device.type == "cpu":
             torch.set_num_threads(min(self.threads, threads))
         out: list[Completion] = []
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "row_steps": 0}
         net = self._decoder()  # a bf16 weight copy needs no autocast; the model itself may
         try:
             with autocast(self.precision if net is self.model else "fp32", self.device):
@@ -438,7 +444,10 @@ class HFEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
         """Decode rows = distinct prompts[expand]; returns (tokens (R, L), log-probs (R, L), lengths, stopped)."""
         rows, steps, dev = expand.numel(), params.max_new_tokens, self.device
+        start = time.perf_counter()
         logits, cache, attn = self._prefill(net, prompts, steps)
+        prefilled = time.perf_counter()
+        self.stats["prefill_s"] += prefilled - start
         fused = isinstance(net, FusedLM)
         width = attn.shape[1] - steps
         share = self.share_prompts
@@ -474,6 +483,8 @@ class HFEngine:
                 if isinstance(cache, GroupCache) and self.share_prompts is None and not cache.pays():
                     cache = unshare(self.model, cache, width + steps)  # too few rows a prompt left
                     mask = decode_mask(net, cache, attn[active])
+            self.stats["steps"] += 1
+            self.stats["row_steps"] += tok.numel()
             if fused:
                 logits = net.forward(tok[:, None], pos[:, None], mask, cache)
             else:
@@ -486,6 +497,7 @@ class HFEngine:
                 )
                 logits = out.logits[:, -1].float()
             pos = pos + 1
+        self.stats["decode_s"] += time.perf_counter() - prefilled
         return tokens, logps, lengths, stopped
 
     def _stop_strings(

@@ -219,6 +219,10 @@ def test_finished_rows_stop_costing_compute(engine):
     assert decode == sorted(decode, reverse=True) and decode[-1] < decode[0]
     # a row of L tokens is in L - 1 decode forwards (its first token comes from the prefill)
     assert sum(decode) == sum(n - 1 for n in lengths)
+    # the engine's own counts say the same (what bench/rollout.py divides its decode time by)
+    assert engine.stats["steps"] == len(decode) == max(lengths) - 1
+    assert engine.stats["row_steps"] == sum(decode)
+    assert engine.stats["decode_s"] > 0 and engine.stats["prefill_s"] > 0
     stops = set(params.stop_token_ids) | set(engine.eos_ids)
     for c in out:
         assert c.finish_reason == ("stop" if c.token_ids[-1] in stops else "length")
