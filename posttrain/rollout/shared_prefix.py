@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.models.attention import additive
+
 MIN_SAVED_BYTES = 3 << 20
 """Share when the expanded copies would read at least this much more per layer and step. The
 extra index and copy ops of a shared step cost about what 2.4 MB of reads do: on SmolLM2 at 32
@@ -63,7 +65,7 @@ class GroupLayer:
         """``keys``, ``values``: (U, KV, P, D) of the distinct prompts (padded columns included)."""
         self.prompt_kt = keys.transpose(-1, -2).contiguous()
         self.prompt_v = values.contiguous()
-        u, heads, _, d = keys.shape
+        _, heads, _, d = keys.shape
         self.k = keys.new_empty((rows, heads, capacity, d))
         self.v = values.new_empty((rows, heads, capacity, values.shape[-1]))
         self.length = 0
@@ -106,10 +108,8 @@ class GroupCache:
         rank = torch.empty_like(prompt_of)
         rank[order] = torch.arange(rows, device=prompt_of.device) - first[prompt_of[order]]
         self.slot = prompt_of * self.width + rank
-        self.bias = None
-        if padding is not None:
-            bias = torch.zeros(padding.shape, dtype=layers[0][0].dtype, device=padding.device)
-            self.bias = bias.masked_fill_(~padding, float("-inf"))[:, None, None]  # (U, 1, 1, P)
+        dtype = layers[0][0].dtype
+        self.bias = None if padding is None else additive(padding, dtype)[:, None, None]  # (U, 1, 1, P)
         self._index()
 
     def _index(self) -> None:
