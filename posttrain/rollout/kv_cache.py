@@ -36,6 +36,16 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
         return self.keys, self.values
 
+    def next_column(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Claim the next column for a decode step that writes its keys/values into the buffers
+        itself (`posttrain.rollout.cpu_kernels`): (column, key buffer, value buffer), each buffer
+        (R, KV, capacity, D); ``keys``/``values`` then cover the column."""
+        if self.length >= self.capacity:
+            raise RuntimeError(f"KV cache full: {self.capacity} positions reserved")
+        self.length += 1
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.length - 1, self._k, self._v
+
     def _gather(self, buf: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         new = buf.new_empty((indices.numel(), *buf.shape[1:]))
         torch.index_select(buf[:, :, : self.length], 0, indices, out=new[:, :, : self.length])

@@ -4,11 +4,14 @@ the two-level inverse-CDF draw."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from posttrain.models.load import load_model, load_tokenizer
+from posttrain.rollout import fused as fused_module
 from posttrain.rollout.fused import FusedLM, Linear, Unsupported, can_pack, unsupported
 from posttrain.rollout.hf_engine import HFEngine, draw, new_cache
 from posttrain.rollout.sampling import SamplingParams
@@ -52,10 +55,13 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0):
     return ids, mask, pos
 
 
-def fused_logits(model, ids, mask, pos, new: torch.Tensor, dtype=torch.float32):
+def fused_logits(model, ids, mask, pos, new: torch.Tensor, dtype=torch.float32, kernels=None, wrap=None):
     """Prefill ``ids`` then decode ``new`` (R, T) one column at a time through FusedLM: the logits
-    after the prefill and after each decoded token, (T + 1, R, V)."""
-    fused = FusedLM(model, dtype)
+    after the prefill and after each decoded token, (T + 1, R, V). ``wrap``: replaces the
+    snapshot's kernels module with ``wrap(module)``."""
+    fused = FusedLM(model, dtype, kernels=kernels)
+    if wrap is not None:
+        fused.kernels = wrap(fused.kernels)
     cache = new_cache(model, ids.shape[1] + new.shape[1])
     keys = torch.cat([mask, mask.new_ones(new.shape)], dim=1).bool()
     out = [fused.forward(ids, pos, keys, cache)]
@@ -86,6 +92,45 @@ def test_fused_forward_equals_hf_with_left_padding(which, qwen2):
     ref = hf_logits(model, ids, mask, pos, new)
     assert got.shape == ref.shape
     assert (got - ref).abs().max() < TOL
+
+
+class Counting:
+    """A kernels module whose calls are counted by name."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls[name] += 1
+            return fn(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize("attend_max", [0, 1 << 30], ids=["pytorch-attention", "kernel-attention"])
+def test_cpu_kernels_give_the_pytorch_ops_logits(qwen2, monkeypatch, attend_max):
+    monkeypatch.setattr(fused_module, "ATTEND_KERNEL_MAX", attend_max)
+    ids, mask, pos = padded_batch(qwen2.config.vocab_size, [7, 3, 5])
+    new = torch.randint(3, qwen2.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(5))
+    counting: list[Counting] = []
+
+    def wrap(module):
+        counting.append(Counting(module))
+        return counting[-1]
+
+    got = fused_logits(qwen2, ids, mask, pos, new, kernels=True, wrap=wrap)
+    plain = fused_logits(qwen2, ids, mask, pos, new, kernels=False)
+    assert (got - plain).abs().max() < 1e-5
+    layers, calls = qwen2.config.num_hidden_layers, counting[0].calls
+    assert calls["rope_kv_"] == 4 * layers  # every decode step, none in the prefill
+    assert calls["decode_attention"] == (4 * layers if attend_max else 0)
+    assert calls["add_rms_norm_"] == 5 * (2 * layers + 1) and calls["silu_mul"] == 5 * layers
+    ref = hf_logits(qwen2, ids, mask, pos, new)
+    half = fused_logits(qwen2, ids, mask, pos, new, dtype=torch.bfloat16, kernels=True)
+    assert 1e-3 < (half - ref).abs().max() < 0.3  # bf16 storage, fp32 arithmetic
 
 
 def test_fused_forward_merges_lora():

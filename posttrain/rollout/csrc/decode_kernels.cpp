@@ -1,0 +1,349 @@
+// Fused CPU kernels for the rollout engine's decode step (posttrain/rollout/cpu_kernels.py says why
+// and how they are built). Each kernel does in one pass what the PyTorch path does in several ops:
+//
+//   add_rms_norm_   x += delta (rounded to x's dtype), then RMSNorm(x) * weight
+//   silu_mul        silu(gate) * up from the fused gate/up projection
+//   rope_kv_        RoPE of q and k (fp32), k and v written into the reserved cache's column,
+//                   q scaled and returned in fp32
+//   decode_attention  one query token per row over the row's cached keys / values: each key and
+//                   value row is read once for all query heads of its key/value head
+//
+// Arithmetic is fp32 whatever the storage dtype (fp32 or bf16), as in the PyTorch path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;  // below this much work a kernel stays on one thread
+
+// Storage types: float, or bf16 as its raw 16 bits (uint16_t). Plain bit operations, so that the
+// loops over them vectorize (uint16_t's conversions did not).
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(p[i]) << 16);
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as Tensor.to does
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  p[i] = v != v ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename T>
+constexpr bool is_bf16() {
+  return std::is_same_v<T, uint16_t>;
+}
+
+// exp(x) for x <= 88, 2^n * P(r) with n = round(x / ln 2), |r| <= ln 2 / 2 (Cephes' expf
+// polynomial, ~1 ulp): branch-free, so the loops that call it vectorize (std::exp does not, and was
+// most of attention's and SiLU's time). Below -87.3 it returns ~2^-126 * P, which the callers treat
+// as 0 next to their other terms (softmax: the max term is 1).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float shifted = x * 1.44269504088896341f + 12582912.f;  // 1.5 * 2^23: rounds to an integer
+  const float n = shifted - 12582912.f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t k = __builtin_bit_cast(int32_t, shifted) - 0x4B400000;  // n as an integer
+  return p * __builtin_bit_cast(float, (k + 127) << 23);
+}
+
+int64_t grain(int64_t items, int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item));
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+template <typename T>
+void add_rms_norm_impl(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& w,
+                       torch::Tensor& out, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  T* xp = ptr<T>(x);
+  const T* dp = delta.has_value() ? ptr<T>(*delta) : nullptr;
+  const T* wp = ptr<T>(w);
+  T* op = ptr<T>(out);
+  at::parallel_for(0, rows, grain(rows, n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = xp + r * n;
+      T* orow = op + r * n;
+      float ss = 0.f;
+      if (dp != nullptr) {
+        const T* dr = dp + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          store(xr, i, load(xr, i) + load(dr, i));  // the residual stream keeps x's dtype
+        }
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = load(xr, i);
+        ss += v * v;
+      }
+      const float rstd = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      for (int64_t i = 0; i < n; ++i) {
+        store(orow, i, load(xr, i) * rstd * load(wp, i));
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_impl(const torch::Tensor& gu, torch::Tensor& out) {
+  const int64_t inner = out.size(-1), rows = out.numel() / inner;
+  const T* gp = ptr<T>(gu);
+  T* op = ptr<T>(out);
+  at::parallel_for(0, rows, grain(rows, inner), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * 2 * inner;
+      const T* u = g + inner;
+      T* o = op + r * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float a = load(g, i);
+        store(o, i, a / (1.f + fast_exp(-a)) * load(u, i));
+      }
+    }
+  });
+}
+
+template <typename T, typename C>
+void rope_kv_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                  torch::Tensor& kbuf, torch::Tensor& vbuf, int64_t column, int64_t nq, int64_t nkv,
+                  double scale, torch::Tensor& q) {
+  const int64_t rows = qkv.size(0), d = kbuf.size(-1), half = d / 2;
+  const int64_t row_stride = qkv.stride(0);
+  const T* src = ptr<T>(qkv);
+  const float* cp = ptr<float>(cos);
+  const float* sp = ptr<float>(sin);
+  C* kp = ptr<C>(kbuf);
+  C* vp = ptr<C>(vbuf);
+  float* qp = ptr<float>(q);
+  const int64_t ks0 = kbuf.stride(0), ks1 = kbuf.stride(1), ks2 = kbuf.stride(2);
+  const int64_t vs0 = vbuf.stride(0), vs1 = vbuf.stride(1), vs2 = vbuf.stride(2);
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, rows, grain(rows, (nq + 2 * nkv) * d), [&](int64_t begin, int64_t end) {
+    std::vector<float> rot(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = src + r * row_stride;
+      const float* c = cp + r * d;
+      const float* sn = sp + r * d;  // signed: [-sin_1, sin_2], so out = x cos + roll(x) sin
+      for (int64_t h = 0; h < nq + nkv; ++h) {
+        const T* xh = x + h * d;
+        for (int64_t i = 0; i < half; ++i) {
+          rot[i] = load(xh, i) * c[i] + load(xh, i + half) * sn[i];
+        }
+        for (int64_t i = half; i < d; ++i) {
+          rot[i] = load(xh, i) * c[i] + load(xh, i - half) * sn[i];
+        }
+        if (h < nq) {
+          float* qo = qp + (r * nq + h) * d;
+          for (int64_t i = 0; i < d; ++i) {
+            qo[i] = rot[i] * s;
+          }
+        } else {
+          C* ko = kp + r * ks0 + (h - nq) * ks1 + column * ks2;
+          for (int64_t i = 0; i < d; ++i) {
+            store(ko, i, rot[i]);
+          }
+        }
+      }
+      for (int64_t h = 0; h < nkv; ++h) {
+        const T* xh = x + (nq + nkv + h) * d;
+        C* vo = vp + r * vs0 + h * vs1 + column * vs2;
+        for (int64_t i = 0; i < d; ++i) {
+          store(vo, i, load(xh, i));
+        }
+      }
+    }
+  });
+}
+
+template <typename C, typename O>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kbuf, const torch::Tensor& vbuf,
+                           int64_t length, const c10::optional<torch::Tensor>& mask, torch::Tensor& out) {
+  const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2), nkv = kbuf.size(1), groups = nq / nkv;
+  const float* qp = ptr<float>(q);
+  const C* kp = ptr<C>(kbuf);
+  const C* vp = ptr<C>(vbuf);
+  O* op = ptr<O>(out);
+  const bool* mp = mask.has_value() ? ptr<bool>(*mask) : nullptr;
+  const int64_t mstride = mask.has_value() ? mask->stride(0) : 0;
+  const int64_t ks0 = kbuf.stride(0), ks1 = kbuf.stride(1), ks2 = kbuf.stride(2);
+  const int64_t vs0 = vbuf.stride(0), vs1 = vbuf.stride(1), vs2 = vbuf.stride(2);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, rows * nkv, grain(rows * nkv, 2 * length * d), [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * length), acc(groups * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / nkv, h = item % nkv;
+      const float* qh = qp + (r * nq + h * groups) * d;  // query heads h*G .. h*G+G-1
+      const C* kh = kp + r * ks0 + h * ks1;
+      const C* vh = vp + r * vs0 + h * vs1;
+      const bool* mrow = mp != nullptr ? mp + r * mstride : nullptr;
+      for (int64_t l = 0; l < length; ++l) {
+        const C* key = kh + l * ks2;
+        const bool keep = mrow == nullptr || mrow[l];
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* qg = qh + g * d;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < d; ++i) {
+            dot += qg[i] * load(key, i);
+          }
+          scores[g * length + l] = keep ? dot : neg_inf;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        float* sg = scores.data() + g * length;
+        const float top = *std::max_element(sg, sg + length);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t l = 0; l < length; ++l) {
+          sg[l] = fast_exp(sg[l] - top);
+          total += sg[l];
+        }
+        const float inv = 1.f / total;
+        for (int64_t l = 0; l < length; ++l) {
+          sg[l] *= inv;
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t l = 0; l < length; ++l) {
+        const C* value = vh + l * vs2;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float p = scores[g * length + l];
+          float* ag = acc.data() + g * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) {
+            ag[i] += p * load(value, i);
+          }
+        }
+      }
+      O* orow = op + (r * nq + h * groups) * d;
+      for (int64_t i = 0; i < groups * d; ++i) {
+        store(orow, i, acc[i]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x (..., n) updated in place to x + delta when delta is given; returns RMSNorm(x) * weight.
+torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "add_rms_norm_: contiguous x and weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "add_rms_norm_: weight dtype must be x's");
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->is_contiguous() && delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
+                "add_rms_norm_: delta must be contiguous, shaped and typed as x");
+  }
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16) {
+    add_rms_norm_impl<uint16_t>(x, delta, weight, out, eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "add_rms_norm_: float32 or bfloat16");
+    add_rms_norm_impl<float>(x, delta, weight, out, eps);
+  }
+  return out;
+}
+
+// gate_up (..., 2 I) contiguous -> silu(gate) * up (..., I).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "silu_mul: contiguous, even last dim");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() /= 2;
+  auto out = torch::empty(sizes, gate_up.options());
+  if (gate_up.scalar_type() == torch::kBFloat16) {
+    silu_mul_impl<uint16_t>(gate_up, out);
+  } else {
+    TORCH_CHECK(gate_up.scalar_type() == torch::kFloat, "silu_mul: float32 or bfloat16");
+    silu_mul_impl<float>(gate_up, out);
+  }
+  return out;
+}
+
+// qkv (R, (nq + 2 nkv) d) of one new token per row; cos, signed sin (R, d) fp32; k/v buffers
+// (R, nkv, capacity, d) written at ``column``. Returns q * scale (R, nq, d) fp32.
+torch::Tensor rope_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                       torch::Tensor vbuf, int64_t column, int64_t nq, int64_t nkv, double scale) {
+  check_cpu(qkv, "qkv");
+  const int64_t rows = qkv.size(0), d = kbuf.size(-1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (nq + 2 * nkv) * d, "rope_kv_: qkv shape");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
+                  sin.scalar_type() == torch::kFloat && cos.numel() == rows * d && sin.numel() == rows * d,
+              "rope_kv_: cos / sin (R, d) float32");
+  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
+                  kbuf.size(1) == nkv && vbuf.size(1) == nkv && kbuf.stride(3) == 1 && vbuf.stride(3) == 1 &&
+                  vbuf.size(3) == d && d % 2 == 0,
+              "rope_kv_: k / v buffers (>= R, nkv, capacity, d)");
+  TORCH_CHECK(column >= 0 && column < kbuf.size(2) && column < vbuf.size(2), "rope_kv_: column past the capacity");
+  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "rope_kv_: k and v buffers of one dtype");
+  auto q = torch::empty({rows, nq, d}, qkv.options().dtype(torch::kFloat));
+  const bool in_bf16 = qkv.scalar_type() == torch::kBFloat16, kv_bf16 = kbuf.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(in_bf16 || qkv.scalar_type() == torch::kFloat, "rope_kv_: qkv float32 or bfloat16");
+  TORCH_CHECK(kv_bf16 || kbuf.scalar_type() == torch::kFloat, "rope_kv_: buffers float32 or bfloat16");
+  if (in_bf16 && kv_bf16) {
+    rope_kv_impl<uint16_t, uint16_t>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
+  } else if (in_bf16) {
+    rope_kv_impl<uint16_t, float>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
+  } else if (kv_bf16) {
+    rope_kv_impl<float, uint16_t>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
+  } else {
+    rope_kv_impl<float, float>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
+  }
+  return q;
+}
+
+// q (R, nq, d) fp32 (scaled); k / v buffers (>= R, nkv, capacity, d); the first ``length`` columns
+// attended, where ``mask`` (R, >= length) bool allows. Returns (R, nq * d) in ``out_dtype``.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tensor vbuf, int64_t length,
+                               c10::optional<torch::Tensor> mask, torch::ScalarType out_dtype) {
+  check_cpu(q, "q");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat, "decode_attention: q (R, nq, d) f32");
+  const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2);
+  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
+                  kbuf.size(1) == vbuf.size(1) && nq % kbuf.size(1) == 0 && kbuf.size(3) == d &&
+                  vbuf.size(3) == d && kbuf.stride(3) == 1 && vbuf.stride(3) == 1,
+              "decode_attention: k / v buffers (>= R, nkv, capacity, d)");
+  TORCH_CHECK(length >= 1 && length <= kbuf.size(2) && length <= vbuf.size(2), "decode_attention: length");
+  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "decode_attention: k and v buffers of one dtype");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == rows &&
+                    mask->size(1) >= length && mask->stride(1) == 1,
+                "decode_attention: mask (R, >= length) bool");
+  }
+  auto out = torch::empty({rows, nq * d}, q.options().dtype(out_dtype));
+  const bool kv_bf16 = kbuf.scalar_type() == torch::kBFloat16, out_bf16 = out_dtype == torch::kBFloat16;
+  TORCH_CHECK(kv_bf16 || kbuf.scalar_type() == torch::kFloat, "decode_attention: buffers float32 or bfloat16");
+  TORCH_CHECK(out_bf16 || out_dtype == torch::kFloat, "decode_attention: out float32 or bfloat16");
+  if (kv_bf16 && out_bf16) {
+    decode_attention_impl<uint16_t, uint16_t>(q, kbuf, vbuf, length, mask, out);
+  } else if (kv_bf16) {
+    decode_attention_impl<uint16_t, float>(q, kbuf, vbuf, length, mask, out);
+  } else if (out_bf16) {
+    decode_attention_impl<float, uint16_t>(q, kbuf, vbuf, length, mask, out);
+  } else {
+    decode_attention_impl<float, float>(q, kbuf, vbuf, length, mask, out);
+  }
+  return out;
+}

@@ -1,0 +1,144 @@
+"""The fused C++ decode kernels (`posttrain.rollout.cpu_kernels`) against the PyTorch ops they
+replace: RMSNorm with the residual add, SiLU * up, RoPE with the cache write, decode attention
+(GQA, padding mask, fp32 and bf16 storage); their input checks; the switch that turns them off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.rollout import cpu_kernels
+from posttrain.rollout.fused import FusedLM, Unsupported, rotate
+
+
+@pytest.fixture(scope="module")
+def kern():
+    module = cpu_kernels.load()
+    assert module is not None, f"the kernels must build here: {cpu_kernels.reason}"
+    return module
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each of x's magnitudes."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x.float()).exponent - 8)
+
+
+def test_add_rms_norm_adds_in_place_and_normalises(kern):
+    g = torch.Generator().manual_seed(0)
+    x, delta, w = (
+        torch.randn(3, 2, 48, generator=g),
+        torch.randn(3, 2, 48, generator=g),
+        torch.randn(48, generator=g),
+    )
+    ref_x = x + delta
+    ref = ref_x * torch.rsqrt(ref_x.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # by hand
+    got = kern.add_rms_norm_(x, delta, w, 1e-5)
+    assert torch.equal(x, ref_x)  # updated in place
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    alone = kern.add_rms_norm_(x.clone(), None, w, 1e-5)
+    torch.testing.assert_close(alone, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_storage_rounds_once_to_nearest_even(kern):
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(4, 64, generator=g).bfloat16(), torch.randn(4, 64, generator=g).bfloat16()
+    w = torch.randn(64, generator=g).bfloat16()
+    ref_x = x + delta  # PyTorch: fp32 sum, one rounding
+    exact = ref_x.float() * torch.rsqrt(ref_x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+    got = kern.add_rms_norm_(x, delta, w, 1e-6)
+    assert torch.equal(x, ref_x)
+    assert ((got.float() - exact).abs() <= bf16_ulp(exact) / 2 + 1e-6).all()  # one rounding of ~fp32
+    gate_up = torch.randn(4, 2 * 40, generator=g).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    exact = F.silu(gate) * up
+    assert ((kern.silu_mul(gate_up).float() - exact).abs() <= bf16_ulp(exact) / 2 + 1e-6).all()
+
+
+def test_silu_mul_is_accurate_over_the_whole_range(kern):
+    gate = torch.linspace(-120, 120, 4001)
+    up = torch.linspace(-3, 3, 4001)
+    got = kern.silu_mul(torch.cat([gate, up])[None])[0]
+    ref = (F.silu(gate.double()) * up.double()).float()
+    torch.testing.assert_close(got, ref, atol=1e-30, rtol=2e-6)  # the polynomial exp: ~1 ulp
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_writes_one_column_and_returns_scaled_q(kern, kv_dtype):
+    g = torch.Generator().manual_seed(2)
+    rows, nq, nkv, d, cap, column = 3, 6, 2, 16, 9, 5
+    qkv = torch.randn(rows, (nq + 2 * nkv) * d, generator=g)
+    cos, sin = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+    kbuf, vbuf = (
+        torch.randn(rows, nkv, cap, d, generator=g).to(kv_dtype),
+        torch.zeros(rows, nkv, cap, d, dtype=kv_dtype),
+    )
+    before = kbuf.clone()
+    q = kern.rope_kv_(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, 0.25)
+    heads = qkv.view(rows, 1, nq + 2 * nkv, d).transpose(1, 2)
+    rotated = rotate(heads[:, : nq + nkv], cos[:, None, None], sin[:, None, None])[:, :, 0]
+    torch.testing.assert_close(q, rotated[:, :nq] * 0.25, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        kbuf[:, :, column].float(), rotated[:, nq:].to(kv_dtype).float(), atol=1e-6, rtol=0
+    )
+    assert torch.equal(vbuf[:, :, column], heads[:, nq + nkv :, 0].to(kv_dtype))
+    others = [c for c in range(cap) if c != column]
+    assert torch.equal(kbuf[:, :, others], before[:, :, others]) and not vbuf[:, :, others].any()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_softmax(kern, kv_dtype):
+    g = torch.Generator().manual_seed(3)
+    rows, nq, nkv, d, cap, length = 4, 6, 2, 16, 12, 9
+    q = torch.randn(rows, nq, d, generator=g)
+    kbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)  # more rows reserved than used
+    vbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)
+    mask = torch.rand(rows, cap, generator=g) > 0.4
+    mask[:, length - 1] = True  # a query sees itself
+    k, v = kbuf[:rows, :, :length].float(), vbuf[:rows, :, :length].float()
+    scores = q.view(rows, nkv, nq // nkv, d) @ k.transpose(-1, -2)  # query head h reads kv head h // 3
+    scores = scores.masked_fill(~mask[:rows, None, None, :length], float("-inf"))
+    ref = (torch.softmax(scores, -1) @ v).reshape(rows, nq * d)
+    got = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.float32)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    unmasked = (torch.softmax(q.view(rows, nkv, nq // nkv, d) @ k.transpose(-1, -2), -1) @ v).reshape(
+        rows, -1
+    )
+    torch.testing.assert_close(kern.decode_attention(q, kbuf, vbuf, length, None, torch.float32), unmasked,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert not torch.allclose(ref, unmasked, atol=1e-3)  # the mask mattered
+    half = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, got.bfloat16())
+
+
+def test_bad_inputs_raise_with_the_kernel_named(kern):
+    with pytest.raises(RuntimeError, match="add_rms_norm_"):
+        kern.add_rms_norm_(torch.randn(2, 8), None, torch.randn(8).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        kern.silu_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="rope_kv_: column"):
+        kern.rope_kv_(torch.randn(1, 4 * 8), torch.randn(1, 8), torch.randn(1, 8), torch.zeros(1, 1, 3, 8),
+                      torch.zeros(1, 1, 3, 8), 3, 2, 1, 1.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="decode_attention: length"):
+        kern.decode_attention(torch.randn(1, 2, 8), torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), 4, None,
+                              torch.float32)  # fmt: skip
+
+
+def test_switched_off_the_snapshot_uses_pytorch_ops(monkeypatch, tiny_model_dir):
+    from posttrain.models.load import load_model
+
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "reason", None)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert FusedLM(model, torch.float32).kernels is None
+    assert cpu_kernels.reason == f"{cpu_kernels.ENV_SWITCH}=0"
+    with pytest.raises(Unsupported, match="did not build"):
+        FusedLM(model, torch.float32, kernels=True)
+
+
+def test_build_name_follows_source_and_cpu(monkeypatch):
+    first = cpu_kernels.build_name("int x;")
+    assert cpu_kernels.build_name("int x;") == first and cpu_kernels.build_name("int y;") != first
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "sse2")
+    assert cpu_kernels.build_name("int x;") != first
