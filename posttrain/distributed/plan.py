@@ -14,7 +14,9 @@ bf16/fp16 autocast):
   with SDPA): two RMSNorms save 2 x (input h + normalised h) = 4h elements in fp32, the
   attention about 6h + 2k (q, k, v, the rotary-embedding and grouped-query copies, its output
   and the o_proj input), the SwiGLU MLP gate, up, silu(gate) and their product (4m):
-  ``L N ((4h) 4 + (6h + 2k + 4m) a)`` -- within 5% of the bytes autograd saves for the test
+  ``L N ((4h) 4 + (6h + 2k + 4m) a)``; with the fused CPU kernels (`posttrain.models.fused_ops`)
+  each norm saves only its input (2h) and the MLP gate, up and the product (3m):
+  ``L N ((2h) 4 + (6h + 2k + 3m) a)`` -- within 6% of the bytes autograd saves for the test
   models (`tests/distributed/test_plan.py` counts them with saved-tensor hooks); LoRA adds
   one output-sized tensor per adapted linear layer and token: PEFT's ``base(x) + B(A(x)) s``
   allocates output-sized temporaries that autograd does not keep, yet the CPU heap does not give
@@ -102,6 +104,8 @@ class ModelShape:
     """Parameters of the biggest decoder layer (the FSDP all-gather unit)."""
     adapter_out: int = 0
     """Sum of the output widths of every LoRA-adapted linear layer (0 without adapters)."""
+    fusable: bool = False
+    """Llama-family RMSNorms and SiLU MLPs (`posttrain.models.fused_ops` swaps them on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class Workload:
     kv_rows: int = 0
     kv_positions: int = 0
     reference_copy: bool = False
+    fused: bool = False
+    """The fused CPU kernels are in use (`posttrain.models.cpu_kernels` built): a `fusable` model's
+    norms save only their input and its MLP three tensors (module docstring)."""
 
 
 @dataclass
@@ -154,14 +161,18 @@ class MemoryPlan:
         return f"strategy {self.strategy}, world size {self.world_size}\n" + "\n".join(rows)
 
 
-def layer_activation_bytes(hidden: int, kv_dim: int, mlp: int, act_bytes: int) -> int:
+def layer_activation_bytes(hidden: int, kv_dim: int, mlp: int, act_bytes: int, fused: bool = False) -> int:
     """Bytes saved for backward per token by one decoder layer (module docstring)."""
-    return 4 * hidden * 4 + (6 * hidden + 2 * kv_dim + 4 * mlp) * act_bytes
+    norms, mlps = (2, 3) if fused else (4, 4)
+    return norms * hidden * 4 + (6 * hidden + 2 * kv_dim + mlps * mlp) * act_bytes
 
 
 def activation_bytes(shape: ModelShape, work: Workload, checkpointing: bool) -> int:
     """Saved activations of one micro-batch plus the LM head's logits (module docstring)."""
-    per_layer = layer_activation_bytes(shape.hidden, shape.kv_dim, shape.mlp, work.act_bytes) * work.tokens
+    fused = work.fused and shape.fusable
+    per_layer = (
+        layer_activation_bytes(shape.hidden, shape.kv_dim, shape.mlp, work.act_bytes, fused) * work.tokens
+    )
     if checkpointing:
         body = shape.layers * work.tokens * shape.hidden * work.act_bytes + per_layer
     else:
@@ -231,9 +242,14 @@ def model_shape(path: str, peft: Any = None) -> ModelShape:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    from posttrain.models.fused_ops import MLP_CLASSES, NORM_CLASSES
+
+    fusable = type(layers[0].input_layernorm).__name__ in NORM_CLASSES and (
+        type(layers[0].mlp).__name__ in MLP_CLASSES and getattr(cfg, "hidden_act", "") in ("silu", "swish")
+    )
     return ModelShape(
         params, trainable, len(layers), cfg.hidden_size, kv_heads * head_dim,
-        cfg.intermediate_size, cfg.vocab_size, largest, adapter_out,
+        cfg.intermediate_size, cfg.vocab_size, largest, adapter_out, fusable,
     )  # fmt: skip
 
 
@@ -254,9 +270,12 @@ def workload(recipe: Any, command: str, device: str, prompt_tokens: int, world_s
     a = 2 if precision in ("bf16", "fp16") or w == 2 else 4
     autocast = precision in ("bf16", "fp16") and w == 4
     chunk = getattr(train, "chunk_size", 1024)
+    from posttrain.models import cpu_kernels
+
+    fused = device == "cpu" and cpu_kernels.load() is not None
     if command != "rl":
         rows = -(-train.batch_size // world_size)
-        return Workload(rows * train.seq_len, w, a, autocast, chunk)
+        return Workload(rows * train.seq_len, w, a, autocast, chunk, fused=fused)
     ro, algo = recipe.rollout, recipe.algorithm
     rows = ro.prompts_per_step * ro.n
     per_update = -(-rows // algo.mini_batches)
@@ -266,7 +285,7 @@ def workload(recipe: Any, command: str, device: str, prompt_tokens: int, world_s
     return Workload(
         per_update * positions, w, a, autocast, chunk, full_logits=True,
         entropy=getattr(algo, "entropy_coef", 0) > 0 or getattr(algo, "entropy_control", None) is not None,
-        kv_rows=kv_rows, kv_positions=positions, reference_copy=kl and recipe.peft.method == "full",
+        kv_rows=kv_rows, kv_positions=positions, reference_copy=kl and recipe.peft.method == "full", fused=fused,
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import ConfigError, ModelError
+from posttrain.models import fused_ops
 from posttrain.models.gguf_export import GGUF_TYPES, gguf_arch, write_gguf
 from posttrain.models.load import load_model, load_tokenizer, replace_dir, save_hf_folder
 
@@ -203,6 +204,7 @@ def check_gguf(
     reread = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
+    fused_ops.install(reread)  # the same forward as the source's (`load_model` swapped its modules)
     with torch.no_grad():
         batch = torch.tensor([ids])
         want, got = source(batch).logits, reread(batch).logits

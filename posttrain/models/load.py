@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from posttrain.errors import BackendUnavailable, ConfigError, ModelError
+from posttrain.models import fused_ops
 from posttrain.models.attention import ATTENTION
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ def load_model(
 
     dtype `auto` = fp32 on CPU, bf16 on CUDA. The pad token id is synced with `tokenizer`
     (loaded from `path` when not given and the folder has one). On CPU the attention is
-    `posttrain.models.attention` (SDPA, or matmuls where those are faster).
+    `posttrain.models.attention` (SDPA, or matmuls where those are faster), and Llama-family
+    RMSNorms and SiLU MLPs run fused kernels (`posttrain.models.fused_ops`).
     """
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
@@ -174,6 +176,8 @@ def load_model(
         raise ModelError(f"cannot read the weights (*.safetensors): {err}", where=str(path),
                          fix="the file is truncated or corrupt: copy or export the model again") from err  # fmt: skip
     model.to(target)
+    if target.type == "cpu":
+        fused_ops.install(model)  # fused RMSNorm and SiLU * up (C++ kernels), where they built
     if tokenizer is None:
         try:
             tokenizer = load_tokenizer(path, gguf_file=gguf_file)

@@ -16,7 +16,7 @@ at 6-10 GB/s, far under the memory bandwidth, and a fifth more in HF's per-modul
   query was 7x slower than these matmuls in fp32;
 - keys and values written into the engine's reserved cache (`kv_cache.ReservedLayer`), so
   prefix reuse and row dropping work on the same buffers;
-- where the C++ kernels of `posttrain.rollout.cpu_kernels` built: the residual add with the next
+- where the C++ kernels of `posttrain.models.cpu_kernels` built: the residual add with the next
   RMSNorm, SiLU * up, and for each decoded token RoPE with the cache write and (small caches,
   `ATTEND_KERNEL_MAX`) the attention, each one pass instead of several ops (SmolLM2, 32 rows, a
   60-token context: 31 -> 25 ms a step; tiny default, 8 rows: 0.81 -> 0.51 ms).
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain.rollout import cpu_kernels
+from posttrain.models import cpu_kernels
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ATTEND_KERNEL_MAX = 1 << 18

@@ -38,7 +38,7 @@ class ReservedLayer(DynamicLayer):
 
     def next_column(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Claim the next column for a decode step that writes its keys/values into the buffers
-        itself (`posttrain.rollout.cpu_kernels`): (column, key buffer, value buffer), each buffer
+        itself (`posttrain.models.cpu_kernels`): (column, key buffer, value buffer), each buffer
         (R, KV, capacity, D); ``keys``/``values`` then cover the column."""
         if self.length >= self.capacity:
             raise RuntimeError(f"KV cache full: {self.capacity} positions reserved")

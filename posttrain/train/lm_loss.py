@@ -156,7 +156,9 @@ def chunked_logprobs(
     """
     logps, ents = [], []
     for s in range(0, targets.numel(), chunk_size):
-        logits = logits_of(s, s + chunk_size) / temperature
+        logits = logits_of(s, s + chunk_size)
+        if temperature != 1.0:  # a V-wide division and its backward: ~9% of a SmolLM2 SFT step
+            logits = logits / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logps.append(logp_all.gather(1, targets[s : s + chunk_size, None]).squeeze(1))
         if with_entropy:

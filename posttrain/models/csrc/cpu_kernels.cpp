@@ -1,6 +1,11 @@
-// Fused CPU kernels for the rollout engine's decode step (posttrain/rollout/cpu_kernels.py says why
-// and how they are built). Each kernel does in one pass what the PyTorch path does in several ops:
+// Fused CPU kernels (posttrain/models/cpu_kernels.py says why and how they are built). Each does in
+// one pass what PyTorch does in several ops.
 //
+// Training (forward and backward of `posttrain.models.fused_ops`):
+//   rms_norm_fwd / rms_norm_bwd   HF's Llama-family RMSNorm, its output in a chosen dtype
+//   silu_mul_fwd / silu_mul_bwd   silu(gate) * up of two tensors
+//
+// Decode (`posttrain.rollout.fused`):
 //   add_rms_norm_   x += delta (rounded to x's dtype), then RMSNorm(x) * weight
 //   silu_mul        silu(gate) * up from the fused gate/up projection
 //   rope_kv_        RoPE of q and k (fp32), k and v written into the reserved cache's column,
@@ -245,6 +250,132 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kbuf, co
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Training: RMSNorm and SiLU * up, forward and backward.
+
+inline float round_bf16(float v) {
+  uint16_t raw;
+  store(&raw, 0, v);
+  return load(&raw, 0);
+}
+
+// y = w * h, h = x * r, r = 1 / sqrt(mean(x^2) + eps), as HF's LlamaRMSNorm: h is rounded to x's
+// dtype before the weight (a no-op for fp32 x); y, computed in fp32, is stored in O.
+template <typename T, typename W, typename O>
+void rms_norm_fwd_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out,
+                       torch::Tensor& rstd) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const T* xp = ptr<T>(x);
+  const W* wp = ptr<W>(w);
+  O* op = ptr<O>(out);
+  float* rp = ptr<float>(rstd);
+  at::parallel_for(0, rows, grain(rows, n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * n;
+      O* orow = op + r * n;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = load(xr, i);
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      rp[r] = inv;
+      for (int64_t i = 0; i < n; ++i) {
+        float h = load(xr, i) * inv;
+        if constexpr (is_bf16<T>()) {
+          h = round_bf16(h);
+        }
+        store(orow, i, load(wp, i) * h);
+      }
+    }
+  });
+}
+
+// grad_x = r * (g_h - h * mean(g_h * h)), g_h = g * w; grad_w = sum over rows of g * h (fp32).
+template <typename T, typename W, typename G>
+void rms_norm_bwd_impl(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& w,
+                       const torch::Tensor& rstd, torch::Tensor& grad_x, torch::Tensor& grad_w) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const G* gp = ptr<G>(grad);
+  const T* xp = ptr<T>(x);
+  const W* wp = ptr<W>(w);
+  const float* rp = ptr<float>(rstd);
+  T* gxp = ptr<T>(grad_x);
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads * n), 0.f);  // per-thread sums of g * h
+  at::parallel_for(0, rows, grain(rows, 2 * n), [&](int64_t begin, int64_t end) {
+    float* gw = partial.data() + at::get_thread_num() * n;
+    std::vector<float> gh(n), h(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const G* gr = gp + r * n;
+      const T* xr = xp + r * n;
+      const float inv = rp[r];
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < n; ++i) {
+        float hv = load(xr, i) * inv;
+        if constexpr (is_bf16<T>()) {
+          hv = round_bf16(hv);
+        }
+        const float g = load(gr, i);
+        h[i] = hv;
+        gh[i] = g * load(wp, i);
+        gw[i] += g * hv;
+        dot += gh[i] * hv;
+      }
+      const float mean = dot / static_cast<float>(n);
+      T* gx = gxp + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        store(gx, i, inv * (gh[i] - h[i] * mean));
+      }
+    }
+  });
+  float* out = ptr<float>(grad_w);
+  for (int64_t i = 0; i < n; ++i) {
+    float total = 0.f;
+    for (int64_t t = 0; t < threads; ++t) {
+      total += partial[t * n + i];
+    }
+    out[i] = total;
+  }
+}
+
+template <typename T>
+void silu_mul_fwd_impl(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor& out) {
+  const int64_t total = out.numel();
+  const T* gp = ptr<T>(gate);
+  const T* upp = ptr<T>(up);
+  T* op = ptr<T>(out);
+  at::parallel_for(0, total, kGrainElements, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = load(gp, i);
+      store(op, i, a / (1.f + fast_exp(-a)) * load(upp, i));
+    }
+  });
+}
+
+// d/dgate: g * up * s * (1 + a * (1 - s)), s = sigmoid(a); d/dup: g * silu(a).
+template <typename T, typename G>
+void silu_mul_bwd_impl(const torch::Tensor& grad, const torch::Tensor& gate, const torch::Tensor& up,
+                       torch::Tensor& grad_gate, torch::Tensor& grad_up) {
+  const int64_t total = gate.numel();
+  const G* gp = ptr<G>(grad);
+  const T* ap = ptr<T>(gate);
+  const T* upp = ptr<T>(up);
+  T* ggp = ptr<T>(grad_gate);
+  T* gup = ptr<T>(grad_up);
+  at::parallel_for(0, total, kGrainElements, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = load(ap, i), u = load(upp, i), g = load(gp, i);
+      const float sig = 1.f / (1.f + fast_exp(-a));
+      store(ggp, i, g * u * sig * (1.f + a * (1.f - sig)));
+      store(gup, i, g * a * sig);
+    }
+  });
+}
+
 }  // namespace
 
 // x (..., n) updated in place to x + delta when delta is given; returns RMSNorm(x) * weight.
@@ -346,4 +477,104 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tenso
     decode_attention_impl<float, float>(q, kbuf, vbuf, length, mask, out);
   }
   return out;
+}
+
+namespace {
+
+bool is_float_or_bf16(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16;
+}
+
+// Calls fn with a null pointer of the storage type of t (float or bf16's uint16_t).
+template <typename Fn>
+void with_type(const torch::Tensor& t, Fn&& fn) {
+  if (t.scalar_type() == torch::kBFloat16) {
+    fn(static_cast<uint16_t*>(nullptr));
+  } else {
+    fn(static_cast<float*>(nullptr));
+  }
+}
+
+template <typename Fn>
+void with_type(torch::ScalarType dtype, Fn&& fn) {
+  if (dtype == torch::kBFloat16) {
+    fn(static_cast<uint16_t*>(nullptr));
+  } else {
+    fn(static_cast<float*>(nullptr));
+  }
+}
+
+}  // namespace
+
+// x (..., n), weight (n,): (RMSNorm(x) * weight in out_dtype, 1 / rms per row (rows,) fp32).
+std::vector<torch::Tensor> rms_norm_fwd(torch::Tensor x, torch::Tensor weight, double eps, torch::ScalarType out_dtype) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm_fwd: contiguous x (..., n) and weight (n,)");
+  TORCH_CHECK(is_float_or_bf16(x) && is_float_or_bf16(weight) &&
+                  (out_dtype == torch::kFloat || out_dtype == torch::kBFloat16),
+              "rms_norm_fwd: float32 or bfloat16");
+  auto out = torch::empty(x.sizes(), x.options().dtype(out_dtype));
+  auto rstd = torch::empty({x.numel() / x.size(-1)}, x.options().dtype(torch::kFloat));
+  with_type(x, [&](auto* t) {
+    with_type(weight, [&](auto* w) {
+      with_type(out_dtype, [&](auto* o) {
+        using T = std::remove_pointer_t<decltype(t)>;
+        using W = std::remove_pointer_t<decltype(w)>;
+        using O = std::remove_pointer_t<decltype(o)>;
+        rms_norm_fwd_impl<T, W, O>(x, weight, eps, out, rstd);
+      });
+    });
+  });
+  return {out, rstd};
+}
+
+// (grad_x in x's dtype, grad_weight fp32 (n,)) of rms_norm_fwd, from its output's gradient.
+std::vector<torch::Tensor> rms_norm_bwd(torch::Tensor grad, torch::Tensor x, torch::Tensor weight, torch::Tensor rstd) {
+  check_cpu(grad, "grad");
+  TORCH_CHECK(grad.is_contiguous() && x.is_contiguous() && grad.sizes() == x.sizes() && rstd.is_contiguous() &&
+                  rstd.scalar_type() == torch::kFloat && rstd.numel() * x.size(-1) == x.numel(),
+              "rms_norm_bwd: contiguous grad shaped as x, rstd (rows,) float32");
+  TORCH_CHECK(is_float_or_bf16(grad) && is_float_or_bf16(x) && is_float_or_bf16(weight), "rms_norm_bwd: float32 or bfloat16");
+  auto grad_x = torch::empty_like(x);
+  auto grad_w = torch::empty({x.size(-1)}, x.options().dtype(torch::kFloat));
+  with_type(x, [&](auto* t) {
+    with_type(weight, [&](auto* w) {
+      with_type(grad, [&](auto* g) {
+        using T = std::remove_pointer_t<decltype(t)>;
+        using W = std::remove_pointer_t<decltype(w)>;
+        using G = std::remove_pointer_t<decltype(g)>;
+        rms_norm_bwd_impl<T, W, G>(grad, x, weight, rstd, grad_x, grad_w);
+      });
+    });
+  });
+  return {grad_x, grad_w};
+}
+
+// silu(gate) * up, both contiguous, one shape and dtype.
+torch::Tensor silu_mul_fwd(torch::Tensor gate, torch::Tensor up) {
+  check_cpu(gate, "gate");
+  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+                  gate.scalar_type() == up.scalar_type() && is_float_or_bf16(gate),
+              "silu_mul_fwd: contiguous gate and up of one shape and dtype (float32 or bfloat16)");
+  auto out = torch::empty_like(gate);
+  with_type(gate, [&](auto* t) { silu_mul_fwd_impl<std::remove_pointer_t<decltype(t)>>(gate, up, out); });
+  return out;
+}
+
+// (grad_gate, grad_up) of silu_mul_fwd.
+std::vector<torch::Tensor> silu_mul_bwd(torch::Tensor grad, torch::Tensor gate, torch::Tensor up) {
+  check_cpu(grad, "grad");
+  TORCH_CHECK(grad.is_contiguous() && gate.is_contiguous() && up.is_contiguous() && grad.sizes() == gate.sizes() &&
+                  up.sizes() == gate.sizes() && gate.scalar_type() == up.scalar_type() && is_float_or_bf16(grad) &&
+                  is_float_or_bf16(gate),
+              "silu_mul_bwd: contiguous grad, gate and up of one shape (float32 or bfloat16)");
+  auto grad_gate = torch::empty_like(gate), grad_up = torch::empty_like(up);
+  with_type(gate, [&](auto* t) {
+    with_type(grad, [&](auto* g) {
+      silu_mul_bwd_impl<std::remove_pointer_t<decltype(t)>, std::remove_pointer_t<decltype(g)>>(grad, gate, up,
+                                                                                               grad_gate, grad_up);
+    });
+  });
+  return {grad_gate, grad_up};
 }

@@ -1,4 +1,4 @@
-"""The fused C++ decode kernels (`posttrain.rollout.cpu_kernels`) against the PyTorch ops they
+"""The fused C++ decode kernels (`posttrain.models.cpu_kernels`) against the PyTorch ops they
 replace: RMSNorm with the residual add, SiLU * up, RoPE with the cache write, decode attention
 (GQA, padding mask, fp32 and bf16 storage); their input checks; the switch that turns them off."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.rollout import cpu_kernels
+from posttrain.models import cpu_kernels
 from posttrain.rollout.fused import FusedLM, Unsupported, rotate
 
 

@@ -1,26 +1,27 @@
-"""Fused C++ kernels for the rollout engine's CPU decode step (``csrc/decode_kernels.cpp``).
+"""Fused C++ kernels on CPU (``csrc/cpu_kernels.cpp``): the rollout engine's decode step and the
+training forward/backward of RMSNorm and SiLU * up.
 
 Why: with the weights packed (`posttrain.rollout.fused`), a SmolLM2 decode step of 32 rows at a
 100-token context still spent ~8 ms of ~37 in some 25 small PyTorch ops a layer (RMSNorm 50 us a
-call, RoPE, casts, SiLU, residual adds, cache writes) and ~10 ms in attention, whose scores,
-softmax and weighted sum each went through memory again (Intel Xeon with AMX, bf16 weights,
-measured per section). Four kernels do each group in one pass:
+call, RoPE, casts, SiLU, residual adds, cache writes) and ~10 ms in attention (Intel Xeon with AMX,
+bf16 weights, measured per section). In training, RMSNorm and SiLU * up are ~8 ops each way
+(`posttrain.models.fused_ops` says how much they cost). Each kernel does a group in one pass:
 
-- `add_rms_norm_`: the residual add and the next RMSNorm (x updated in place);
-- `silu_mul`: SiLU(gate) * up from the fused gate/up projection;
-- `rope_kv_`: RoPE of q and k, k and v written into the reserved cache's next column, q scaled;
-- `decode_attention`: one query token per row; each cached key and value row is read once for all
-  the query heads that share it, scores and softmax stay in a small per-thread buffer.
+- decode: `add_rms_norm_` (the residual add and the next RMSNorm, x updated in place),
+  `silu_mul` (from the fused gate/up projection), `rope_kv_` (RoPE of q and k, k and v written into
+  the reserved cache's next column, q scaled), `decode_attention` (one query token per row; each
+  cached key and value row read once for all the query heads that share it);
+- training: `rms_norm_fwd` / `rms_norm_bwd` and `silu_mul_fwd` / `silu_mul_bwd`.
 
-Arithmetic is fp32 whatever the storage dtype, as in the PyTorch path; results differ from it by
-summation order only (the tests' tolerances say how much).
+Arithmetic is fp32 whatever the storage dtype, as in PyTorch's ops; results differ from theirs by
+summation order and, in bf16, by one rounding where PyTorch rounds twice (the tests say how much).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and the Python headers;
-about 30 s once, then loaded from the build cache, ``$TORCH_EXTENSIONS_DIR`` or
+about 20 s once, then loaded from the build cache, ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``). The build's name hashes the source, the compiler flags, the torch
 version and the CPU's flags, so a changed CPU (``-march=native``) or source builds anew. Where the
-build fails (no compiler), `load` returns None, `reason` says why, a warning is logged once, and the
-engine decodes with the PyTorch ops: slower, same results. ``POSTTRAIN_CPU_KERNELS=0`` turns them off.
+build fails (no compiler), `load` returns None, `reason` says why, a warning is logged once, and
+PyTorch's ops run instead: slower, the same results. ``POSTTRAIN_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
-FUNCTIONS = ["add_rms_norm_", "silu_mul", "rope_kv_", "decode_attention"]
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FUNCTIONS = [
+    "add_rms_norm_", "silu_mul", "rope_kv_", "decode_attention",  # decode
+    "rms_norm_fwd", "rms_norm_bwd", "silu_mul_fwd", "silu_mul_bwd",  # training
+]  # fmt: skip
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 ENV_SWITCH = "POSTTRAIN_CPU_KERNELS"
 
@@ -59,7 +63,7 @@ def cpu_flags() -> str:
 def build_name(source: str) -> str:
     """The extension's name: changes with the source, flags, torch version and CPU."""
     key = "\n".join([source, " ".join(CFLAGS), torch.__version__, cpu_flags()])
-    return "posttrain_decode_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "posttrain_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load() -> Any:
@@ -74,7 +78,9 @@ def load() -> Any:
         from torch.utils.cpp_extension import load_inline
 
         source = SOURCE.read_text()
-        log.info("posttrain: loading the fused CPU decode kernels (the first time on a machine: a ~20 s build)")
+        log.info(
+            "posttrain: loading the fused CPU decode kernels (the first time on a machine: a ~20 s build)"
+        )
         _module = load_inline(
             build_name(source),
             cpp_sources=[source],
@@ -85,8 +91,8 @@ def load() -> Any:
     except Exception as err:  # a missing compiler or headers: decode with PyTorch ops instead
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         log.warning(
-            "posttrain: the fused CPU decode kernels did not build (%s); the rollout engine decodes with "
-            "PyTorch ops instead (slower, same results). Install g++ and the Python headers to use them.",
+            "posttrain: the fused CPU kernels did not build (%s); decoding and training use PyTorch's ops "
+            "instead (slower, the same results). Install g++ and the Python headers to use them.",
             reason,
         )
         return None
