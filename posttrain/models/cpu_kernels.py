@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,11 @@ reason: str | None = None
 
 
 def cpu_flags() -> str:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; else the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    """The CPU's model name and feature flags (`posttrain.train.precision.cpu_info`)."""
+    from posttrain.train.precision import cpu_info
+
+    model, flags = cpu_info()
+    return " ".join([model, *sorted(flags)])
 
 
 def build_name(source: str) -> str:

@@ -376,110 +376,6 @@ void silu_mul_bwd_impl(const torch::Tensor& grad, const torch::Tensor& gate, con
   });
 }
 
-}  // namespace
-
-// x (..., n) updated in place to x + delta when delta is given; returns RMSNorm(x) * weight.
-torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
-  check_cpu(x, "x");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "add_rms_norm_: contiguous x and weight");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "add_rms_norm_: weight dtype must be x's");
-  if (delta.has_value()) {
-    TORCH_CHECK(delta->is_contiguous() && delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
-                "add_rms_norm_: delta must be contiguous, shaped and typed as x");
-  }
-  auto out = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16) {
-    add_rms_norm_impl<uint16_t>(x, delta, weight, out, eps);
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat, "add_rms_norm_: float32 or bfloat16");
-    add_rms_norm_impl<float>(x, delta, weight, out, eps);
-  }
-  return out;
-}
-
-// gate_up (..., 2 I) contiguous -> silu(gate) * up (..., I).
-torch::Tensor silu_mul(torch::Tensor gate_up) {
-  check_cpu(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "silu_mul: contiguous, even last dim");
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() /= 2;
-  auto out = torch::empty(sizes, gate_up.options());
-  if (gate_up.scalar_type() == torch::kBFloat16) {
-    silu_mul_impl<uint16_t>(gate_up, out);
-  } else {
-    TORCH_CHECK(gate_up.scalar_type() == torch::kFloat, "silu_mul: float32 or bfloat16");
-    silu_mul_impl<float>(gate_up, out);
-  }
-  return out;
-}
-
-// qkv (R, (nq + 2 nkv) d) of one new token per row; cos, signed sin (R, d) fp32; k/v buffers
-// (R, nkv, capacity, d) written at ``column``. Returns q * scale (R, nq, d) fp32.
-torch::Tensor rope_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
-                       torch::Tensor vbuf, int64_t column, int64_t nq, int64_t nkv, double scale) {
-  check_cpu(qkv, "qkv");
-  const int64_t rows = qkv.size(0), d = kbuf.size(-1);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (nq + 2 * nkv) * d, "rope_kv_: qkv shape");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
-                  sin.scalar_type() == torch::kFloat && cos.numel() == rows * d && sin.numel() == rows * d,
-              "rope_kv_: cos / sin (R, d) float32");
-  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
-                  kbuf.size(1) == nkv && vbuf.size(1) == nkv && kbuf.stride(3) == 1 && vbuf.stride(3) == 1 &&
-                  vbuf.size(3) == d && d % 2 == 0,
-              "rope_kv_: k / v buffers (>= R, nkv, capacity, d)");
-  TORCH_CHECK(column >= 0 && column < kbuf.size(2) && column < vbuf.size(2), "rope_kv_: column past the capacity");
-  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "rope_kv_: k and v buffers of one dtype");
-  auto q = torch::empty({rows, nq, d}, qkv.options().dtype(torch::kFloat));
-  const bool in_bf16 = qkv.scalar_type() == torch::kBFloat16, kv_bf16 = kbuf.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(in_bf16 || qkv.scalar_type() == torch::kFloat, "rope_kv_: qkv float32 or bfloat16");
-  TORCH_CHECK(kv_bf16 || kbuf.scalar_type() == torch::kFloat, "rope_kv_: buffers float32 or bfloat16");
-  if (in_bf16 && kv_bf16) {
-    rope_kv_impl<uint16_t, uint16_t>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
-  } else if (in_bf16) {
-    rope_kv_impl<uint16_t, float>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
-  } else if (kv_bf16) {
-    rope_kv_impl<float, uint16_t>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
-  } else {
-    rope_kv_impl<float, float>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
-  }
-  return q;
-}
-
-// q (R, nq, d) fp32 (scaled); k / v buffers (>= R, nkv, capacity, d); the first ``length`` columns
-// attended, where ``mask`` (R, >= length) bool allows. Returns (R, nq * d) in ``out_dtype``.
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tensor vbuf, int64_t length,
-                               c10::optional<torch::Tensor> mask, torch::ScalarType out_dtype) {
-  check_cpu(q, "q");
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat, "decode_attention: q (R, nq, d) f32");
-  const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2);
-  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
-                  kbuf.size(1) == vbuf.size(1) && nq % kbuf.size(1) == 0 && kbuf.size(3) == d &&
-                  vbuf.size(3) == d && kbuf.stride(3) == 1 && vbuf.stride(3) == 1,
-              "decode_attention: k / v buffers (>= R, nkv, capacity, d)");
-  TORCH_CHECK(length >= 1 && length <= kbuf.size(2) && length <= vbuf.size(2), "decode_attention: length");
-  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "decode_attention: k and v buffers of one dtype");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == rows &&
-                    mask->size(1) >= length && mask->stride(1) == 1,
-                "decode_attention: mask (R, >= length) bool");
-  }
-  auto out = torch::empty({rows, nq * d}, q.options().dtype(out_dtype));
-  const bool kv_bf16 = kbuf.scalar_type() == torch::kBFloat16, out_bf16 = out_dtype == torch::kBFloat16;
-  TORCH_CHECK(kv_bf16 || kbuf.scalar_type() == torch::kFloat, "decode_attention: buffers float32 or bfloat16");
-  TORCH_CHECK(out_bf16 || out_dtype == torch::kFloat, "decode_attention: out float32 or bfloat16");
-  if (kv_bf16 && out_bf16) {
-    decode_attention_impl<uint16_t, uint16_t>(q, kbuf, vbuf, length, mask, out);
-  } else if (kv_bf16) {
-    decode_attention_impl<uint16_t, float>(q, kbuf, vbuf, length, mask, out);
-  } else if (out_bf16) {
-    decode_attention_impl<float, uint16_t>(q, kbuf, vbuf, length, mask, out);
-  } else {
-    decode_attention_impl<float, float>(q, kbuf, vbuf, length, mask, out);
-  }
-  return out;
-}
-
-namespace {
 
 bool is_float_or_bf16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16;
@@ -505,6 +401,92 @@ void with_type(torch::ScalarType dtype, Fn&& fn) {
 }
 
 }  // namespace
+
+// x (..., n) updated in place to x + delta when delta is given; returns RMSNorm(x) * weight.
+torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "add_rms_norm_: contiguous x and weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "add_rms_norm_: weight dtype must be x's");
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->is_contiguous() && delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
+                "add_rms_norm_: delta must be contiguous, shaped and typed as x");
+  }
+  TORCH_CHECK(is_float_or_bf16(x), "add_rms_norm_: float32 or bfloat16");
+  auto out = torch::empty_like(x);
+  with_type(x, [&](auto* t) { add_rms_norm_impl<std::remove_pointer_t<decltype(t)>>(x, delta, weight, out, eps); });
+  return out;
+}
+
+// gate_up (..., 2 I) contiguous -> silu(gate) * up (..., I).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "silu_mul: contiguous, even last dim");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() /= 2;
+  TORCH_CHECK(is_float_or_bf16(gate_up), "silu_mul: float32 or bfloat16");
+  auto out = torch::empty(sizes, gate_up.options());
+  with_type(gate_up, [&](auto* t) { silu_mul_impl<std::remove_pointer_t<decltype(t)>>(gate_up, out); });
+  return out;
+}
+
+// qkv (R, (nq + 2 nkv) d) of one new token per row; cos, signed sin (R, d) fp32; k/v buffers
+// (R, nkv, capacity, d) written at ``column``. Returns q * scale (R, nq, d) fp32.
+torch::Tensor rope_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                       torch::Tensor vbuf, int64_t column, int64_t nq, int64_t nkv, double scale) {
+  check_cpu(qkv, "qkv");
+  const int64_t rows = qkv.size(0), d = kbuf.size(-1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (nq + 2 * nkv) * d, "rope_kv_: qkv shape");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
+                  sin.scalar_type() == torch::kFloat && cos.numel() == rows * d && sin.numel() == rows * d,
+              "rope_kv_: cos / sin (R, d) float32");
+  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
+                  kbuf.size(1) == nkv && vbuf.size(1) == nkv && kbuf.stride(3) == 1 && vbuf.stride(3) == 1 &&
+                  vbuf.size(3) == d && d % 2 == 0,
+              "rope_kv_: k / v buffers (>= R, nkv, capacity, d)");
+  TORCH_CHECK(column >= 0 && column < kbuf.size(2) && column < vbuf.size(2), "rope_kv_: column past the capacity");
+  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "rope_kv_: k and v buffers of one dtype");
+  auto q = torch::empty({rows, nq, d}, qkv.options().dtype(torch::kFloat));
+  TORCH_CHECK(is_float_or_bf16(qkv) && is_float_or_bf16(kbuf), "rope_kv_: float32 or bfloat16");
+  with_type(qkv, [&](auto* t) {
+    with_type(kbuf, [&](auto* c) {
+      using T = std::remove_pointer_t<decltype(t)>;
+      using C = std::remove_pointer_t<decltype(c)>;
+      rope_kv_impl<T, C>(qkv, cos, sin, kbuf, vbuf, column, nq, nkv, scale, q);
+    });
+  });
+  return q;
+}
+
+// q (R, nq, d) fp32 (scaled); k / v buffers (>= R, nkv, capacity, d); the first ``length`` columns
+// attended, where ``mask`` (R, >= length) bool allows. Returns (R, nq * d) in ``out_dtype``.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tensor vbuf, int64_t length,
+                               c10::optional<torch::Tensor> mask, torch::ScalarType out_dtype) {
+  check_cpu(q, "q");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat, "decode_attention: q (R, nq, d) f32");
+  const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2);
+  TORCH_CHECK(kbuf.dim() == 4 && vbuf.dim() == 4 && kbuf.size(0) >= rows && vbuf.size(0) >= rows &&
+                  kbuf.size(1) == vbuf.size(1) && nq % kbuf.size(1) == 0 && kbuf.size(3) == d &&
+                  vbuf.size(3) == d && kbuf.stride(3) == 1 && vbuf.stride(3) == 1,
+              "decode_attention: k / v buffers (>= R, nkv, capacity, d)");
+  TORCH_CHECK(length >= 1 && length <= kbuf.size(2) && length <= vbuf.size(2), "decode_attention: length");
+  TORCH_CHECK(kbuf.scalar_type() == vbuf.scalar_type(), "decode_attention: k and v buffers of one dtype");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == rows &&
+                    mask->size(1) >= length && mask->stride(1) == 1,
+                "decode_attention: mask (R, >= length) bool");
+  }
+  TORCH_CHECK(is_float_or_bf16(kbuf) && (out_dtype == torch::kFloat || out_dtype == torch::kBFloat16),
+              "decode_attention: float32 or bfloat16");
+  auto out = torch::empty({rows, nq * d}, q.options().dtype(out_dtype));
+  with_type(kbuf, [&](auto* c) {
+    with_type(out_dtype, [&](auto* o) {
+      using C = std::remove_pointer_t<decltype(c)>;
+      using O = std::remove_pointer_t<decltype(o)>;
+      decode_attention_impl<C, O>(q, kbuf, vbuf, length, mask, out);
+    });
+  });
+  return out;
+}
 
 // x (..., n), weight (n,): (RMSNorm(x) * weight in out_dtype, 1 / rms per row (rows,) fp32).
 std::vector<torch::Tensor> rms_norm_fwd(torch::Tensor x, torch::Tensor weight, double eps, torch::ScalarType out_dtype) {
