@@ -142,3 +142,20 @@ def test_build_name_follows_source_and_cpu(monkeypatch):
     assert cpu_kernels.build_name("int x;") == first and cpu_kernels.build_name("int y;") != first
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "sse2")
     assert cpu_kernels.build_name("int x;") != first
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension\ng++: command not found")
+
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "reason", None)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(ext, "load_inline", no_compiler)
+    with caplog.at_level("WARNING", logger=cpu_kernels.__name__):
+        assert cpu_kernels.load() is None and cpu_kernels.load() is None
+    assert cpu_kernels.reason == "RuntimeError: g++: command not found"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "g++: command not found" in warnings[0].getMessage()
