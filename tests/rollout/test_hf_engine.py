@@ -429,6 +429,28 @@ def test_stop_candidates_flag_the_tokens_a_stop_string_can_end_in(engine):
     assert stop_candidates(tok, ["Answer: "], vocab) is None  # a trailing space: every row is decoded
 
 
+def test_stop_tables_are_built_once_per_tokenizer_content(tiny_model_dir, monkeypatch):
+    import posttrain.rollout.hf_engine as hf
+    from posttrain.models.load import load_tokenizer
+
+    built = []
+
+    def table(tok, stop, vocab):
+        built.append(len(tok))
+        return torch.ones(vocab, dtype=torch.bool)
+
+    monkeypatch.setattr(hf, "_STOP_TABLES", {})
+    monkeypatch.setattr(hf, "stop_candidates", table)
+    first, second = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)  # two loads, one content
+    for tok in (first, second, first):
+        hf.shared_stop_candidates(tok, ["\n"], 300)
+    assert built == [len(first)]
+    hf.shared_stop_candidates(first, ["\n\n"], 300)  # another stop set
+    second.add_tokens(["<extra>"])  # another vocabulary
+    hf.shared_stop_candidates(second, ["\n"], 300)
+    assert built == [len(first), len(first), len(first) + 1]
+
+
 @pytest.mark.parametrize("kind", ["one character", "across tokens"])
 def test_stop_strings_checked_on_candidate_rows_only_stop_where_a_full_check_does(engine, kind, monkeypatch):
     """The same completions (tokens, text, finish) whether only the rows whose new token can end a
@@ -450,6 +472,7 @@ def test_stop_strings_checked_on_candidate_rows_only_stop_where_a_full_check_doe
     def run():
         out = engine.generate(PROMPTS[:1], replay) + engine.generate(PROMPTS, params)
         engine._stop_rows.clear()
+        hf._STOP_TABLES.clear()  # the process-wide copy too: the next run builds its table again
         return [(c.token_ids, c.text, c.finish_reason) for c in out]
 
     fast = run()
