@@ -74,9 +74,7 @@ def load() -> Any:
         from torch.utils.cpp_extension import load_inline
 
         source = SOURCE.read_text()
-        log.info(
-            "posttrain: loading the fused CPU decode kernels (the first time on a machine: a ~20 s build)"
-        )
+        log.info("posttrain: loading the fused CPU kernels (the first time on a machine: a ~20 s build)")
         _module = load_inline(
             build_name(source),
             cpp_sources=[source],
