@@ -211,15 +211,14 @@ _STOP_TABLES: dict[tuple, torch.Tensor | None] = {}
 
 
 def shared_stop_candidates(tokenizer: Any, stop: Sequence[str], vocab: int) -> torch.Tensor | None:
-    """`stop_candidates`, built once per process for a tokenizer of the same serialisation (fast
-    tokenizers; others: once per tokenizer object). It decodes every token: 0.4 s for SmolLM2's 49k
-    vocabulary, which each new engine paid again (search and eval recipes build one per run)."""
+    """`stop_candidates`, built once per process for a fast tokenizer of the same serialisation
+    (others: every call). It decodes every token: 0.4 s for SmolLM2's 49k vocabulary, which each new
+    engine paid again (search and eval recipes build one per run)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        who: Any = hashlib.sha1(backend.to_str().encode()).hexdigest()  # ~20 ms for 49k tokens
-    else:
-        who = id(tokenizer)
-    key = (who, len(tokenizer), tuple(stop), vocab)
+    if backend is None:
+        return stop_candidates(tokenizer, stop, vocab)
+    content = hashlib.sha1(backend.to_str().encode()).hexdigest()  # ~20 ms for 49k tokens
+    key = (content, len(tokenizer), tuple(stop), vocab)
     if key not in _STOP_TABLES:
         _STOP_TABLES[key] = stop_candidates(tokenizer, stop, vocab)
     return _STOP_TABLES[key]
