@@ -265,8 +265,10 @@ def workload(recipe: Any, command: str, device: str, prompt_tokens: int, world_s
     w = _dtype_bytes(recipe.model.dtype, device)
     train = recipe.train
     precision = getattr(train, "precision", "fp32")
-    if precision == "auto":  # the trainer's choice: bf16 autocast on CUDA, fp32 on CPU
-        precision = "bf16" if device == "cuda" else "fp32"
+    if precision == "auto":  # the trainer's choice: bf16 autocast on CUDA; on CPU where bf16 is native
+        from posttrain.train.precision import resolve
+
+        precision = "bf16" if device == "cuda" else resolve("auto", "cpu").precision
     a = 2 if precision in ("bf16", "fp16") or w == 2 else 4
     autocast = precision in ("bf16", "fp16") and w == 4
     chunk = getattr(train, "chunk_size", 1024)

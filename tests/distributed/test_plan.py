@@ -175,6 +175,19 @@ def test_estimate_within_25_percent_of_measured_peak_rss(mid_model_dir, tmp_path
     assert abs(planned - peak) / peak < 0.25, (planned, peak)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_plans_what_the_trainer_will_run(tiny_model_dir, tmp_path, monkeypatch, native):
+    import posttrain.train.precision as precision
+    from posttrain.distributed.plan import workload
+
+    chosen = "bf16" if native else "fp32"
+    monkeypatch.setattr(precision, "resolve", lambda req, dev, key="": precision.Choice(req, chosen, "probe"))
+    recipe, _ = _sft_recipe(tiny_model_dir, tmp_path, batch_size=8, seq_len=64, precision="auto")
+    work = workload(recipe, "sft", "cpu", 0)
+    assert (work.act_bytes, work.autocast) == ((2, True) if native else (4, False))
+    assert workload(recipe, "sft", "cuda", 0).act_bytes == 2  # CUDA: bf16 autocast, no probe
+
+
 def test_refusal_names_settings_that_fit(tiny_model_dir, tmp_path):
     recipe, _ = _sft_recipe(tiny_model_dir, tmp_path, batch_size=64, seq_len=256)
     plan = PlanConfig(device="cpu", memory_gib=0.21)
