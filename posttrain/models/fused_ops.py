@@ -94,13 +94,30 @@ def mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 _SWAPPED: dict[type, type] = {}
+FAMILIES = {"Llama": "llama", "Qwen2": "qwen2", "Mistral": "mistral", "Qwen3": "qwen3"}
+"""Class-name prefix -> transformers' model folder, to find a swapped class's base by name."""
 
 
 def swapped_class(cls: type, forward: Any) -> type:
-    """A subclass of ``cls`` with ``forward`` (one per class)."""
+    """A subclass of ``cls`` with ``forward`` (one per class), also a module attribute of its name,
+    so that pickle finds it (``torch.save(model)``)."""
     if cls not in _SWAPPED:
-        _SWAPPED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        name = f"Fused{cls.__name__}"
+        _SWAPPED[cls] = type(name, (cls,), {"forward": forward, "__module__": __name__})
+        globals()[name] = _SWAPPED[cls]
     return _SWAPPED[cls]
+
+
+def __getattr__(name: str) -> type:
+    """``Fused<HF class>`` on demand: a process that unpickles a swapped model builds its class."""
+    base = name.removeprefix("Fused")
+    family = next((f for prefix, f in FAMILIES.items() if base.startswith(prefix)), None)
+    if name.startswith("Fused") and family and base in NORM_CLASSES + MLP_CLASSES:
+        import importlib
+
+        cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), base)
+        return swapped_class(cls, norm_forward if base in NORM_CLASSES else mlp_forward)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_silu(module: Any) -> bool:

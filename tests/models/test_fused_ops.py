@@ -130,6 +130,27 @@ def test_swapped_models_copy_save_and_load_like_plain_ones(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_swapped_models_pickle_within_and_across_processes(monkeypatch):
+    import pickle
+
+    model = build("mistral").eval()
+    fused_ops.install(model)
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(4))
+    blob = pickle.dumps(model)
+    for name in ("FusedMistralRMSNorm", "FusedMistralMLP"):  # a fresh process has not built them yet
+        monkeypatch.delitem(vars(fused_ops), name)
+    monkeypatch.setattr(fused_ops, "_SWAPPED", {})
+    back = pickle.loads(blob)
+    assert (
+        type(back.model.norm).__name__ == "FusedMistralRMSNorm"
+        and back.model.norm._posttrain_emits_autocast is False
+    )
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(AttributeError):
+        fused_ops.FusedGemmaRMSNorm  # noqa: B018
+
+
 def test_nothing_is_swapped_with_the_kernels_off(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_module", None)
     monkeypatch.setattr(cpu_kernels, "reason", None)
