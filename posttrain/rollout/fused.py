@@ -245,9 +245,8 @@ class FusedLM:
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         kern = self.kernels
         shared = getattr(cache, "attend", None)
-        # one new token a row over reserved layers: RoPE, the cache write and attention fused
-        fast = kern is not None and width == 1 and shared is None
-        fast = fast and all(getattr(layer, "is_initialized", False) for layer in cache.layers)
+        # one new token a row after a prefill, over reserved layers: RoPE, cache write, attention fused
+        fast = kern is not None and width == 1 and shared is None and start > 0
         if fast:
             cos, sin = cos.reshape(rows, d), sin.reshape(rows, d)
             mask = None if keys is None else keys.bool()
@@ -286,6 +285,8 @@ class FusedLM:
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 delta = block.down(F.silu(gate) * up)
+        if width > 1:  # only the last position reaches the head
+            x, delta = x[:, -1:].contiguous(), delta[:, -1:].contiguous()
         x, h = self.add_norm(x, delta, self.norm)
         return self.head(h[:, -1]).float()
 

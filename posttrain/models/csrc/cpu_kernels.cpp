@@ -76,6 +76,18 @@ int64_t grain(int64_t items, int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item));
 }
 
+// 1 / sqrt(mean(x^2) + eps) of one row of n values.
+template <typename T>
+inline float row_rstd(const T* xr, int64_t n, double eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load(xr, i);
+    ss += v * v;
+  }
+  return 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+}
+
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
@@ -92,19 +104,13 @@ void add_rms_norm_impl(torch::Tensor& x, const c10::optional<torch::Tensor>& del
     for (int64_t r = begin; r < end; ++r) {
       T* xr = xp + r * n;
       T* orow = op + r * n;
-      float ss = 0.f;
       if (dp != nullptr) {
         const T* dr = dp + r * n;
         for (int64_t i = 0; i < n; ++i) {
           store(xr, i, load(xr, i) + load(dr, i));  // the residual stream keeps x's dtype
         }
       }
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = load(xr, i);
-        ss += v * v;
-      }
-      const float rstd = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      const float rstd = row_rstd(xr, n, eps);
       for (int64_t i = 0; i < n; ++i) {
         store(orow, i, load(xr, i) * rstd * load(wp, i));
       }
@@ -112,15 +118,15 @@ void add_rms_norm_impl(torch::Tensor& x, const c10::optional<torch::Tensor>& del
   });
 }
 
+// out[r] = silu(gate[r]) * up[r] over rows of `inner` values; each operand has its own row stride
+// (the decode step's fused gate/up projection: gate and up halves of one row).
 template <typename T>
-void silu_mul_impl(const torch::Tensor& gu, torch::Tensor& out) {
-  const int64_t inner = out.size(-1), rows = out.numel() / inner;
-  const T* gp = ptr<T>(gu);
-  T* op = ptr<T>(out);
+void silu_mul_rows(const T* gp, int64_t g_stride, const T* up, int64_t u_stride, T* op, int64_t rows,
+                   int64_t inner) {
   at::parallel_for(0, rows, grain(rows, inner), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* g = gp + r * 2 * inner;
-      const T* u = g + inner;
+      const T* g = gp + r * g_stride;
+      const T* u = up + r * u_stride;
       T* o = op + r * inner;
       for (int64_t i = 0; i < inner; ++i) {
         const float a = load(g, i);
@@ -274,13 +280,7 @@ void rms_norm_fwd_impl(const torch::Tensor& x, const torch::Tensor& w, double ep
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * n;
       O* orow = op + r * n;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = load(xr, i);
-        ss += v * v;
-      }
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      const float inv = row_rstd(xr, n, eps);
       rp[r] = inv;
       for (int64_t i = 0; i < n; ++i) {
         float h = load(xr, i) * inv;
@@ -340,20 +340,6 @@ void rms_norm_bwd_impl(const torch::Tensor& grad, const torch::Tensor& x, const 
     }
     out[i] = total;
   }
-}
-
-template <typename T>
-void silu_mul_fwd_impl(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor& out) {
-  const int64_t total = out.numel();
-  const T* gp = ptr<T>(gate);
-  const T* upp = ptr<T>(up);
-  T* op = ptr<T>(out);
-  at::parallel_for(0, total, kGrainElements, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float a = load(gp, i);
-      store(op, i, a / (1.f + fast_exp(-a)) * load(upp, i));
-    }
-  });
 }
 
 // d/dgate: g * up * s * (1 + a * (1 - s)), s = sigmoid(a); d/dup: g * silu(a).
@@ -425,7 +411,15 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   sizes.back() /= 2;
   TORCH_CHECK(is_float_or_bf16(gate_up), "silu_mul: float32 or bfloat16");
   auto out = torch::empty(sizes, gate_up.options());
-  with_type(gate_up, [&](auto* t) { silu_mul_impl<std::remove_pointer_t<decltype(t)>>(gate_up, out); });
+  const int64_t inner = out.size(-1);
+  if (out.numel() == 0) {
+    return out;
+  }
+  with_type(gate_up, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    const T* g = ptr<T>(gate_up);
+    silu_mul_rows(g, 2 * inner, g + inner, 2 * inner, ptr<T>(out), out.numel() / inner, inner);
+  });
   return out;
 }
 
@@ -540,7 +534,14 @@ torch::Tensor silu_mul_fwd(torch::Tensor gate, torch::Tensor up) {
                   gate.scalar_type() == up.scalar_type() && is_float_or_bf16(gate),
               "silu_mul_fwd: contiguous gate and up of one shape and dtype (float32 or bfloat16)");
   auto out = torch::empty_like(gate);
-  with_type(gate, [&](auto* t) { silu_mul_fwd_impl<std::remove_pointer_t<decltype(t)>>(gate, up, out); });
+  const int64_t inner = gate.size(-1);
+  if (out.numel() == 0) {
+    return out;
+  }
+  with_type(gate, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    silu_mul_rows(ptr<T>(gate), inner, ptr<T>(up), inner, ptr<T>(out), gate.numel() / inner, inner);
+  });
   return out;
 }
 
