@@ -11,7 +11,8 @@ only when the adapter is used. `lm_class` builds (once) and registers ``Posttrai
 - ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length``, summed.
 - ``generate_until``: our HF rollout engine (batched, KV cache) with the request's ``until`` as
   stop strings (the text is cut at the first one), ``max_gen_toks`` and ``temperature`` (0 or
-  ``do_sample: false``: greedy); or, with ``--model_args strategy=NAME``, a registered search
+  ``do_sample: false``: greedy), decoding in ``precision`` (``auto``: bf16 where the hardware
+  computes it natively, `posttrain.rollout.hf_engine.decode_precision`; or fp32 / bf16); or, with ``--model_args strategy=NAME``, a registered search
   strategy (`search_generate`: e.g. ``strategy=best_of_n,n=4,select=likelihood`` or
   ``strategy=best_of_n,n=8,select=orm,scorer=orm:runs/rm/final``; the strategy's own keys, and
   ``step.KEY`` for its step config, go in the same model_args). Log-likelihoods are unchanged.
@@ -59,7 +60,8 @@ def lm_class() -> type:
     class PosttrainLM(TemplateLM):
         def __init__(self, path: str = "default", batch_size: int | str = 8, max_length: int | None = None,
                      max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto",
-                     strategy: str | None = None, scorer: str = "none", **config: Any):  # fmt: skip
+                     precision: str = "auto", strategy: str | None = None, scorer: str = "none",
+                     **config: Any):  # fmt: skip
             super().__init__()
             self.search = search_settings(strategy, scorer, config)
             from posttrain.models.load import load_model, load_tokenizer
@@ -73,7 +75,7 @@ def lm_class() -> type:
             cfg = self.model.config
             self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
             self.max_gen_toks = int(max_gen_toks)
-            self.engine = get_engine("hf", model=self.model, tokenizer=self.tokenizer)
+            self.engine = get_engine("hf", model=self.model, tokenizer=self.tokenizer, precision=precision)
 
         @classmethod
         def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Any:

@@ -102,6 +102,9 @@ class JudgeConfig:
     matched by question)."""
     max_new_tokens: int = 128
     """The judge's generation budget per verdict."""
+    precision: str = "auto"
+    """A local judge's decoding precision: auto (bf16 where the hardware computes it natively,
+    `posttrain.rollout.hf_engine.decode_precision`) | fp32 | bf16."""
     max_chars: int = 4000
     """Responses are cut to this many characters in the judge prompt."""
     timeout_s: float = 30.0
@@ -250,7 +253,7 @@ def make_generate(cfg: JudgeConfig) -> Any:
     if cfg.endpoint:
         return openai_generate(cfg.endpoint, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout_s,
                                cfg.retries, cfg.concurrency, cfg.api_key_env)  # fmt: skip
-    return local_generate(cfg.model, cfg.max_new_tokens)
+    return local_generate(cfg.model, cfg.max_new_tokens, precision=cfg.precision)
 
 
 def baseline_responses(path: str, label: str) -> dict[str, str]:

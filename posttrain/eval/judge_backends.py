@@ -34,7 +34,9 @@ from posttrain.errors import BackendUnavailable, DataError
 Generate = Callable[[list[list[dict]]], list[str]]
 
 
-def local_generate(path: str, max_new_tokens: int = 128, max_batch_rows: int = 64) -> Generate:
+def local_generate(
+    path: str, max_new_tokens: int = 128, max_batch_rows: int = 64, precision: str = "auto"
+) -> Generate:
     """Greedy chat completions of the model folder ``path`` (``default``: the embedded model)."""
     from posttrain.models.load import load_model, load_tokenizer
     from posttrain.rollout.engine import get_engine
@@ -44,7 +46,7 @@ def local_generate(path: str, max_new_tokens: int = 128, max_batch_rows: int = 6
     folder = resolve_model_path(path)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, tokenizer=tokenizer)
-    engine = get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=max_batch_rows)
+    engine = get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=max_batch_rows, precision=precision)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
 
     def generate(chats: list[list[dict]]) -> list[str]:

@@ -111,19 +111,21 @@ def can_pack(dtype: torch.dtype) -> bool:
 class Linear:
     """``x @ weight.T + bias`` with the weight (out, in) in oneDNN's own layout when ``pack``."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight_t", "bias", "packed")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
-        self.weight, self.bias = weight.contiguous(), bias
-        self.packed = None
+        self.bias, self.packed, self.weight_t = bias, None, None
         if pack and weight.numel() >= PACK_MIN_ELEMENTS:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)  # 32: a batch hint
-            self.weight = None  # the packed copy is the only one read: keeping both doubled the snapshot
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)  # 32: a batch hint
+        else:  # (in, out): a plain x @ w, 2-3x faster than F.linear's x @ w.T at few rows
+            self.weight_t = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 @dataclass

@@ -176,12 +176,17 @@ def test_a_packed_linear_keeps_only_the_packed_copy(dtype):
     torch.manual_seed(0)
     w, b, x = torch.randn(1024, 512).to(dtype), torch.randn(1024).to(dtype), torch.randn(3, 512).to(dtype)
     lin = Linear(w, b, pack=True)
-    assert lin.weight is None and lin.packed is not None
+    assert lin.weight_t is None and lin.packed is not None
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(
         lin(x).float(), torch.nn.functional.linear(x, w, b).float(), atol=tol, rtol=0.02
     )
-    assert Linear(w[:8, :8], None, pack=True).weight is not None  # too small to pack: kept plain
+    small = Linear(w[:8, :6], b[:8], pack=True)  # too small to pack: kept plain, as (in, out)
+    assert small.packed is None and small.weight_t.shape == (6, 8)
+    torch.testing.assert_close(
+        small(x[:, None, :6]).float(), torch.nn.functional.linear(x[:, None, :6], w[:8, :6], b[:8]).float(),
+        atol=tol, rtol=0.02,
+    )
 
 
 def test_unsupported_models_fall_back_to_hf_forward(tiny_model_dir):

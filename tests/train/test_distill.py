@@ -170,3 +170,19 @@ def test_on_policy_resume_equals_uninterrupted(tiny_model_dir, student_dir, tmp_
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _changed(student_dir, whole)
+
+
+def test_teacher_generations_are_keyed_by_the_sampling_precision(tiny_model_dir, student_dir, tmp_path):
+    """The teacher samples in train.precision (bf16 and fp32 draw different completions), so the
+    cached generations are reused only for the same precision."""
+    from posttrain.train.distill.sequence import teacher_generations
+
+    cfg = _recipe(tiny_model_dir, student_dir, tmp_path, mode="sequence", steps=1)
+    out = teacher_generations(cfg, str(tiny_model_dir))
+    meta_file = out.with_suffix(".meta.json")
+    assert json.loads(meta_file.read_text())["precision"] == "auto"
+    out.write_text(out.read_text() + "\n")  # a marker: survives only a reuse
+    assert teacher_generations(cfg, str(tiny_model_dir)).read_text().endswith("\n\n")
+    cfg.train.precision = "fp32"
+    assert not teacher_generations(cfg, str(tiny_model_dir)).read_text().endswith("\n\n")
+    assert json.loads(meta_file.read_text())["precision"] == "fp32"

@@ -103,7 +103,8 @@ def _on_policy_plan(cfg: DistillRecipe, run: Run, teacher_path: str):
 
     tok, ro = run.tokenizer, cfg.rollout
     if ro.backend == "hf":
-        engine = get_engine("hf", model=run.model, tokenizer=tok, max_batch_rows=ro.max_batch_rows)
+        engine = get_engine("hf", model=run.model, tokenizer=tok, max_batch_rows=ro.max_batch_rows,
+                            precision=cfg.train.precision)  # fmt: skip
     else:
         engine = get_engine(ro.backend, model=resolve_model_path(cfg.student.path), tokenizer=tok)
     demos = None

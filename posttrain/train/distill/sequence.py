@@ -45,6 +45,7 @@ def teacher_generations(cfg: DistillRecipe, teacher_path: str) -> Path:
         **cache_meta(teacher_path, 0, []),
         "prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest(),
         "sampling": settings,
+        "precision": cfg.train.precision,  # bf16 and fp32 sampling draw different completions
         "seed": cfg.seed,
     }
     meta_file = out.with_suffix(".meta.json")
@@ -54,7 +55,8 @@ def teacher_generations(cfg: DistillRecipe, teacher_path: str) -> Path:
     tok = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, dtype=cfg.teacher.dtype, device=cfg.teacher.device, tokenizer=tok)
     if ro.backend == "hf":
-        engine = get_engine("hf", model=teacher, tokenizer=tok, max_batch_rows=ro.max_batch_rows)
+        engine = get_engine("hf", model=teacher, tokenizer=tok, max_batch_rows=ro.max_batch_rows,
+                            precision=cfg.train.precision)  # fmt: skip
     else:
         engine = get_engine(ro.backend, model=teacher_path, tokenizer=tok)
     params = SamplingParams(**settings, seed=cfg.seed, source="distill.rollout (teacher)")
