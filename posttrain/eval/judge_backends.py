@@ -46,7 +46,9 @@ def local_generate(
     folder = resolve_model_path(path)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, tokenizer=tokenizer)
-    engine = get_engine("hf", model=model, tokenizer=tokenizer, max_batch_rows=max_batch_rows, precision=precision)
+    engine = get_engine(
+        "hf", model=model, tokenizer=tokenizer, max_batch_rows=max_batch_rows, precision=precision
+    )
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
 
     def generate(chats: list[list[dict]]) -> list[str]:

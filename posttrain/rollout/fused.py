@@ -124,7 +124,11 @@ class Linear:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        y = (
+            torch.mm(flat, self.weight_t)
+            if self.bias is None
+            else torch.addmm(self.bias, flat, self.weight_t)
+        )
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -184,8 +184,10 @@ def test_a_packed_linear_keeps_only_the_packed_copy(dtype):
     small = Linear(w[:8, :6], b[:8], pack=True)  # too small to pack: kept plain, as (in, out)
     assert small.packed is None and small.weight_t.shape == (6, 8)
     torch.testing.assert_close(
-        small(x[:, None, :6]).float(), torch.nn.functional.linear(x[:, None, :6], w[:8, :6], b[:8]).float(),
-        atol=tol, rtol=0.02,
+        small(x[:, None, :6]).float(),
+        torch.nn.functional.linear(x[:, None, :6], w[:8, :6], b[:8]).float(),
+        atol=tol,
+        rtol=0.02,
     )
 
 
