@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import ModelError
+from posttrain.models import cpu_kernels
 from posttrain.rollout.engine import Completion, Prompt, encode_prompt
 from posttrain.rollout.fused import FusedLM, Unsupported
 from posttrain.rollout.kv_cache import (
@@ -72,13 +73,20 @@ def sample_next(
     The log-prob is taken from log softmax(logits / T) before top-k / top-p filtering (the
     policy's probability of the token); greedy (T = 0) takes the argmax and T = 1. Without top-k /
     top-p, one softmax over the vocabulary serves both the draw and the log-prob (log of the drawn
-    token's probability: fp32 relative rounding, ~1e-7 in log space).
+    token's probability: fp32 relative rounding, ~1e-7 in log space); on CPU with the fused kernels
+    that is `cpu_kernels`' ``sample_softmax``: the same uniform and two-level draw as `draw`, in one
+    pass that writes no probabilities (SmolLM2's 49k vocabulary at 28 rows: ~14 ops, 1.1 ms a step).
     """
     if params.greedy:
         tok = logits.argmax(-1)
         return tok, logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
     scaled = logits / params.temperature if params.temperature != 1.0 else logits
     if not 0 < params.top_k < scaled.shape[-1] and params.top_p >= 1.0:
+        kernels = cpu_kernels.load() if scaled.device.type == "cpu" else None
+        if kernels is not None:  # the same uniforms and draw as below, in one pass: no probs written
+            u = torch.rand((scaled.shape[0],), generator=generator, device=scaled.device)
+            tok, logp = kernels.sample_softmax(scaled.contiguous(), u, DRAW_BLOCK)
+            return tok, logp
         probs = torch.softmax(scaled, -1)
         tok = draw(probs, generator)
         return tok, probs.gather(1, tok[:, None]).squeeze(1).log()

@@ -1,6 +1,7 @@
 """The fused C++ decode kernels (`posttrain.models.cpu_kernels`) against the PyTorch ops they
 replace: RMSNorm with the residual add, SiLU * up, RoPE with the cache write, decode attention
-(GQA, padding mask, fp32 and bf16 storage); their input checks; the switch that turns them off."""
+(GQA, padding mask, fp32 and bf16 storage), the sampler (`hf_engine.draw` over softmax); their input
+checks; the switch that turns them off."""
 
 from __future__ import annotations
 
@@ -111,6 +112,48 @@ def test_decode_attention_equals_masked_softmax(kern, kv_dtype):
     assert half.dtype == torch.bfloat16 and torch.equal(half, got.bfloat16())
 
 
+@pytest.mark.parametrize("vocab", [298, 1000, 49152])
+def test_sample_softmax_draws_what_draw_draws_from_the_same_uniforms(kern, vocab):
+    """The same uniform gives the same token as `draw` over torch.softmax, but for the rare draw
+    that lands within fp32 rounding of a CDF boundary (summation orders differ: at most 2 of 256
+    rows), and the log-prob is log_softmax at that token; bf16 logits are read as they are."""
+    from posttrain.rollout.hf_engine import DRAW_BLOCK, draw
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(256, vocab, generator=g) * 3
+    u = torch.rand(256, generator=torch.Generator().manual_seed(1))
+    ref = draw(torch.softmax(logits, -1), torch.Generator().manual_seed(1))
+    tok, logp = kern.sample_softmax(logits, u, DRAW_BLOCK)
+    assert tok.dtype == torch.long and (tok != ref).sum() <= 2
+    expected = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=0)
+    half = logits.bfloat16()
+    tok16, _ = kern.sample_softmax(half, u, DRAW_BLOCK)
+    assert (tok16 != draw(torch.softmax(half.float(), -1), torch.Generator().manual_seed(1))).sum() <= 2
+
+
+def test_sample_softmax_frequencies_match_and_masked_tokens_never_come(kern):
+    from posttrain.rollout.hf_engine import DRAW_BLOCK
+
+    g = torch.Generator().manual_seed(0)
+    vocab, n = 600, 60_000
+    logits = torch.randn(vocab, generator=g) * 2
+    logits[::5] = float("-inf")  # masked, some at block edges
+    logits[-1] = float("-inf")  # the last token: where a rounding at u ~ 1 would end
+    u = torch.rand(n, generator=g)
+    u[:100] = 1 - 2**-24  # the largest float32 below 1
+    tok, logp = kern.sample_softmax(logits.expand(n, vocab).contiguous(), u, DRAW_BLOCK)
+    freq = tok.bincount(minlength=vocab).float() / n
+    assert freq[::5].sum() == 0 and freq[-1] == 0
+    p = torch.softmax(logits, -1)
+    assert (freq - p).abs().max() < 5 * (p.max() / n) ** 0.5  # within 5 standard errors
+    assert torch.isfinite(logp).all()
+    bad = torch.randn(3, 40)
+    bad[1, 7] = float("nan")
+    tok, logp = kern.sample_softmax(bad, torch.rand(3), DRAW_BLOCK)
+    assert logp[1].isnan() and torch.isfinite(logp[[0, 2]]).all()  # a NaN row is flagged, not hidden
+
+
 def test_bad_inputs_raise_with_the_kernel_named(kern):
     with pytest.raises(RuntimeError, match="add_rms_norm_"):
         kern.add_rms_norm_(torch.randn(2, 8), None, torch.randn(8).bfloat16(), 1e-6)
@@ -122,6 +165,8 @@ def test_bad_inputs_raise_with_the_kernel_named(kern):
     with pytest.raises(RuntimeError, match="decode_attention: length"):
         kern.decode_attention(torch.randn(1, 2, 8), torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), 4, None,
                               torch.float32)  # fmt: skip
+    with pytest.raises(RuntimeError, match="sample_softmax: u"):
+        kern.sample_softmax(torch.randn(2, 8), torch.rand(3), 256)
 
 
 def test_switched_off_the_snapshot_uses_pytorch_ops(monkeypatch, tiny_model_dir):

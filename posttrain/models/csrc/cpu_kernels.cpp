@@ -12,6 +12,8 @@
 //                   q scaled and returned in fp32
 //   decode_attention  one query token per row over the row's cached keys / values: each key and
 //                   value row is read once for all query heads of its key/value head
+//   sample_softmax  one token per row drawn from softmax(logits) by a given uniform (two-level
+//                   inverse CDF, as `hf_engine.draw`), and its log-prob, without writing the probs
 //
 // Arithmetic is fp32 whatever the storage dtype (fp32 or bf16), as in the PyTorch path.
 #include <torch/extension.h>
@@ -363,6 +365,69 @@ void silu_mul_bwd_impl(const torch::Tensor& grad, const torch::Tensor& gate, con
 }
 
 
+
+// exp(v - m), exactly 0 for v = -inf (a masked token), as softmax gives.
+inline float softmax_weight(float v, float m) {
+  return v == -std::numeric_limits<float>::infinity() ? 0.f : fast_exp(v - m);
+}
+
+// One row of sample_softmax: the token whose softmax CDF first exceeds u (found over block sums,
+// then inside the chosen block, as `hf_engine.draw`) and its log-prob. `sums` holds ceil(V / block)
+// floats, `cum` block floats. A block or token of weight 0 is never chosen.
+template <typename T>
+void sample_row(const T* x, int64_t vocab, int64_t block, float u, float* sums, float* cum, int64_t* tok,
+                float* logp) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < vocab; ++i) {
+    m = std::max(m, load(x, i));
+  }
+  const int64_t blocks = (vocab + block - 1) / block;
+  float total = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * block, hi = std::min(vocab, lo + block);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) {
+      s += softmax_weight(load(x, i), m);
+    }
+    sums[b] = s;
+    total += s;
+  }
+  if (!(total > 0.f) || !std::isfinite(total) || !std::isfinite(m)) {  // NaN or infinite logits
+    *tok = 0;
+    *logp = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const float target = u * total;
+  float before = 0.f, kept = 0.f;
+  int64_t b = -1;
+  for (int64_t j = 0; j < blocks; ++j) {
+    if (sums[j] <= 0.f) {
+      continue;
+    }
+    b = j;  // the last block of positive weight so far: where rounding at u ~ 1 ends up
+    kept = before;
+    if (before + sums[j] > target) {
+      break;
+    }
+    before += sums[j];
+  }
+  const int64_t lo = b * block, hi = std::min(vocab, lo + block);
+  float within = 0.f;
+  for (int64_t i = lo; i < hi; ++i) {
+    within += softmax_weight(load(x, i), m);
+    cum[i - lo] = within;
+  }
+  const float rest = std::min(target - kept, within * (1.f - 1.f / (1 << 20)));  // inside the block's mass
+  int64_t t = lo;
+  while (t < hi - 1 && cum[t - lo] <= rest) {
+    ++t;
+  }
+  *tok = t;
+  *logp = load(x, t) - m - std::log(total);
+}
+
 bool is_float_or_bf16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16;
 }
@@ -480,6 +545,36 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tenso
     });
   });
   return out;
+}
+
+// logits (R, V) contiguous, u (R,) fp32 uniforms in [0, 1): [tokens (R,) int64, log-probs (R,) fp32]
+// of one draw per row from softmax(logits); a row with NaN or infinite logits gets token 0 and a NaN
+// log-prob.
+std::vector<torch::Tensor> sample_softmax(torch::Tensor logits, torch::Tensor u, int64_t block) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && is_float_or_bf16(logits) && logits.size(1) > 0,
+              "sample_softmax: logits (R, V) contiguous float32 or bfloat16");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == rows && u.is_contiguous() && u.scalar_type() == torch::kFloat,
+              "sample_softmax: u (R,) float32");
+  TORCH_CHECK(block >= 1, "sample_softmax: block >= 1");
+  auto tok = torch::empty({rows}, logits.options().dtype(torch::kLong));
+  auto logp = torch::empty({rows}, logits.options().dtype(torch::kFloat));
+  const int64_t blocks = (vocab + block - 1) / block;
+  const float* up = ptr<float>(u);
+  int64_t* tp = ptr<int64_t>(tok);
+  float* lp = ptr<float>(logp);
+  with_type(logits, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    const T* x = ptr<T>(logits);
+    at::parallel_for(0, rows, grain(rows, vocab), [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(blocks), cum(block);
+      for (int64_t r = begin; r < end; ++r) {
+        sample_row(x + r * vocab, vocab, block, up[r], sums.data(), cum.data(), tp + r, lp + r);
+      }
+    });
+  });
+  return {tok, logp};
 }
 
 // x (..., n), weight (n,): (RMSNorm(x) * weight in out_dtype, 1 / rms per row (rows,) fp32).
