@@ -36,7 +36,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FUNCTIONS = [
-    "add_rms_norm_", "silu_mul", "rope_kv_", "decode_attention", "sample_softmax",  # decode
+    "add_rms_norm_", "silu_mul", "rope_kv_", "decode_attention",
+    "decode_attention_vectorized", "sample_softmax",  # decode
     "rms_norm_fwd", "rms_norm_bwd", "silu_mul_fwd", "silu_mul_bwd",  # training
 ]  # fmt: skip
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]

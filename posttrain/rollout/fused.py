@@ -43,11 +43,14 @@ from posttrain.models import cpu_kernels
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ATTEND_KERNEL_MAX = 1 << 18
-"""Decode attention runs in `cpu_kernels.decode_attention` up to this many key elements a layer
-(rows x KV heads x length x head size), in PyTorch's batched matmuls above: the kernel's per-call
-cost is ~one op's, theirs ~six, but oneDNN's matmuls read long caches faster. Measured on an Intel
-Xeon with AMX (2 threads): tiny default, 4 rows x 40 tokens, a whole step 0.46 ms kernel vs 0.57;
-SmolLM2, 32 rows x 100 tokens, even; x 300 tokens, 52 vs 46 ms."""
+"""Where the kernel runs its portable loops (no AVX-512, or a head size other than 32 / 64 / 128),
+decode attention runs in `cpu_kernels.decode_attention` up to this many key elements a layer (rows x
+KV heads x length x head size), in PyTorch's batched matmuls above: those loops' per-call cost is
+~one op's, the matmuls' ~six, but the matmuls read long caches faster. Measured on an Intel Xeon with
+AMX (2 threads): tiny default, 4 rows x 40 tokens, a whole step 0.46 ms kernel vs 0.57; SmolLM2, 32
+rows x 100 tokens, even; x 300 tokens, 52 vs 46 ms. The AVX-512 path runs at every length: SmolLM2,
+32 rows (8 a prompt, sharing off), a step at ~70-token contexts 25.8 -> 24.9 ms and at ~260 42.3 ->
+36.1 ms against this threshold."""
 PACK_MIN_ELEMENTS = 1 << 18
 """Smaller weights stay plain: oneDNN's per-call cost (~15 us) outweighs its gain on the tiny
 default's 128 x 512 matmuls at few rows."""
@@ -253,6 +256,7 @@ class FusedLM:
         shared = getattr(cache, "attend", None)
         # one new token a row after a prefill, over reserved layers: RoPE, cache write, attention fused
         fast = kern is not None and width == 1 and shared is None and start > 0
+        attend_max = float("inf") if fast and kern.decode_attention_vectorized(d) else ATTEND_KERNEL_MAX
         if fast:
             cos, sin = cos.reshape(rows, d), sin.reshape(rows, d)
             mask = None if keys is None else keys.bool()
@@ -267,8 +271,8 @@ class FusedLM:
             if fast:
                 column, k_buf, v_buf = layer.next_column()
                 q = kern.rope_kv_(qkv.view(rows, -1), cos, sin, k_buf, v_buf, column, nq, nkv, self.scale)
-                if rows * nkv * (column + 1) * d <= ATTEND_KERNEL_MAX:
-                    a = kern.decode_attention(q, k_buf, v_buf, column + 1, mask, self.dtype)
+                if rows * nkv * (column + 1) * d <= attend_max:
+                    a = kern.decode_attention(q, k_buf, v_buf, column + 1, mask, self.dtype, False)
                 else:
                     seen = None if mask is None else mask[:, None, None, : column + 1]
                     a = self.attend(q.view(rows, nq, 1, d), layer.keys, layer.values, seen, 1.0).to(

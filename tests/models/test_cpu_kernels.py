@@ -87,10 +87,14 @@ def test_rope_kv_writes_one_column_and_returns_scaled_q(kern, kv_dtype):
     assert torch.equal(kbuf[:, :, others], before[:, :, others]) and not vbuf[:, :, others].any()
 
 
+@pytest.mark.parametrize("portable", [True, False])
+@pytest.mark.parametrize("d,length", [(16, 9), (32, 9), (64, 21), (128, 8), (64, 1)])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_masked_softmax(kern, kv_dtype):
+def test_decode_attention_equals_masked_softmax(kern, kv_dtype, d, length, portable):
+    """Both the portable loops and (head sizes 32 / 64 / 128 where the CPU has AVX-512) the
+    vectorised path; lengths below, at and past a block of 8 keys."""
     g = torch.Generator().manual_seed(3)
-    rows, nq, nkv, d, cap, length = 4, 6, 2, 16, 12, 9
+    rows, nq, nkv, cap = 4, 6, 2, 24
     q = torch.randn(rows, nq, d, generator=g)
     kbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)  # more rows reserved than used
     vbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)
@@ -100,15 +104,15 @@ def test_decode_attention_equals_masked_softmax(kern, kv_dtype):
     scores = q.view(rows, nkv, nq // nkv, d) @ k.transpose(-1, -2)  # query head h reads kv head h // 3
     scores = scores.masked_fill(~mask[:rows, None, None, :length], float("-inf"))
     ref = (torch.softmax(scores, -1) @ v).reshape(rows, nq * d)
-    got = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.float32)
+    got = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.float32, portable)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     unmasked = (torch.softmax(q.view(rows, nkv, nq // nkv, d) @ k.transpose(-1, -2), -1) @ v).reshape(
         rows, -1
     )
-    torch.testing.assert_close(kern.decode_attention(q, kbuf, vbuf, length, None, torch.float32), unmasked,
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
-    assert not torch.allclose(ref, unmasked, atol=1e-3)  # the mask mattered
-    half = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.bfloat16)
+    torch.testing.assert_close(kern.decode_attention(q, kbuf, vbuf, length, None, torch.float32, portable),
+                               unmasked, atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert length == 1 or not torch.allclose(ref, unmasked, atol=1e-3)  # the mask mattered
+    half = kern.decode_attention(q, kbuf, vbuf, length, mask, torch.bfloat16, portable)
     assert half.dtype == torch.bfloat16 and torch.equal(half, got.bfloat16())
 
 
@@ -164,7 +168,7 @@ def test_bad_inputs_raise_with_the_kernel_named(kern):
                       torch.zeros(1, 1, 3, 8), 3, 2, 1, 1.0)  # fmt: skip
     with pytest.raises(RuntimeError, match="decode_attention: length"):
         kern.decode_attention(torch.randn(1, 2, 8), torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), 4, None,
-                              torch.float32)  # fmt: skip
+                              torch.float32, False)  # fmt: skip
     with pytest.raises(RuntimeError, match="sample_softmax: u"):
         kern.sample_softmax(torch.randn(2, 8), torch.rand(3), 256)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from posttrain.models import cpu_kernels
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.rollout import fused as fused_module
 from posttrain.rollout.fused import FusedLM, Linear, Unsupported, can_pack, unsupported
@@ -110,8 +111,14 @@ class Counting:
         return counted
 
 
-@pytest.mark.parametrize("attend_max", [0, 1 << 30], ids=["pytorch-attention", "kernel-attention"])
-def test_cpu_kernels_give_the_pytorch_ops_logits(qwen2, monkeypatch, attend_max):
+@pytest.mark.parametrize(
+    "attend_max,vectorized",
+    [(0, False), (1 << 30, False), (0, None)],
+    ids=["pytorch-attention", "portable-kernel-attention", "vectorized-kernel-attention"],
+)
+def test_cpu_kernels_give_the_pytorch_ops_logits(qwen2, monkeypatch, attend_max, vectorized):
+    """The portable kernel attends below ATTEND_KERNEL_MAX; the AVX-512 one (where the CPU has it:
+    vectorized=None asks the built module) at every length."""
     monkeypatch.setattr(fused_module, "ATTEND_KERNEL_MAX", attend_max)
     ids, mask, pos = padded_batch(qwen2.config.vocab_size, [7, 3, 5])
     new = torch.randint(3, qwen2.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(5))
@@ -119,6 +126,8 @@ def test_cpu_kernels_give_the_pytorch_ops_logits(qwen2, monkeypatch, attend_max)
 
     def wrap(module):
         counting.append(Counting(module))
+        if vectorized is not None:
+            counting[-1].decode_attention_vectorized = lambda d: vectorized
         return counting[-1]
 
     got = fused_logits(qwen2, ids, mask, pos, new, kernels=True, wrap=wrap)
@@ -126,7 +135,11 @@ def test_cpu_kernels_give_the_pytorch_ops_logits(qwen2, monkeypatch, attend_max)
     assert (got - plain).abs().max() < 1e-5
     layers, calls = qwen2.config.num_hidden_layers, counting[0].calls
     assert calls["rope_kv_"] == 4 * layers  # every decode step, none in the prefill
-    assert calls["decode_attention"] == (4 * layers if attend_max else 0)
+    head_dim = qwen2.config.hidden_size // qwen2.config.num_attention_heads
+    uses_kernel = attend_max > 0 or (
+        vectorized is None and cpu_kernels.load().decode_attention_vectorized(head_dim)
+    )
+    assert calls["decode_attention"] == (4 * layers if uses_kernel else 0)
     assert calls["add_rms_norm_"] == 5 * (2 * layers + 1) and calls["silu_mul"] == 5 * layers
     ref = hf_logits(qwen2, ids, mask, pos, new)
     half = fused_logits(qwen2, ids, mask, pos, new, dtype=torch.bfloat16, kernels=True)

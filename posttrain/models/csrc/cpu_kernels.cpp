@@ -18,6 +18,9 @@
 // Arithmetic is fp32 whatever the storage dtype (fp32 or bf16), as in the PyTorch path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -190,9 +193,141 @@ void rope_kv_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torc
   });
 }
 
+// Softmax in place over each of the `groups` score rows of `length` values.
+inline void softmax_rows(float* scores, int64_t groups, int64_t length) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float* sg = scores + g * length;
+    const float top = *std::max_element(sg, sg + length);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = 0; l < length; ++l) {
+      sg[l] = fast_exp(sg[l] - top);
+      total += sg[l];
+    }
+    const float inv = 1.f / total;
+    for (int64_t l = 0; l < length; ++l) {
+      sg[l] *= inv;
+    }
+  }
+}
+
+// One (row, key/value head) of decode attention, portable loops: the `groups` query heads at qh
+// (groups x d) over `length` keys / values (rows `ks` / `vs` apart); acc (groups x d) gets the
+// output, scores (groups x length) is scratch.
+template <typename C>
+void attend_item(const float* qh, const C* kh, int64_t ks, const C* vh, int64_t vs, const bool* mrow,
+                 int64_t length, int64_t groups, int64_t d, float* scores, float* acc) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < length; ++l) {
+    const C* key = kh + l * ks;
+    const bool keep = mrow == nullptr || mrow[l];
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = qh + g * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) {
+        dot += qg[i] * load(key, i);
+      }
+      scores[g * length + l] = keep ? dot : neg_inf;
+    }
+  }
+  softmax_rows(scores, groups, length);
+  std::fill(acc, acc + groups * d, 0.f);
+  for (int64_t l = 0; l < length; ++l) {
+    const C* value = vh + l * vs;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float p = scores[g * length + l];
+      float* ag = acc + g * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        ag[i] += p * load(value, i);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32: the raw bits shifted up
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// attend_item for a head size of NC x 16 with AVX-512. The portable loops reduce every (key, head)
+// dot product horizontally right after one dependent chain of FMAs, and keep the output in memory
+// (~9 GFLOP/s on one core, SmolLM2's shape); here 8 keys' products run as independent chains and
+// the output stays in registers, two accumulators per chunk to hide the FMA latency.
+template <typename C, int NC>
+void attend_item_avx512(const float* qh, const C* kh, int64_t ks, const C* vh, int64_t vs, const bool* mrow,
+                        int64_t length, int64_t groups, float* scores, float* acc) {
+  constexpr int64_t D = NC * 16;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 qv[NC];
+    for (int c = 0; c < NC; ++c) {
+      qv[c] = _mm512_loadu_ps(qh + g * D + c * 16);
+    }
+    float* sg = scores + g * length;
+    int64_t l = 0;
+    for (; l + 8 <= length; l += 8) {
+      __m512 a[8];
+      for (int j = 0; j < 8; ++j) {
+        a[j] = _mm512_mul_ps(qv[0], load16(kh + (l + j) * ks));
+      }
+      for (int c = 1; c < NC; ++c) {
+        for (int j = 0; j < 8; ++j) {
+          a[j] = _mm512_fmadd_ps(qv[c], load16(kh + (l + j) * ks + c * 16), a[j]);
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        sg[l + j] = _mm512_reduce_add_ps(a[j]);
+      }
+    }
+    for (; l < length; ++l) {
+      __m512 a = _mm512_mul_ps(qv[0], load16(kh + l * ks));
+      for (int c = 1; c < NC; ++c) {
+        a = _mm512_fmadd_ps(qv[c], load16(kh + l * ks + c * 16), a);
+      }
+      sg[l] = _mm512_reduce_add_ps(a);
+    }
+    if (mrow != nullptr) {
+      for (int64_t i = 0; i < length; ++i) {
+        sg[i] = mrow[i] ? sg[i] : -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+  softmax_rows(scores, groups, length);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* sg = scores + g * length;
+    __m512 even[NC], odd[NC];
+    for (int c = 0; c < NC; ++c) {
+      even[c] = _mm512_setzero_ps();
+      odd[c] = _mm512_setzero_ps();
+    }
+    int64_t l = 0;
+    for (; l + 2 <= length; l += 2) {
+      const __m512 p0 = _mm512_set1_ps(sg[l]), p1 = _mm512_set1_ps(sg[l + 1]);
+      for (int c = 0; c < NC; ++c) {
+        even[c] = _mm512_fmadd_ps(p0, load16(vh + l * vs + c * 16), even[c]);
+        odd[c] = _mm512_fmadd_ps(p1, load16(vh + (l + 1) * vs + c * 16), odd[c]);
+      }
+    }
+    if (l < length) {
+      const __m512 p0 = _mm512_set1_ps(sg[l]);
+      for (int c = 0; c < NC; ++c) {
+        even[c] = _mm512_fmadd_ps(p0, load16(vh + l * vs + c * 16), even[c]);
+      }
+    }
+    for (int c = 0; c < NC; ++c) {
+      _mm512_storeu_ps(acc + g * D + c * 16, _mm512_add_ps(even[c], odd[c]));
+    }
+  }
+}
+#endif
+
 template <typename C, typename O>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kbuf, const torch::Tensor& vbuf,
-                           int64_t length, const c10::optional<torch::Tensor>& mask, torch::Tensor& out) {
+                           int64_t length, const c10::optional<torch::Tensor>& mask, torch::Tensor& out,
+                           bool portable) {
   const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2), nkv = kbuf.size(1), groups = nq / nkv;
   const float* qp = ptr<float>(q);
   const C* kp = ptr<C>(kbuf);
@@ -202,7 +337,6 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kbuf, co
   const int64_t mstride = mask.has_value() ? mask->stride(0) : 0;
   const int64_t ks0 = kbuf.stride(0), ks1 = kbuf.stride(1), ks2 = kbuf.stride(2);
   const int64_t vs0 = vbuf.stride(0), vs1 = vbuf.stride(1), vs2 = vbuf.stride(2);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows * nkv, grain(rows * nkv, 2 * length * d), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * length), acc(groups * d);
     for (int64_t item = begin; item < end; ++item) {
@@ -211,44 +345,23 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kbuf, co
       const C* kh = kp + r * ks0 + h * ks1;
       const C* vh = vp + r * vs0 + h * vs1;
       const bool* mrow = mp != nullptr ? mp + r * mstride : nullptr;
-      for (int64_t l = 0; l < length; ++l) {
-        const C* key = kh + l * ks2;
-        const bool keep = mrow == nullptr || mrow[l];
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* qg = qh + g * d;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < d; ++i) {
-            dot += qg[i] * load(key, i);
-          }
-          scores[g * length + l] = keep ? dot : neg_inf;
+      bool done = false;
+#if defined(__AVX512F__)
+      if (!portable) {
+        done = true;
+        if (d == 32) {
+          attend_item_avx512<C, 2>(qh, kh, ks2, vh, vs2, mrow, length, groups, scores.data(), acc.data());
+        } else if (d == 64) {
+          attend_item_avx512<C, 4>(qh, kh, ks2, vh, vs2, mrow, length, groups, scores.data(), acc.data());
+        } else if (d == 128) {
+          attend_item_avx512<C, 8>(qh, kh, ks2, vh, vs2, mrow, length, groups, scores.data(), acc.data());
+        } else {
+          done = false;
         }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        float* sg = scores.data() + g * length;
-        const float top = *std::max_element(sg, sg + length);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t l = 0; l < length; ++l) {
-          sg[l] = fast_exp(sg[l] - top);
-          total += sg[l];
-        }
-        const float inv = 1.f / total;
-        for (int64_t l = 0; l < length; ++l) {
-          sg[l] *= inv;
-        }
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t l = 0; l < length; ++l) {
-        const C* value = vh + l * vs2;
-        for (int64_t g = 0; g < groups; ++g) {
-          const float p = scores[g * length + l];
-          float* ag = acc.data() + g * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) {
-            ag[i] += p * load(value, i);
-          }
-        }
+#endif
+      if (!done) {
+        attend_item(qh, kh, ks2, vh, vs2, mrow, length, groups, d, scores.data(), acc.data());
       }
       O* orow = op + (r * nq + h * groups) * d;
       for (int64_t i = 0; i < groups * d; ++i) {
@@ -519,7 +632,7 @@ torch::Tensor rope_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, 
 // q (R, nq, d) fp32 (scaled); k / v buffers (>= R, nkv, capacity, d); the first ``length`` columns
 // attended, where ``mask`` (R, >= length) bool allows. Returns (R, nq * d) in ``out_dtype``.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tensor vbuf, int64_t length,
-                               c10::optional<torch::Tensor> mask, torch::ScalarType out_dtype) {
+                               c10::optional<torch::Tensor> mask, torch::ScalarType out_dtype, bool portable) {
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat, "decode_attention: q (R, nq, d) f32");
   const int64_t rows = q.size(0), nq = q.size(1), d = q.size(2);
@@ -541,10 +654,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kbuf, torch::Tenso
     with_type(out_dtype, [&](auto* o) {
       using C = std::remove_pointer_t<decltype(c)>;
       using O = std::remove_pointer_t<decltype(o)>;
-      decode_attention_impl<C, O>(q, kbuf, vbuf, length, mask, out);
+      decode_attention_impl<C, O>(q, kbuf, vbuf, length, mask, out, portable);
     });
   });
   return out;
+}
+
+// Whether decode_attention has its AVX-512 path for head size d (else the portable loops run).
+bool decode_attention_vectorized(int64_t d) {
+#if defined(__AVX512F__)
+  return d == 32 || d == 64 || d == 128;
+#else
+  (void)d;
+  return false;
+#endif
 }
 
 // logits (R, V) contiguous, u (R,) fp32 uniforms in [0, 1): [tokens (R,) int64, log-probs (R,) fp32]
