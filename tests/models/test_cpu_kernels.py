@@ -94,7 +94,7 @@ def test_decode_attention_equals_masked_softmax(kern, kv_dtype, d, length, porta
     """Both the portable loops and (head sizes 32 / 64 / 128 where the CPU has AVX-512) the
     vectorised path; lengths below, at and past a block of 8 keys."""
     g = torch.Generator().manual_seed(3)
-    rows, nq, nkv, cap = 4, 6, 2, 24
+    rows, nq, nkv, cap = 4, 6, 2, 40
     q = torch.randn(rows, nq, d, generator=g)
     kbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)  # more rows reserved than used
     vbuf = torch.randn(rows + 1, nkv, cap, d, generator=g).to(kv_dtype)
