@@ -12,8 +12,9 @@ only when the adapter is used. `lm_class` builds (once) and registers ``Posttrai
 - ``generate_until``: our HF rollout engine (batched, KV cache) with the request's ``until`` as
   stop strings (the text is cut at the first one), ``max_gen_toks`` and ``temperature`` (0 or
   ``do_sample: false``: greedy), decoding in ``precision`` (``auto``: bf16 where the hardware
-  computes it natively, `posttrain.rollout.hf_engine.decode_precision`; or fp32 / bf16); or, with ``--model_args strategy=NAME``, a registered search
-  strategy (`search_generate`: e.g. ``strategy=best_of_n,n=4,select=likelihood`` or
+  computes it natively, `posttrain.rollout.hf_engine.decode_precision`; or fp32 / bf16); or,
+  with ``--model_args strategy=NAME``, a registered search strategy (`search_generate`: e.g.
+  ``strategy=best_of_n,n=4,select=likelihood`` or
   ``strategy=best_of_n,n=8,select=orm,scorer=orm:runs/rm/final``; the strategy's own keys, and
   ``step.KEY`` for its step config, go in the same model_args). Log-likelihoods are unchanged.
 

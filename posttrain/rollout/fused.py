@@ -112,7 +112,9 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 class Linear:
-    """``x @ weight.T + bias`` with the weight (out, in) in oneDNN's own layout when ``pack``."""
+    """``x @ weight.T + bias`` with the weight (out, in) in oneDNN's own layout when ``pack`` and
+    large enough, else stored transposed, (in, out), for a plain ``mm``: 2-3x faster than
+    ``F.linear``'s x @ w.T at few rows (one thread, fp32, 8 rows x 128 -> 1024: 23.7 -> 10.0 us)."""
 
     __slots__ = ("weight_t", "bias", "packed")
 
@@ -120,7 +122,7 @@ class Linear:
         self.bias, self.packed, self.weight_t = bias, None, None
         if pack and weight.numel() >= PACK_MIN_ELEMENTS:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)  # 32: a batch hint
-        else:  # (in, out): a plain x @ w, 2-3x faster than F.linear's x @ w.T at few rows
+        else:
             self.weight_t = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

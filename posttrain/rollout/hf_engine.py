@@ -75,7 +75,7 @@ def sample_next(
     top-p, one softmax over the vocabulary serves both the draw and the log-prob (log of the drawn
     token's probability: fp32 relative rounding, ~1e-7 in log space); on CPU with the fused kernels
     that is `cpu_kernels`' ``sample_softmax``: the same uniform and two-level draw as `draw`, in one
-    pass that writes no probabilities (SmolLM2's 49k vocabulary at 28 rows: ~14 ops, 1.1 ms a step).
+    pass that writes no probabilities (SmolLM2's 49k vocabulary, 28 rows, 2 threads: 0.73 -> 0.35 ms).
     """
     if params.greedy:
         tok = logits.argmax(-1)

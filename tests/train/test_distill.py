@@ -174,15 +174,16 @@ def test_on_policy_resume_equals_uninterrupted(tiny_model_dir, student_dir, tmp_
 
 def test_teacher_generations_are_keyed_by_the_sampling_precision(tiny_model_dir, student_dir, tmp_path):
     """The teacher samples in train.precision (bf16 and fp32 draw different completions), so the
-    cached generations are reused only for the same precision."""
+    cached generations are reused only for the precision it resolves to."""
     from posttrain.train.distill.sequence import teacher_generations
 
     cfg = _recipe(tiny_model_dir, student_dir, tmp_path, mode="sequence", steps=1)
+    cfg.train.precision = "fp32"
     out = teacher_generations(cfg, str(tiny_model_dir))
     meta_file = out.with_suffix(".meta.json")
-    assert json.loads(meta_file.read_text())["precision"] == "auto"
+    assert json.loads(meta_file.read_text())["precision"] == "fp32"
     out.write_text(out.read_text() + "\n")  # a marker: survives only a reuse
     assert teacher_generations(cfg, str(tiny_model_dir)).read_text().endswith("\n\n")
-    cfg.train.precision = "fp32"
+    cfg.train.precision = "bf16"
     assert not teacher_generations(cfg, str(tiny_model_dir)).read_text().endswith("\n\n")
-    assert json.loads(meta_file.read_text())["precision"] == "fp32"
+    assert json.loads(meta_file.read_text())["precision"] == "bf16"

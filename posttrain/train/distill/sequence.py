@@ -28,9 +28,10 @@ def _messages(prompt) -> list[dict]:
 
 def teacher_generations(cfg: DistillRecipe, teacher_path: str) -> Path:
     """Sample ``rollout.n`` teacher completions per prompt into SFT chat records; returns the file."""
-    from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.models.load import load_model, load_tokenizer, resolve_device
     from posttrain.rollout.engine import get_engine
     from posttrain.rollout.sampling import SamplingParams
+    from posttrain.train.precision import resolve as resolve_precision
 
     out = Path(cfg.output_dir) / "teacher_generations.jsonl"
     prompts = prompt_records(cfg.data)
@@ -45,7 +46,8 @@ def teacher_generations(cfg: DistillRecipe, teacher_path: str) -> Path:
         **cache_meta(teacher_path, 0, []),
         "prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest(),
         "sampling": settings,
-        "precision": cfg.train.precision,  # bf16 and fp32 sampling draw different completions
+        # bf16 and fp32 sampling draw different completions: the precision auto resolves to here
+        "precision": resolve_precision(cfg.train.precision, resolve_device(cfg.teacher.device)).precision,
         "seed": cfg.seed,
     }
     meta_file = out.with_suffix(".meta.json")
