@@ -196,6 +196,12 @@ class FusedLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.rotary = base.model.rotary_emb
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        self.rope_table = (
+            None
+            if "dynamic" in rope_type or rope_type == "longrope"
+            else (torch.empty(0, 0), torch.empty(0, 0))
+        )  # (cos, signed sin) by position, grown on demand; None: frequencies that follow the length
         pack = can_pack(dtype)
 
         def linear(*modules: Any) -> Linear:
@@ -247,12 +253,8 @@ class FusedLM:
         rows, width = ids.shape
         start = cache.get_seq_length()
         x = F.embedding(ids, self.embed)
-        cos, sin = self.rotary(x.float(), positions)
-        half = sin.shape[-1] // 2
-        cos, sin = (
-            cos[:, None],
-            torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None],
-        )  # (R, 1, S, D)
+        cos, sin = self.rope(positions)
+        cos, sin = cos[:, None], sin[:, None]  # (R, 1, S, D)
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         kern = self.kernels
         shared = getattr(cache, "attend", None)
@@ -301,6 +303,29 @@ class FusedLM:
             x, delta = x[:, -1:].contiguous(), delta[:, -1:].contiguous()
         x, h = self.add_norm(x, delta, self.norm)
         return self.head(h[:, -1]).float()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (R, S, D) fp32, at ``positions`` (R, S): the rotary module's own
+        values (each position's depend on it alone), gathered from a table built once (grown to
+        twice the length needed) instead of ~10 ops a step; ``signed sin`` is [-sin_1, sin_2] (see
+        `rotate`). RoPE types whose frequencies follow the sequence length (dynamic, longrope)
+        are computed at every call."""
+        table = self.rope_table
+        if table is None:
+            return self.rope_at(positions)
+        need = int(positions.max()) + 1
+        if table[0].shape[0] < need:
+            size = max(need, 2 * table[0].shape[0], 256)
+            cos, sin = self.rope_at(torch.arange(size, device=positions.device)[None])
+            self.rope_table = table = (cos[0], sin[0])
+        return table[0][positions], table[1][positions]
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary module's (cos, signed sin) at ``positions`` (R, S), fp32."""
+        probe = torch.empty(0, dtype=torch.float32, device=positions.device)  # dtype and device only
+        cos, sin = self.rotary(probe, positions)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def add_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor

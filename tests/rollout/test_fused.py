@@ -286,3 +286,18 @@ def test_nucleus_over_candidates_equals_the_full_sort():
         assert torch.equal(got, full_sort(logits, top_p))
         kept = torch.isfinite(got).sum(-1)
         assert (kept >= 1).all() and (kept < 5000).all()
+
+
+def test_rope_table_gives_the_rotary_modules_values_and_grows(qwen2):
+    """The (cos, signed sin) table equals the rotary module's own output at every position, past
+    its first size too; a length-dependent RoPE type (dynamic) is computed at every call."""
+    fused = FusedLM(qwen2, torch.float32, kernels=False)
+    for positions in (torch.tensor([[0, 5, 17]]), torch.tensor([[3], [700]]), torch.arange(600).view(2, 300)):
+        cos, sin = fused.rope(positions)
+        ref_cos, ref_sin = qwen2.model.rotary_emb(torch.empty(0), positions)
+        half = ref_sin.shape[-1] // 2
+        assert torch.equal(cos, ref_cos)
+        assert torch.equal(sin, torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), dim=-1))
+    assert fused.rope_table[0].shape[0] >= 701
+    dynamic = FusedLM(llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), torch.float32)
+    assert dynamic.rope_table is None
