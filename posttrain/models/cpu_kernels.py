@@ -63,6 +63,17 @@ def build_name(source: str) -> str:
     return "posttrain_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def built(name: str) -> bool:
+    """Whether the extension ``name`` is already built in torch's extension cache (then `load`
+    only loads it, quietly)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private helper: when it moves, say "loading" as before
+        return False
+
+
 def load() -> Any:
     """The built kernels module, or None (`reason` says why); builds once per process and machine."""
     global _module, reason
@@ -75,9 +86,11 @@ def load() -> Any:
         from torch.utils.cpp_extension import load_inline
 
         source = SOURCE.read_text()
-        log.info("posttrain: loading the fused CPU kernels (the first time on a machine: a ~20 s build)")
+        name = build_name(source)
+        if not built(name):  # every process loads them: only a build is worth a line
+            log.info("posttrain: building the fused CPU kernels (once per machine and version: ~20 s)")
         _module = load_inline(
-            build_name(source),
+            name,
             cpp_sources=[source],
             functions=FUNCTIONS,
             extra_cflags=CFLAGS,

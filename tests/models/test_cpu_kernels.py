@@ -193,6 +193,18 @@ def test_build_name_follows_source_and_cpu(monkeypatch):
     assert cpu_kernels.build_name("int x;") != first
 
 
+def test_only_a_build_is_logged_not_a_load(kern, monkeypatch, caplog, tmp_path):
+    """The built module is found in torch's extension cache (a process that loads it says nothing
+    at INFO); a name never built is not."""
+    assert cpu_kernels.built(cpu_kernels.build_name(cpu_kernels.SOURCE.read_text()))
+    monkeypatch.setattr(cpu_kernels, "_module", None)  # a fresh process: load again
+    with caplog.at_level("INFO", logger=cpu_kernels.__name__):
+        assert cpu_kernels.load() is not None
+    assert "building" not in caplog.text
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not cpu_kernels.built(cpu_kernels.build_name("int never_built;"))
+
+
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     import torch.utils.cpp_extension as ext
 
