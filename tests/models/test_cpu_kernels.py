@@ -88,7 +88,9 @@ def test_rope_kv_writes_one_column_and_returns_scaled_q(kern, kv_dtype):
 
 
 @pytest.mark.parametrize("portable", [True, False])
-@pytest.mark.parametrize("d,length", [(16, 9), (32, 9), (64, 21), (64, 37), (128, 8), (64, 1)])
+@pytest.mark.parametrize(
+    "d,length", [(16, 9), (32, 9), (32, 33), (64, 21), (64, 37), (128, 8), (128, 20), (64, 1)]
+)
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_equals_masked_softmax(kern, kv_dtype, d, length, portable):
     """Both the portable loops and (head sizes 32 / 64 / 128 where the CPU has AVX-512) the
